@@ -1,0 +1,1 @@
+"""Celery settings (filled in by the tasks issue: broker, beat schedule, time limits)."""

@@ -1,0 +1,1 @@
+"""Read side: one query layer, the HTTP API, the CLI and metrics."""

@@ -1,0 +1,1 @@
+"""The application's Celery tasks (commission pipeline, promotion scan)."""

@@ -1,0 +1,103 @@
+"""Shared fixtures: databases on both backends.
+
+PostgreSQL tests run against a throwaway database created for this test session and dropped
+after it.  Under CI (``CI=true``) an unreachable server fails the run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from models import migrate
+from models.db import dispose_all
+from models.settings import get_settings
+
+PG_ADMIN_URL = os.environ.get(
+    "TOKENMETER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_TEST_URL = os.environ.get("TOKENMETER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def require_service(name: str, error: Exception) -> None:
+    """Fail under CI, skip (loudly, shown by -ra) on a developer machine."""
+    message = f"{name} unreachable: {error}"
+    if IN_CI:
+        pytest.fail(message + " (CI must run these tests; .ci/run starts the service)")
+    pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):
+    """Every test sees settings read from its own environment and an isolated var dir."""
+    var = tmp_path_factory.mktemp("var")
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{var / 'default.sqlite'}")
+    monkeypatch.setenv("TOKENMETER_SPOOL_DIR", str(var / "spool"))
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+    dispose_all()
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session."""
+    admin = make_url(PG_ADMIN_URL)
+    name = f"tokenmeter_test_{uuid.uuid4().hex[:10]}"
+    try:
+        engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        require_service("PostgreSQL", exc)
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        dispose_all()
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+
+def _reset_pg(url: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_server_url: str) -> Iterator[str]:
+    """An empty PostgreSQL database (the session's, wiped before the test)."""
+    _reset_pg(pg_server_url)
+    yield pg_server_url
+    dispose_all()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'usage.sqlite'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def empty_db_url(request: pytest.FixtureRequest) -> str:
+    """An empty database on each backend."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_url")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def db_url(empty_db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A database on each backend, migrated to head and set as DATABASE_URL."""
+    migrate.upgrade(empty_db_url)
+    monkeypatch.setenv("DATABASE_URL", empty_db_url)
+    get_settings.cache_clear()
+    return empty_db_url
