@@ -1,0 +1,408 @@
+"""The usage context: which scope an OpenAI call belongs to, carried by a ``ContextVar``.
+
+A scope is opened around a unit of work (a Celery task, a pipeline run, one scanned post, a
+script) with :func:`usage_scope`.  Scopes nest; a call is recorded in its innermost scope and
+its numbers roll up to every ancestor.  When a *root* scope closes, the whole tree is handed to
+the configured :class:`Sink` (the database sink in a worker).  A call made outside any scope is
+handed to the sink on its own (``scope_kind`` None): recorded, never dropped.
+
+Because the current scope lives in a ``ContextVar`` it follows ``asyncio`` tasks by itself; a
+thread started inside a scope gets it by running under ``contextvars.copy_context()`` (see
+:func:`run_in_scope_thread`).  Nothing here keeps a process-global history.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+_current: contextvars.ContextVar[UsageScope | None] = contextvars.ContextVar(
+    "tokenmeter_usage_scope", default=None
+)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """One OpenAI API call as the provider billed it.  Becomes one ``openai_calls`` row.
+
+    Token numbers come from the response's ``usage`` only (0 with ``usage_reported=False`` when
+    the provider sent none).  No prompt or completion text is ever held here.
+    """
+
+    operation: str  # "chat" | "responses" | "embedding" | "image" | "completion" | ...
+    requested_model: str | None = None
+    response_model: str | None = None
+    request_id: str | None = None
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    input_image_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    image_count: int = 0
+    image_size: str | None = None
+    image_quality: str | None = None
+    usage_reported: bool = True
+    stream: bool = False
+    cost_usd: Decimal | None = None
+    price_version: str | None = None
+    latency_ms: float | None = None
+    status: str = "ok"  # "ok" | "error"
+    error_type: str | None = None
+    http_status: int | None = None
+    created_at: datetime = field(default_factory=_utcnow)
+    # attribution: filled in when the call is recorded in a scope
+    task_id: str | None = None
+    task_name: str | None = None
+    attempt: int = 0
+    seq: int = 0
+    scope_kind: str | None = None
+    scope_ref: str | None = None
+    hostname: str | None = None
+
+    @property
+    def model(self) -> str | None:
+        """The model billed: what the response says it was, else what was asked for."""
+        return self.response_model or self.requested_model
+
+
+@dataclass(slots=True)
+class UsageTotals:
+    """Running sums over calls.  ``cost_usd`` is exact; ``uncosted_calls`` counts unknown prices."""
+
+    calls: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    input_image_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    image_count: int = 0
+    priced_cost_usd: Decimal = Decimal(0)
+    uncosted_calls: int = 0
+
+    def add(self, call: CallRecord) -> None:
+        self.calls += 1
+        if call.status != "ok":
+            self.errors += 1
+        self.input_tokens += call.input_tokens
+        self.cached_input_tokens += call.cached_input_tokens
+        self.input_image_tokens += call.input_image_tokens
+        self.output_tokens += call.output_tokens
+        self.reasoning_tokens += call.reasoning_tokens
+        self.image_count += call.image_count
+        if call.cost_usd is not None:
+            self.priced_cost_usd += call.cost_usd
+        elif _is_billable(call):
+            self.uncosted_calls += 1
+
+    @property
+    def cost_usd(self) -> Decimal | None:
+        """Exact total, or None when any billable call's price is unknown (never a false 0)."""
+        return None if self.uncosted_calls else self.priced_cost_usd
+
+    @classmethod
+    def of(cls, calls: list[CallRecord]) -> UsageTotals:
+        totals = cls()
+        for call in calls:
+            totals.add(call)
+        return totals
+
+
+def _is_billable(call: CallRecord) -> bool:
+    return bool(
+        call.input_tokens or call.output_tokens or call.image_count or call.input_image_tokens
+    )
+
+
+class Sink(Protocol):
+    """Where closed root scopes and unscoped calls go (``instrumentation.sink`` in a worker)."""
+
+    def scope_closed(self, scope: UsageScope) -> None: ...
+
+    def unscoped_call(self, call: CallRecord) -> None: ...
+
+
+class Rollup(Protocol):
+    """A row the application wants kept equal to a scope's totals (bound by the task)."""
+
+    def apply(self, session: Any, scope: UsageScope, new_calls: list[CallRecord]) -> None: ...
+
+
+CallListener = Callable[["UsageScope", CallRecord], None]
+CallGuard = Callable[["UsageScope | None", str, "str | None"], None]
+
+
+class UsageScope:
+    """A unit of work whose OpenAI calls are counted together.  Open one with `usage_scope`."""
+
+    def __init__(
+        self,
+        kind: str,
+        ref: str | None = None,
+        *,
+        parent: UsageScope | None = None,
+        task_id: str | None = None,
+        task_name: str | None = None,
+        attempt: int = 0,
+        hostname: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.ref = None if ref is None else str(ref)
+        self.parent = parent
+        self.labels: dict[str, str] = dict(labels or {})
+        self.children: list[UsageScope] = []
+        self.calls: list[CallRecord] = []  # recorded directly in this scope
+        self.totals = UsageTotals()  # this scope and all its descendants
+        self.rollups: list[Rollup] = []
+        self.closed = False
+        self.error: BaseException | None = None
+        self.opened_at = _utcnow()
+        if parent is None:
+            self.task_id, self.task_name, self.attempt, self.hostname = (
+                task_id,
+                task_name,
+                attempt,
+                hostname,
+            )
+            self._lock = threading.Lock()
+            self._seq = itertools.count(1)
+            self.listeners: list[CallListener] = []
+        else:
+            self.task_id = task_id or parent.task_id
+            self.task_name = task_name or parent.task_name
+            self.attempt = attempt or parent.attempt
+            self.hostname = hostname or parent.hostname
+            self._lock = parent.root._lock
+            self._seq = parent.root._seq
+            self.listeners = parent.root.listeners
+            with self._lock:
+                parent.children.append(self)
+
+    # -- tree -----------------------------------------------------------------------------
+    @property
+    def root(self) -> UsageScope:
+        scope = self
+        while scope.parent is not None:
+            scope = scope.parent
+        return scope
+
+    def walk(self) -> Iterator[UsageScope]:
+        """This scope and every descendant, depth first."""
+        yield self
+        for child in list(self.children):
+            yield from child.walk()
+
+    def all_calls(self) -> list[CallRecord]:
+        """Every call of this scope and its descendants, in the order they were recorded."""
+        with self._lock:
+            calls = [c for s in self.walk() for c in s.calls]
+        return sorted(calls, key=lambda c: c.seq)
+
+    # -- recording --------------------------------------------------------------------------
+    def record(self, call: CallRecord) -> CallRecord:
+        """Attribute ``call`` to this scope and roll its numbers up to every ancestor."""
+        with self._lock:
+            call.seq = next(self._seq)
+            call.task_id, call.task_name = self.task_id, self.task_name
+            call.attempt, call.hostname = self.attempt, self.hostname
+            call.scope_kind, call.scope_ref = self.kind, self.ref
+            self.calls.append(call)
+            scope: UsageScope | None = self
+            while scope is not None:
+                scope.totals.add(call)
+                scope = scope.parent
+        for listener in self.listeners:
+            try:
+                listener(self, call)
+            except Exception:  # a metering add-on must never break the caller
+                logger.exception("usage listener failed")
+        return call
+
+    def bind_rollup(self, rollup: Rollup) -> None:
+        """Keep an application row equal to this scope's totals when the tree is flushed."""
+        self.rollups.append(rollup)
+
+    def __repr__(self) -> str:
+        return f"<UsageScope {self.kind}:{self.ref} calls={self.totals.calls}>"
+
+
+# -- sink configuration ------------------------------------------------------------------------
+class _LoggingSink:
+    """Default until a real sink is configured: says what it got, keeps nothing."""
+
+    def scope_closed(self, scope: UsageScope) -> None:
+        t = scope.totals
+        logger.info(
+            "usage scope %s:%s closed: %d calls, %d in / %d out tokens, cost %s USD (no sink set)",
+            scope.kind,
+            scope.ref,
+            t.calls,
+            t.input_tokens,
+            t.output_tokens,
+            t.cost_usd,
+        )
+
+    def unscoped_call(self, call: CallRecord) -> None:
+        logger.info("unscoped %s call to %s (no sink set)", call.operation, call.model)
+
+
+_sink: Sink = _LoggingSink()
+_guards: list[CallGuard] = []
+
+
+def set_sink(sink: Sink | None) -> Sink:
+    """Install ``sink`` (None: the logging default); returns the previous one."""
+    global _sink
+    previous, _sink = _sink, (sink or _LoggingSink())
+    return previous
+
+
+def get_sink() -> Sink:
+    return _sink
+
+
+def add_call_guard(guard: CallGuard) -> None:
+    """Run ``guard(scope, operation, model)`` before every call; it may raise to stop the call."""
+    if guard not in _guards:
+        _guards.append(guard)
+
+
+def remove_call_guard(guard: CallGuard) -> None:
+    if guard in _guards:
+        _guards.remove(guard)
+
+
+def before_call(operation: str, model: str | None) -> None:
+    """Called by the hooks before a request is sent; guards (budgets) may raise here."""
+    scope = _current.get()
+    for guard in list(_guards):
+        guard(scope, operation, model)
+
+
+def record_call(call: CallRecord) -> CallRecord:
+    """Record a finished call in the current scope, or hand it to the sink if there is none."""
+    scope = _current.get()
+    if scope is not None and not scope.closed:
+        return scope.record(call)
+    if scope is not None:
+        logger.warning("call recorded after its scope %r closed; recording it unscoped", scope)
+    try:
+        _sink.unscoped_call(call)
+    except Exception:
+        logger.exception("sink failed to record an unscoped call")
+    return call
+
+
+# -- opening and closing scopes ----------------------------------------------------------------
+def current_scope() -> UsageScope | None:
+    """The innermost open scope in this context, or None."""
+    return _current.get()
+
+
+def open_scope(kind: str, ref: str | None = None, **kwargs: Any) -> tuple[UsageScope, Any]:
+    """Open a scope under the current one and make it current.  Returns (scope, token).
+
+    For code that cannot use a ``with`` block (Celery signal handlers): pair it with
+    :func:`close_scope` in the same context.
+    """
+    scope = UsageScope(kind, ref, parent=_current.get(), **kwargs)
+    return scope, _current.set(scope)
+
+
+def close_scope(
+    scope: UsageScope, token: Any | None = None, error: BaseException | None = None
+) -> None:
+    """Close ``scope``; a root scope goes to the sink.  Never raises because of the sink."""
+    if scope.closed:
+        return
+    scope.closed = True
+    scope.error = error
+    if token is not None:
+        try:
+            _current.reset(token)
+        except ValueError:  # closed from another context (e.g. a different signal thread)
+            _current.set(scope.parent)
+    elif _current.get() is scope:
+        _current.set(scope.parent)
+    if scope.parent is None:
+        try:
+            _sink.scope_closed(scope)
+        except Exception:
+            logger.exception("sink failed to take scope %r", scope)
+
+
+class usage_scope:
+    """Open a usage scope for a block, sync or async::
+
+    with usage_scope("pipeline_run", run.id) as scope:
+        client.chat.completions.create(...)
+    scope.totals.input_tokens
+
+    async with usage_scope("scanned_post", post.id):
+        await aclient.chat.completions.create(...)
+    """
+
+    def __init__(self, kind: str, ref: object = None, **labels: str) -> None:
+        self._kind = kind
+        self._ref = None if ref is None else str(ref)
+        self._labels = labels
+        self._scope: UsageScope | None = None
+        self._token: Any = None
+
+    def __enter__(self) -> UsageScope:
+        self._scope, self._token = open_scope(self._kind, self._ref, labels=self._labels)
+        return self._scope
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._scope is not None
+        close_scope(self._scope, self._token, exc)
+
+    async def __aenter__(self) -> UsageScope:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+@contextmanager
+def detached() -> Iterator[None]:
+    """Run a block outside any scope (its calls are recorded unscoped)."""
+    token = _current.set(None)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def run_in_scope_thread(target: Callable[..., Any], *args: Any, **kwargs: Any) -> threading.Thread:
+    """Start a thread that runs ``target`` inside the caller's current scope."""
+    ctx = contextvars.copy_context()
+    thread = threading.Thread(target=ctx.run, args=(target, *args), kwargs=kwargs, daemon=True)
+    thread.start()
+    return thread

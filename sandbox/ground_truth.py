@@ -1,0 +1,86 @@
+"""What the sandbox billed, request by request: the ground truth every test compares with.
+
+The OpenAI sandbox appends one ``BilledRequest`` per successful request (failed requests bill
+nothing, as with the real API).  Tests read it in-process (``Ledger``) or over HTTP
+(``GET /_sandbox/ledger``, the same fields as JSON).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True, slots=True)
+class BilledRequest:
+    request_id: str
+    operation: str  # "chat" | "responses" | "embedding" | "image"
+    model: str  # the model the sandbox answered as (what it billed)
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    input_image_tokens: int = 0  # gpt-image: image part of the input
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    image_count: int = 0
+    image_size: str | None = None
+    image_quality: str | None = None
+    stream: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> BilledRequest:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})  # type: ignore[arg-type]
+
+
+TOKEN_FIELDS = (
+    "input_tokens",
+    "cached_input_tokens",
+    "input_image_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "image_count",
+)
+
+
+class Ledger:
+    """Thread-safe record of billed requests, keyed by request id."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[str, BilledRequest] = {}
+
+    def add(self, row: BilledRequest) -> None:
+        with self._lock:
+            if row.request_id in self._rows:
+                raise ValueError(f"request id {row.request_id} billed twice")
+            self._rows[row.request_id] = row
+
+    def get(self, request_id: str) -> BilledRequest | None:
+        with self._lock:
+            return self._rows.get(request_id)
+
+    def rows(self, request_ids: Iterable[str] | None = None) -> list[BilledRequest]:
+        with self._lock:
+            if request_ids is None:
+                return list(self._rows.values())
+            return [self._rows[r] for r in request_ids if r in self._rows]
+
+    def totals(self, request_ids: Iterable[str] | None = None) -> dict[str, int]:
+        """Sum of every token/image category over the given (default: all) requests."""
+        out = dict.fromkeys(TOKEN_FIELDS, 0)
+        for row in self.rows(request_ids):
+            for name in TOKEN_FIELDS:
+                out[name] += getattr(row, name)
+        return out
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rows.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._rows)
