@@ -24,6 +24,9 @@ PG_ADMIN_URL = os.environ.get(
 REDIS_TEST_URL = os.environ.get("TOKENMETER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
+# The loopback OpenAI/Reddit servers (fixtures `sandbox`, `openai_client`, `async_openai_client`).
+pytest_plugins = ["sandbox.pytest_plugin"]
+
 
 def require_service(name: str, error: Exception) -> None:
     """Fail under CI, skip (loudly, shown by -ra) on a developer machine."""
