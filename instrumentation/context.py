@@ -17,6 +17,7 @@ import contextvars
 import itertools
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class CallRecord:
     task_id: str | None = None
     task_name: str | None = None
     attempt: int = 0
+    execution_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     seq: int = 0
     scope_kind: str | None = None
     scope_ref: str | None = None
@@ -78,6 +80,11 @@ class CallRecord:
     def model(self) -> str | None:
         """The model billed: what the response says it was, else what was asked for."""
         return self.response_model or self.requested_model
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens spent on images: image input, plus the output of an image generation."""
+        return self.input_image_tokens + (self.output_tokens if self.operation == "image" else 0)
 
 
 @dataclass(slots=True)
@@ -174,6 +181,8 @@ class UsageScope:
         self.error: BaseException | None = None
         self.opened_at = _utcnow()
         if parent is None:
+            self.execution_id = uuid.uuid4().hex
+            self._scope_ids = itertools.count(0)
             self.task_id, self.task_name, self.attempt, self.hostname = (
                 task_id,
                 task_name,
@@ -184,6 +193,8 @@ class UsageScope:
             self._seq = itertools.count(1)
             self.listeners: list[CallListener] = []
         else:
+            self.execution_id = parent.root.execution_id
+            self._scope_ids = parent.root._scope_ids
             self.task_id = task_id or parent.task_id
             self.task_name = task_name or parent.task_name
             self.attempt = attempt or parent.attempt
@@ -193,6 +204,7 @@ class UsageScope:
             self.listeners = parent.root.listeners
             with self._lock:
                 parent.children.append(self)
+        self.scope_id: int = next(self._scope_ids)  # 0 for the root, unique in the execution
 
     # -- tree -----------------------------------------------------------------------------
     @property
@@ -201,6 +213,16 @@ class UsageScope:
         while scope.parent is not None:
             scope = scope.parent
         return scope
+
+    @property
+    def path(self) -> tuple[int, ...]:
+        """Scope ids from the root down to this scope."""
+        ids: list[int] = []
+        scope: UsageScope | None = self
+        while scope is not None:
+            ids.append(scope.scope_id)
+            scope = scope.parent
+        return tuple(reversed(ids))
 
     def walk(self) -> Iterator[UsageScope]:
         """This scope and every descendant, depth first."""
@@ -219,6 +241,7 @@ class UsageScope:
         """Attribute ``call`` to this scope and roll its numbers up to every ancestor."""
         with self._lock:
             call.seq = next(self._seq)
+            call.execution_id = self.execution_id
             call.task_id, call.task_name = self.task_id, self.task_name
             call.attempt, call.hostname = self.attempt, self.hostname
             call.scope_kind, call.scope_ref = self.kind, self.ref

@@ -62,6 +62,7 @@ class OpenAICallSchema(_FromRow):
     task_id: str | None = None
     task_name: str | None = None
     attempt: int = 0
+    execution_id: str
     seq: int = 0
     scope_kind: str | None = None
     scope_ref: str | None = None

@@ -7,6 +7,7 @@ truth every rollup and report can be recomputed from.
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -119,15 +120,16 @@ class AgentScannedPost(Base):
 class OpenAICall(Base):
     """The ledger: one row per OpenAI API call, from the provider's own ``usage`` numbers.
 
-    No prompt or completion text is stored.  ``request_id`` is OpenAI's ``x-request-id`` and the
-    idempotency key: a redelivered task or a replayed spool inserts nothing twice.  Calls that
-    never reached the provider have no request id; for those ``(task_id, attempt, seq)`` is the
-    key.
+    No prompt or completion text is stored.  Two idempotency keys: ``request_id`` (OpenAI's
+    ``x-request-id``; absent for calls that never reached the provider) and ``(execution_id,
+    seq)``, one run of a root scope and the call's number in it.  The same execution flushed
+    twice (write-ahead recovery, spool replay) inserts nothing twice, while a redelivered task's
+    new execution, whose calls the provider billed again, is counted.
     """
 
     __tablename__ = "openai_calls"
     __table_args__ = (
-        UniqueConstraint("task_id", "attempt", "seq"),
+        UniqueConstraint("execution_id", "seq"),
         Index("ix_openai_calls_created_at", "created_at"),
         Index("ix_openai_calls_model", "model"),
         Index("ix_openai_calls_task_id", "task_id"),
@@ -142,6 +144,9 @@ class OpenAICall(Base):
     task_id: Mapped[str | None] = mapped_column(String(155))
     task_name: Mapped[str | None] = mapped_column(String(255))
     attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    execution_id: Mapped[str] = mapped_column(
+        String(32), default=lambda: uuid.uuid4().hex, doc="one run of a root scope"
+    )
     seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     scope_kind: Mapped[str | None] = mapped_column(String(64))
     scope_ref: Mapped[str | None] = mapped_column(String(255))

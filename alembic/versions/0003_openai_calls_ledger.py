@@ -28,6 +28,7 @@ def upgrade() -> None:
         sa.Column("task_id", sa.String(155), nullable=True),
         sa.Column("task_name", sa.String(255), nullable=True),
         sa.Column("attempt", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("execution_id", sa.String(32), nullable=False),
         sa.Column("seq", sa.Integer(), server_default="0", nullable=False),
         sa.Column("scope_kind", sa.String(64), nullable=True),
         sa.Column("scope_ref", sa.String(255), nullable=True),
@@ -54,7 +55,7 @@ def upgrade() -> None:
         sa.Column("http_status", sa.Integer(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_openai_calls"),
         sa.UniqueConstraint("request_id", name="uq_openai_calls_request_id"),
-        sa.UniqueConstraint("task_id", "attempt", "seq", name="uq_openai_calls_task_id_attempt_seq"),
+        sa.UniqueConstraint("execution_id", "seq", name="uq_openai_calls_execution_id_seq"),
     )
     op.create_index("ix_openai_calls_created_at", "openai_calls", ["created_at"])
     op.create_index("ix_openai_calls_model", "openai_calls", ["model"])
