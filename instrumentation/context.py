@@ -145,12 +145,19 @@ class Sink(Protocol):
 
 
 class Rollup(Protocol):
-    """A row the application wants kept equal to a scope's totals (bound by the task)."""
+    """A row the application wants kept equal to a scope's totals (see ``rollups.TableRollup``).
 
-    def apply(self, session: Any, scope: UsageScope, new_calls: list[CallRecord]) -> None: ...
+    ``apply`` runs inside the flush transaction with the calls of the bound scope's subtree that
+    were newly inserted into the ledger; ``to_json`` lets it survive the spool and write-ahead log.
+    """
+
+    def apply(self, session: Any, new_calls: list[CallRecord]) -> None: ...
+
+    def to_json(self) -> dict[str, Any]: ...
 
 
 CallListener = Callable[["UsageScope", CallRecord], None]
+RollupListener = Callable[["UsageScope", Rollup], None]
 CallGuard = Callable[["UsageScope | None", str, "str | None"], None]
 
 
@@ -192,6 +199,7 @@ class UsageScope:
             self._lock = threading.Lock()
             self._seq = itertools.count(1)
             self.listeners: list[CallListener] = []
+            self.rollup_listeners: list[RollupListener] = []
         else:
             self.execution_id = parent.root.execution_id
             self._scope_ids = parent.root._scope_ids
@@ -202,6 +210,7 @@ class UsageScope:
             self._lock = parent.root._lock
             self._seq = parent.root._seq
             self.listeners = parent.root.listeners
+            self.rollup_listeners = parent.root.rollup_listeners
             with self._lock:
                 parent.children.append(self)
         self.scope_id: int = next(self._scope_ids)  # 0 for the root, unique in the execution
@@ -259,7 +268,13 @@ class UsageScope:
 
     def bind_rollup(self, rollup: Rollup) -> None:
         """Keep an application row equal to this scope's totals when the tree is flushed."""
-        self.rollups.append(rollup)
+        with self._lock:
+            self.rollups.append(rollup)
+        for listener in self.rollup_listeners:
+            try:
+                listener(self, rollup)
+            except Exception:
+                logger.exception("rollup listener failed")
 
     def __repr__(self) -> str:
         return f"<UsageScope {self.kind}:{self.ref} calls={self.totals.calls}>"

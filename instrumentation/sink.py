@@ -1,0 +1,470 @@
+"""Flush closed scopes to the database: one transaction, idempotent, spooled when it can't.
+
+A closed root scope becomes a :class:`FlushBatch` (its calls, plus each bound rollup with the
+calls of its subtree).  :func:`write_batch` inserts the calls with ``ON CONFLICT DO NOTHING``
+(unique request id, unique ``(execution_id, seq)``) and applies the rollups to exactly the rows
+that were new, in the same transaction: flushing a batch twice changes nothing.
+
+When the database can't be reached the batch goes to a :class:`Spool` (a Redis list when Redis
+is configured, else one file per batch under ``var/spool``) and is replayed later (worker start,
+the periodic recovery, ``tokenmeter replay``).  Replay is safe to run from several processes at
+once because writing is idempotent.  A batch that fails for another reason (a bug, a rollup row
+whose foreign key is gone) is moved to the dead letters with its error, never dropped.  The
+caller's task never sees a metering failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import Connection, Insert, Table
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+
+from instrumentation.context import CallRecord, UsageScope, UsageTotals
+from instrumentation.rollups import rollup_from_json
+from models.db import get_engine
+from models.settings import get_settings
+from models.tables import OpenAICall
+
+logger = logging.getLogger("tokenmeter.sink")
+
+_LEDGER: Table = OpenAICall.__table__  # type: ignore[assignment]
+_LEDGER_COLUMNS = frozenset(c.name for c in _LEDGER.columns) - {"id"}
+
+
+# -- (de)serialisation ------------------------------------------------------------------------
+def call_to_json(call: CallRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(call):
+        value = getattr(call, f.name)
+        if isinstance(value, Decimal):
+            value = str(value)
+        elif isinstance(value, datetime):
+            value = value.isoformat()
+        out[f.name] = value
+    return out
+
+
+def call_from_json(data: dict[str, Any]) -> CallRecord:
+    known = {f.name for f in fields(CallRecord)}
+    kwargs = {k: v for k, v in data.items() if k in known}
+    if kwargs.get("cost_usd") is not None:
+        kwargs["cost_usd"] = Decimal(kwargs["cost_usd"])
+    if isinstance(kwargs.get("created_at"), str):
+        kwargs["created_at"] = datetime.fromisoformat(kwargs["created_at"])
+    return CallRecord(**kwargs)
+
+
+@dataclass
+class BoundRollup:
+    """A rollup and the calls (by seq) of the scope subtree it is bound to."""
+
+    rollup: dict[str, Any]
+    seqs: list[int]
+
+
+@dataclass
+class FlushBatch:
+    """Everything one flush writes: calls of one execution and the rollups bound in it."""
+
+    calls: list[CallRecord]
+    rollups: list[BoundRollup] = field(default_factory=list)
+    execution_id: str | None = None
+    task_id: str | None = None
+    task_name: str | None = None
+    attempt: int = 0
+    state: str | None = None
+    batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @classmethod
+    def from_scope(cls, scope: UsageScope, state: str | None = None) -> FlushBatch:
+        root = scope.root
+        calls = root.all_calls()
+        rollups = [
+            BoundRollup(r.to_json(), [c.seq for c in s.all_calls()])
+            for s in root.walk()
+            for r in s.rollups
+        ]
+        return cls(
+            calls=calls,
+            rollups=rollups,
+            execution_id=root.execution_id,
+            task_id=root.task_id,
+            task_name=root.task_name,
+            attempt=root.attempt,
+            state=state or root.labels.get("state"),
+        )
+
+    @property
+    def totals(self) -> UsageTotals:
+        return UsageTotals.of(self.calls)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "batch_id": self.batch_id,
+                "execution_id": self.execution_id,
+                "task_id": self.task_id,
+                "task_name": self.task_name,
+                "attempt": self.attempt,
+                "state": self.state,
+                "calls": [call_to_json(c) for c in self.calls],
+                "rollups": [{"rollup": r.rollup, "seqs": r.seqs} for r in self.rollups],
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, payload: str | bytes) -> FlushBatch:
+        data = json.loads(payload)
+        return cls(
+            calls=[call_from_json(c) for c in data["calls"]],
+            rollups=[BoundRollup(r["rollup"], list(r["seqs"])) for r in data["rollups"]],
+            execution_id=data.get("execution_id"),
+            task_id=data.get("task_id"),
+            task_name=data.get("task_name"),
+            attempt=data.get("attempt") or 0,
+            state=data.get("state"),
+            batch_id=data.get("batch_id") or uuid.uuid4().hex,
+        )
+
+
+# -- writing ------------------------------------------------------------------------------------
+def insert_ignore(conn: Any, table: Table) -> Insert:
+    """``INSERT ... ON CONFLICT DO NOTHING`` for the connection's dialect."""
+    name = conn.bind.dialect.name if hasattr(conn, "bind") and conn.bind else conn.dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    if name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    raise NotImplementedError(f"tokenmeter's ledger supports PostgreSQL and SQLite, not {name}")
+
+
+def _ledger_row(call: CallRecord) -> dict[str, Any]:
+    row = {name: getattr(call, name) for name in _LEDGER_COLUMNS if name != "model"}
+    row["model"] = call.model
+    return row
+
+
+def write_batch(conn: Connection, batch: FlushBatch) -> list[CallRecord]:
+    """Insert the batch's calls and apply its rollups in ``conn``'s transaction.
+
+    Returns the calls that were new to the ledger (a replay returns none and changes nothing).
+    """
+    new_calls: list[CallRecord] = []
+    if batch.calls:
+        stmt = insert_ignore(conn, _LEDGER).returning(_LEDGER.c.execution_id, _LEDGER.c.seq)
+        inserted = {
+            (row.execution_id, row.seq)
+            for row in conn.execute(stmt, [_ledger_row(c) for c in batch.calls])
+        }
+        new_calls = [c for c in batch.calls if (c.execution_id, c.seq) in inserted]
+    by_seq = {c.seq: c for c in new_calls}
+    for bound in batch.rollups:
+        subtree = [by_seq[s] for s in bound.seqs if s in by_seq]
+        rollup_from_json(bound.rollup).apply(conn, subtree)
+    return new_calls
+
+
+def is_connectivity_error(exc: BaseException) -> bool:
+    """True for "the database can't be reached right now" (worth retrying later)."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    retryable = (
+        sa_exc.OperationalError,
+        sa_exc.InterfaceError,
+        sa_exc.DisconnectionError,
+        ConnectionError,
+        TimeoutError,
+    )
+    return isinstance(exc, retryable)
+
+
+# -- spools -------------------------------------------------------------------------------------
+class Spool(Protocol):
+    """Durable FIFO of serialised batches waiting for the database."""
+
+    def push(self, payload: str) -> None: ...
+
+    def peek(self) -> str | None: ...
+
+    def remove(self, payload: str) -> None: ...
+
+    def dead_letter(self, payload: str, error: str) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
+class FileSpool:
+    """One file per batch in a directory; safe for several processes (writes are idempotent)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.dead_dir = self.directory / "dead"
+
+    def _files(self) -> list[Path]:
+        if not self.directory.exists():
+            return []
+        return sorted(self.directory.glob("*.json"))
+
+    def push(self, payload: str) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        tmp = self.directory / f".{name}.tmp"
+        tmp.write_text(payload, encoding="utf-8")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.rename(self.directory / f"{name}.json")
+
+    def peek(self) -> str | None:
+        for path in self._files():
+            try:
+                return path.read_text(encoding="utf-8")
+            except FileNotFoundError:  # taken by another replayer
+                continue
+        return None
+
+    def remove(self, payload: str) -> None:
+        for path in self._files():
+            try:
+                if path.read_text(encoding="utf-8") == payload:
+                    path.unlink(missing_ok=True)
+                    return
+            except FileNotFoundError:
+                continue
+
+    def dead_letter(self, payload: str, error: str) -> None:
+        self.dead_dir.mkdir(parents=True, exist_ok=True)
+        record = json.dumps({"error": error, "batch": json.loads(payload)})
+        (self.dead_dir / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json").write_text(record)
+        self.remove(payload)
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        if not self.dead_dir.exists():
+            return []
+        return [json.loads(p.read_text()) for p in sorted(self.dead_dir.glob("*.json"))]
+
+    def __len__(self) -> int:
+        return len(self._files())
+
+
+class RedisSpool:
+    """A Redis list (``tokenmeter:spool``); dead letters in ``tokenmeter:spool:dead``."""
+
+    def __init__(self, client: Any, key: str = "tokenmeter:spool") -> None:
+        self.client = client
+        self.key = key
+        self.dead_key = f"{key}:dead"
+
+    def push(self, payload: str) -> None:
+        self.client.rpush(self.key, payload)
+
+    def peek(self) -> str | None:
+        value = self.client.lindex(self.key, 0)
+        return value.decode() if isinstance(value, bytes) else value
+
+    def remove(self, payload: str) -> None:
+        self.client.lrem(self.key, 1, payload)
+
+    def dead_letter(self, payload: str, error: str) -> None:
+        record = json.dumps({"error": error, "batch": json.loads(payload)})
+        pipe = self.client.pipeline()
+        pipe.rpush(self.dead_key, record)
+        pipe.lrem(self.key, 1, payload)
+        pipe.execute()
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return [json.loads(v) for v in self.client.lrange(self.dead_key, 0, -1)]
+
+    def __len__(self) -> int:
+        return int(self.client.llen(self.key))
+
+
+class FallbackSpool:
+    """Push to ``primary`` (Redis); if that fails too, to ``fallback`` (a local file spool)."""
+
+    def __init__(self, primary: Spool, fallback: Spool) -> None:
+        self.primary, self.fallback = primary, fallback
+
+    def push(self, payload: str) -> None:
+        try:
+            self.primary.push(payload)
+        except Exception:
+            logger.warning("redis spool unreachable; spooling to %s", self.fallback)
+            self.fallback.push(payload)
+
+    def _spools(self) -> Iterator[Spool]:
+        yield self.fallback  # drain local leftovers first: they are the oldest
+        yield self.primary
+
+    def peek(self) -> str | None:
+        for spool in self._spools():
+            try:
+                value = spool.peek()
+            except Exception:
+                continue
+            if value is not None:
+                return value
+        return None
+
+    def remove(self, payload: str) -> None:
+        for spool in self._spools():
+            try:
+                spool.remove(payload)
+            except Exception:
+                continue
+
+    def dead_letter(self, payload: str, error: str) -> None:
+        try:
+            self.primary.dead_letter(payload, error)
+            self.fallback.remove(payload)
+        except Exception:
+            self.fallback.dead_letter(payload, error)
+
+    def __len__(self) -> int:
+        total = 0
+        for spool in self._spools():
+            try:
+                total += len(spool)
+            except Exception:
+                continue
+        return total
+
+
+def default_spool(redis_url: str | None = None) -> Spool:
+    """Redis (with a local-file fallback) when a Redis URL is known, else a local file spool."""
+    local = FileSpool(get_settings().tokenmeter_spool_dir)
+    if redis_url and redis_url.startswith(("redis://", "rediss://", "unix://")):
+        import redis
+
+        client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        return FallbackSpool(RedisSpool(client), local)
+    return local
+
+
+# -- the sink ----------------------------------------------------------------------------------
+FlushHook = Callable[[FlushBatch, list[CallRecord]], None]
+
+
+class DatabaseSink:
+    """The worker's sink: flush each closed root scope (and each unscoped call) to the ledger."""
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        spool: Spool | None = None,
+        after_flush: list[FlushHook] | None = None,
+    ) -> None:
+        self.database_url = database_url
+        self.spool: Spool = spool if spool is not None else default_spool()
+        self.after_flush: list[FlushHook] = list(after_flush or [])
+
+    # Sink protocol
+    def scope_closed(self, scope: UsageScope) -> None:
+        self.flush(FlushBatch.from_scope(scope))
+
+    def unscoped_call(self, call: CallRecord) -> None:
+        self.flush(FlushBatch(calls=[call], execution_id=call.execution_id))
+
+    def write(self, batch: FlushBatch) -> list[CallRecord]:
+        with get_engine(self.database_url).begin() as conn:
+            return write_batch(conn, batch)
+
+    def flush(self, batch: FlushBatch) -> bool:
+        """Write ``batch`` now, or spool it.  True when it reached the database.  Never raises."""
+        started = time.perf_counter()
+        try:
+            new_calls = self.write(batch)
+        except Exception as exc:
+            if self._spool(batch, exc):
+                self._run_hooks(batch, [])
+            return False
+        totals = batch.totals
+        logger.info(
+            "flushed %s %s attempt %d: %d calls (%d new), %d in / %d cached / %d out tokens, "
+            "%d images, cost %s USD in %.1f ms",
+            batch.task_name or "unscoped",
+            batch.task_id or "-",
+            batch.attempt,
+            totals.calls,
+            len(new_calls),
+            totals.input_tokens,
+            totals.cached_input_tokens,
+            totals.output_tokens,
+            totals.image_count,
+            totals.cost_usd if totals.cost_usd is not None else "unknown",
+            (time.perf_counter() - started) * 1000,
+            extra={
+                "task_id": batch.task_id,
+                "task_name": batch.task_name,
+                "attempt": batch.attempt,
+                "calls": totals.calls,
+                "new_calls": len(new_calls),
+                "input_tokens": totals.input_tokens,
+                "output_tokens": totals.output_tokens,
+                "cost_usd": str(totals.cost_usd),
+            },
+        )
+        self._run_hooks(batch, new_calls)
+        return True
+
+    def _spool(self, batch: FlushBatch, exc: BaseException) -> bool:
+        try:
+            self.spool.push(batch.to_json())
+            logger.warning(
+                "flush failed (%s: %s); spooled %d calls of task %s for replay",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+                len(batch.calls),
+                batch.task_id,
+            )
+            return True
+        except Exception:
+            # Last resort: the batch is in the log (and the write-ahead log, if on).
+            logger.critical("could not spool usage batch; payload follows: %s", batch.to_json())
+            return False
+
+    def _run_hooks(self, batch: FlushBatch, new_calls: list[CallRecord]) -> None:
+        """Run once the batch is durable (in the database, or in the spool: new_calls=[])."""
+        for hook in self.after_flush:
+            try:
+                hook(batch, new_calls)
+            except Exception:
+                logger.exception("after-flush hook failed")
+
+    def replay(self, limit: int | None = None) -> int:
+        """Write spooled batches, oldest first, until the spool is empty or the DB fails again.
+
+        Returns how many batches were written.  Idempotent: safe while another process replays.
+        """
+        done = 0
+        while limit is None or done < limit:
+            payload = self.spool.peek()
+            if payload is None:
+                break
+            try:
+                batch = FlushBatch.from_json(payload)
+                self.write(batch)
+            except Exception as exc:
+                if is_connectivity_error(exc):
+                    logger.info("replay paused: database still unavailable (%s)", exc)
+                    break
+                logger.error("spooled batch failed (%s); moved to dead letters", exc)
+                self.spool.dead_letter(payload, f"{type(exc).__name__}: {exc}")
+                continue
+            self.spool.remove(payload)
+            done += 1
+        if done:
+            logger.info("replayed %d spooled usage batches", done)
+        return done

@@ -1,0 +1,254 @@
+"""The sink: one idempotent transaction per closed scope, rollups, spool and replay."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import fakeredis
+import pytest
+from sqlalchemy import func, select
+
+from instrumentation.context import (
+    CallRecord,
+    UsageScope,
+    close_scope,
+    open_scope,
+    record_call,
+    set_sink,
+    usage_scope,
+)
+from instrumentation.rollups import TableRollup
+from instrumentation.sink import (
+    DatabaseSink,
+    FileSpool,
+    FlushBatch,
+    RedisSpool,
+    call_from_json,
+    call_to_json,
+)
+from models import AgentScannedPost, OpenAICall, PipelineRun, PipelineRunUsage, session_scope
+
+UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=1"
+
+
+def chat(n_in: int, n_out: int, cost: str | None, rid: str | None = None, **kw) -> CallRecord:
+    return CallRecord(
+        operation="chat",
+        requested_model="gpt-4o-mini",
+        response_model="gpt-4o-mini-2024-07-18",
+        request_id=rid,
+        input_tokens=n_in,
+        output_tokens=n_out,
+        cost_usd=None if cost is None else Decimal(cost),
+        **kw,
+    )
+
+
+def image(n: int, cost: str, rid: str) -> CallRecord:
+    return CallRecord(
+        operation="image",
+        requested_model="dall-e-3",
+        request_id=rid,
+        image_count=n,
+        image_size="1024x1024",
+        image_quality="standard",
+        cost_usd=Decimal(cost),
+    )
+
+
+def run_usage_rollup(run_id: int) -> TableRollup:
+    return TableRollup(
+        PipelineRunUsage,
+        key={"pipeline_run_id": run_id},
+        sums={
+            "prompt_tokens": "input_tokens",
+            "completion_tokens": "output_tokens",
+            "cached_prompt_tokens": "cached_input_tokens",
+            "reasoning_tokens": "reasoning_tokens",
+            "image_count": "image_count",
+            "image_tokens": "image_tokens",
+        },
+        cost_column="total_cost_usd",
+        values={"idea_model": "gpt-4o-mini", "image_model": "dall-e-3"},
+    )
+
+
+def post_rollup(post_id: str) -> TableRollup:
+    return TableRollup(
+        AgentScannedPost,
+        key={"post_id": post_id},
+        sums={"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens"},
+        cost_column="total_cost_usd",
+        values={"agent_model": "gpt-4o-mini", "subreddit": "crafts"},
+    )
+
+
+class Capture:
+    """A sink that only keeps the closed root scope, so a test can flush it by hand."""
+
+    def __init__(self) -> None:
+        self.scopes: list[UsageScope] = []
+
+    def scope_closed(self, scope: UsageScope) -> None:
+        self.scopes.append(scope)
+
+    def unscoped_call(self, call: CallRecord) -> None:  # pragma: no cover - not used
+        raise AssertionError("unexpected unscoped call")
+
+
+@pytest.fixture
+def captured():
+    cap = Capture()
+    previous = set_sink(cap)
+    yield cap
+    set_sink(previous)
+
+
+def make_run() -> int:
+    with session_scope() as s:
+        run = PipelineRun(status="running", config={"commission": True})
+        s.add(run)
+        s.flush()
+        return run.id
+
+
+def commission_attempt(run_id: int, attempt: int, tag: str, captured: Capture) -> FlushBatch:
+    task, token = open_scope("task", f"task-{tag}", task_id=f"task-{tag}", attempt=attempt)
+    with usage_scope("pipeline_run", run_id) as scope:
+        scope.bind_rollup(run_usage_rollup(run_id))
+        record_call(chat(1000, 200, "0.00027", rid=f"req_{tag}_ideas", cached_input_tokens=512))
+        record_call(image(2, "0.08", rid=f"req_{tag}_img"))
+    close_scope(task, token)
+    return FlushBatch.from_scope(captured.scopes[-1])
+
+
+def test_flush_writes_calls_and_rollup_once(db_url: str, tmp_path, captured: Capture) -> None:
+    run_id = make_run()
+    batch = commission_attempt(run_id, 0, "a", captured)
+    sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))
+    assert sink.flush(batch)
+    assert sink.flush(batch)  # redelivered flush / replay: changes nothing
+    assert sink.flush(FlushBatch.from_json(batch.to_json()))
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(OpenAICall)) == 2
+        usage = s.scalars(select(PipelineRunUsage)).one()
+        calls = s.scalars(select(OpenAICall).order_by(OpenAICall.seq)).all()
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens) == (
+        1000,
+        200,
+        512,
+    )
+    assert usage.image_count == 2 and usage.total_cost_usd == Decimal("0.08027")
+    assert [(c.scope_kind, c.scope_ref, c.seq) for c in calls] == [
+        ("pipeline_run", str(run_id), 1),
+        ("pipeline_run", str(run_id), 2),
+    ]
+    assert calls[0].model == "gpt-4o-mini-2024-07-18" and calls[0].task_id == "task-a"
+
+
+def test_each_attempt_adds_its_own_calls(db_url: str, tmp_path, captured: Capture) -> None:
+    run_id = make_run()
+    sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))
+    first = commission_attempt(run_id, 0, "a", captured)
+    second = commission_attempt(run_id, 1, "b", captured)
+    for batch in (first, second, first):
+        sink.flush(batch)
+    with session_scope() as s:
+        usage = s.scalars(select(PipelineRunUsage)).one()
+        ledger_cost = s.scalar(select(func.sum(OpenAICall.cost_usd)))
+        attempts = s.scalars(select(OpenAICall.attempt).order_by(OpenAICall.attempt)).all()
+    assert usage.prompt_tokens == 2000 and usage.image_count == 4
+    assert usage.total_cost_usd == ledger_cost == Decimal("0.16054")
+    assert attempts == [0, 0, 1, 1]
+
+
+def test_post_rollups_get_only_their_own_calls(db_url: str, tmp_path, captured) -> None:
+    with usage_scope("task", "scan-1"):
+        record_call(chat(5, 5, "0.000001", rid="req_list"))  # task-level call, no post
+        for i, (n_in, n_out) in enumerate([(300, 40), (500, 0), (700, 90)]):
+            with usage_scope("scanned_post", f"p{i}") as post:
+                post.bind_rollup(post_rollup(f"p{i}"))
+                record_call(chat(n_in, 0, "0.000045", rid=f"req_rate_{i}"))
+                if n_out:
+                    record_call(chat(0, n_out, "0.000024", rid=f"req_comment_{i}"))
+    DatabaseSink(spool=FileSpool(tmp_path)).flush(FlushBatch.from_scope(captured.scopes[0]))
+    with session_scope() as s:
+        posts = {p.post_id: p for p in s.scalars(select(AgentScannedPost))}
+        ledger_total = s.scalar(select(func.sum(OpenAICall.cost_usd)))
+    assert {k: (p.prompt_tokens, p.completion_tokens) for k, p in posts.items()} == {
+        "p0": (300, 40),
+        "p1": (500, 0),
+        "p2": (700, 90),
+    }
+    assert posts["p1"].total_cost_usd == Decimal("0.000045")
+    assert posts["p0"].total_cost_usd == Decimal("0.000069")
+    assert sum(p.total_cost_usd for p in posts.values()) + Decimal("0.000001") == ledger_total
+
+
+def test_unpriced_call_makes_rollup_cost_unknown(db_url: str, tmp_path, captured) -> None:
+    with usage_scope("task", "t"), usage_scope("scanned_post", "px") as post:
+        post.bind_rollup(post_rollup("px"))
+        record_call(chat(10, 10, "0.00001", rid="r1"))
+        record_call(chat(10, 10, None, rid="r2"))  # model with no known price
+    DatabaseSink(spool=FileSpool(tmp_path)).flush(FlushBatch.from_scope(captured.scopes[0]))
+    with session_scope() as s:
+        row = s.scalars(select(AgentScannedPost)).one()
+    assert row.prompt_tokens == 20 and row.total_cost_usd is None
+
+
+def test_unreachable_database_spools_then_replays_exactly_once(
+    db_url: str, tmp_path, captured: Capture
+) -> None:
+    run_id = make_run()
+    batch = commission_attempt(run_id, 0, "a", captured)
+    spool = FileSpool(tmp_path / "spool")
+    down = DatabaseSink(database_url=UNREACHABLE_PG, spool=spool)
+    assert down.flush(batch) is False  # never raises into the task
+    assert len(spool) == 1
+    assert down.replay() == 0 and len(spool) == 1  # still down: kept, in order
+
+    up = DatabaseSink(spool=spool)
+    assert up.replay() == 1 and len(spool) == 0
+    assert up.replay() == 0
+    up.flush(batch)  # the WAL recovery flushes the same execution again: no double count
+    with session_scope() as s:
+        usage = s.scalars(select(PipelineRunUsage)).one()
+        assert s.scalar(select(func.count()).select_from(OpenAICall)) == 2
+    assert usage.prompt_tokens == 1000 and usage.total_cost_usd == Decimal("0.08027")
+
+
+def test_batch_that_can_never_apply_goes_to_dead_letters(db_url: str, tmp_path, captured) -> None:
+    batch = commission_attempt(987654, 0, "orphan", captured)  # no such pipeline run: FK fails
+    spool = FileSpool(tmp_path / "spool")
+    sink = DatabaseSink(spool=spool)
+    assert sink.flush(batch) is False
+    assert sink.replay() == 0
+    assert len(spool) == 0
+    [dead] = spool.dead_letters()
+    assert "IntegrityError" in dead["error"]
+    assert dead["batch"]["execution_id"] == batch.execution_id  # kept, with every call
+    assert len(dead["batch"]["calls"]) == 2
+
+
+def test_redis_spool_round_trip() -> None:
+    spool = RedisSpool(fakeredis.FakeRedis())
+    spool.push("a")
+    spool.push("b")
+    assert len(spool) == 2 and spool.peek() == "a"
+    spool.remove("a")
+    assert spool.peek() == "b"
+    spool.dead_letter('{"x": 1}', "boom")
+    assert spool.dead_letters() == [{"error": "boom", "batch": {"x": 1}}]
+
+
+def test_call_json_round_trip_is_exact() -> None:
+    call = chat(1, 2, "0.0000000001", rid="r", cached_input_tokens=1)
+    back = call_from_json(call_to_json(call))
+    assert back == call and isinstance(back.cost_usd, Decimal)
+
+
+def test_rollup_refuses_unknown_columns_and_fields() -> None:
+    with pytest.raises(ValueError, match="no column"):
+        TableRollup(PipelineRunUsage, key={"pipeline_run_id": 1}, sums={"tokens": "input_tokens"})
+    with pytest.raises(ValueError, match="CallRecord field"):
+        TableRollup(PipelineRunUsage, key={"pipeline_run_id": 1}, sums={"prompt_tokens": "text"})
