@@ -50,7 +50,17 @@ class Settings(BaseSettings):
         default=False, description="Opt-in: keep prompt/completion text. Off by default."
     )
     tokenmeter_spool_dir: Path = Field(default_factory=lambda: VAR_DIR / "spool")
-    tokenmeter_write_ahead: bool = True
+    tokenmeter_write_ahead: bool = Field(
+        default=True, description="Log each call to Redis as it happens (survives SIGKILL)."
+    )
+    tokenmeter_redis_url: str | None = Field(
+        default=None,
+        description="Redis for the write-ahead log, spool and daily budget "
+        "(default: the Celery broker, when it is Redis).",
+    )
+    tokenmeter_recovery_interval_s: float = Field(
+        default=30.0, description="How often a worker replays the spool and orphaned calls."
+    )
     tokenmeter_daily_budget_usd: Decimal | None = None
     tokenmeter_task_budget_usd: Decimal | None = None
 

@@ -1,0 +1,234 @@
+"""Make every Celery task a usage scope, and persist it whatever the outcome.
+
+::
+
+    from instrumentation.celery_signals import install
+    install(app)                      # every task; or install(app, tasks=["shop.*"])
+
+- ``task_prerun`` opens a root scope (kind ``task``, task id and name, attempt =
+  ``request.retries``, worker hostname) and keeps it on the task's request.
+- ``task_postrun`` closes it whatever the state (SUCCESS, FAILURE, RETRY, REVOKED...), which
+  flushes it to the database in one transaction (or to the spool).
+- ``worker_process_init`` drops database engines inherited through fork and re-instruments the
+  openai client in the child.
+- ``worker_ready`` runs recovery once (spool replay, write-ahead orphans) and then every
+  ``TOKENMETER_RECOVERY_INTERVAL_S`` seconds in a daemon thread of the main process.
+
+Handlers stay tiny; state lives on the scope and the request, not in module globals.  Works
+under the prefork, threads and solo pools: the scope is in a ``ContextVar`` set and reset in
+the same frame Celery runs the task in.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from celery import Celery, Task, signals
+
+from instrumentation.budgets import BUDGET_LABEL, Budgets
+from instrumentation.context import close_scope, get_sink, open_scope, set_sink
+from instrumentation.sink import DatabaseSink, default_spool
+from instrumentation.wal import WriteAheadLog
+from models.db import dispose_after_fork
+from models.settings import get_settings
+
+logger = logging.getLogger("tokenmeter.celery")
+
+_REQUEST_ATTR = "_tokenmeter_scope"
+_BUDGET_OPTION = "tokenmeter_budget_usd"
+
+
+def _redis_url(app: Celery) -> str | None:
+    explicit = get_settings().tokenmeter_redis_url
+    if explicit:
+        return explicit
+    broker = str(app.conf.broker_url or "")
+    return broker if broker.startswith(("redis://", "rediss://")) else None
+
+
+class CeleryMetering:
+    """The installed integration; ``install()`` builds one, ``uninstall()`` removes it."""
+
+    def __init__(
+        self,
+        app: Celery,
+        tasks: Iterable[str] | Callable[[Task], bool] | None = None,
+        *,
+        sink: DatabaseSink | None = None,
+        write_ahead: bool | None = None,
+        redis_client: Any | None = None,
+        budgets: Budgets | None = None,
+        recovery_interval_s: float | None = None,
+        instrument_openai: bool = True,
+    ) -> None:
+        settings = get_settings()
+        self.app = app
+        self._wanted = self._task_filter(tasks)
+        redis_url = _redis_url(app)
+        if redis_client is None and redis_url:
+            import redis
+
+            redis_client = redis.Redis.from_url(
+                redis_url, socket_timeout=5, socket_connect_timeout=5
+            )
+        self.redis = redis_client
+        self.sink = sink or DatabaseSink(spool=default_spool(redis_url))
+        use_wal = settings.tokenmeter_write_ahead if write_ahead is None else write_ahead
+        self.wal = WriteAheadLog(redis_client) if (use_wal and redis_client is not None) else None
+        if self.wal is not None:
+            self.sink.after_flush.append(self.wal.after_flush)
+        if budgets is None and (
+            settings.tokenmeter_task_budget_usd is not None
+            or settings.tokenmeter_daily_budget_usd is not None
+        ):
+            budgets = Budgets(
+                settings.tokenmeter_task_budget_usd,
+                settings.tokenmeter_daily_budget_usd,
+                redis_client,
+            )
+        self.budgets = budgets
+        self.recovery_interval_s = (
+            settings.tokenmeter_recovery_interval_s
+            if recovery_interval_s is None
+            else recovery_interval_s
+        )
+        self.instrument_openai = instrument_openai
+        self._previous_sink: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _task_filter(
+        tasks: Iterable[str] | Callable[[Task], bool] | None,
+    ) -> Callable[[Task], bool]:
+        if callable(tasks):
+            return tasks
+        if tasks is None:
+            return lambda task: not task.name.startswith("celery.")
+        patterns = list(tasks)
+        return lambda task: any(fnmatch.fnmatchcase(task.name, p) for p in patterns)
+
+    # -- signal handlers ---------------------------------------------------------------------
+    def on_prerun(self, task_id: str, task: Task, **_: Any) -> None:
+        if not self._wanted(task):
+            return
+        request = task.request
+        labels = {}
+        budget = getattr(task, _BUDGET_OPTION, None) or getattr(request, _BUDGET_OPTION, None)
+        if budget is None and isinstance(request.headers, dict):
+            budget = request.headers.get(_BUDGET_OPTION)
+        if budget is not None:
+            labels[BUDGET_LABEL] = str(budget)
+        scope, token = open_scope(
+            "task",
+            task_id,
+            task_id=task_id,
+            task_name=task.name,
+            attempt=request.retries or 0,
+            hostname=request.hostname,
+            labels=labels,
+        )
+        if self.wal is not None:
+            try:
+                self.wal.attach(scope)
+            except Exception:
+                logger.warning("write-ahead log unavailable for task %s", task_id, exc_info=True)
+        if self.budgets is not None:
+            scope.listeners.append(self.budgets.on_call)
+        setattr(request, _REQUEST_ATTR, (scope, token))
+
+    def on_postrun(self, task_id: str, task: Task, state: str | None = None, **kw: Any) -> None:
+        pair = getattr(task.request, _REQUEST_ATTR, None)
+        if pair is None:
+            return
+        delattr(task.request, _REQUEST_ATTR)
+        scope, token = pair
+        scope.labels["state"] = state or "UNKNOWN"
+        retval = kw.get("retval")
+        close_scope(scope, token, retval if isinstance(retval, BaseException) else None)
+
+    def on_process_init(self, **_: Any) -> None:
+        dispose_after_fork()
+        if self.instrument_openai:
+            _instrument_openai()
+
+    def on_worker_ready(self, **_: Any) -> None:
+        self.recover_once()
+        if self.recovery_interval_s > 0 and self._thread is None:
+            self._thread = threading.Thread(
+                target=self._recovery_loop, name="tokenmeter-recovery", daemon=True
+            )
+            self._thread.start()
+
+    def on_worker_shutdown(self, **_: Any) -> None:
+        self._stop.set()
+
+    # -- recovery ----------------------------------------------------------------------------
+    def recover_once(self) -> tuple[int, int]:
+        """Replay the spool and flush orphaned write-ahead executions.  (replayed, recovered)"""
+        replayed = recovered = 0
+        try:
+            replayed = self.sink.replay()
+        except Exception:
+            logger.exception("spool replay failed")
+        if self.wal is not None:
+            try:
+                recovered = self.wal.recover(self.sink)
+            except Exception:
+                logger.exception("write-ahead recovery failed")
+        return replayed, recovered
+
+    def _recovery_loop(self) -> None:
+        while not self._stop.wait(self.recovery_interval_s):
+            self.recover_once()
+
+    # -- wiring ----------------------------------------------------------------------------
+    _SIGNALS = (
+        (signals.task_prerun, "on_prerun"),
+        (signals.task_postrun, "on_postrun"),
+        (signals.worker_process_init, "on_process_init"),
+        (signals.worker_ready, "on_worker_ready"),
+        (signals.worker_shutdown, "on_worker_shutdown"),
+    )
+
+    def install(self) -> CeleryMetering:
+        self._previous_sink = set_sink(self.sink)
+        if self.budgets is not None:
+            self.budgets.install()
+        for signal, handler in self._SIGNALS:
+            signal.connect(getattr(self, handler), weak=False, dispatch_uid=f"tokenmeter.{handler}")
+        if self.instrument_openai:
+            _instrument_openai()
+        return self
+
+    def uninstall(self) -> None:
+        for signal, handler in self._SIGNALS:
+            signal.disconnect(dispatch_uid=f"tokenmeter.{handler}")
+        if self.budgets is not None:
+            self.budgets.uninstall()
+        if get_sink() is self.sink:
+            set_sink(self._previous_sink)
+        self._stop.set()
+
+
+def _instrument_openai() -> None:
+    try:
+        hooks = importlib.import_module("instrumentation.openai_hooks")
+    except ImportError:  # capture not available (e.g. openai not installed)
+        logger.warning("openai hooks unavailable: calls will not be captured")
+        return
+    hooks.instrument()
+
+
+def install(
+    app: Celery,
+    tasks: Iterable[str] | Callable[[Task], bool] | None = None,
+    **options: Any,
+) -> CeleryMetering:
+    """Meter every task of ``app`` (or those matching ``tasks``).  Returns the handle."""
+    return CeleryMetering(app, tasks, **options).install()

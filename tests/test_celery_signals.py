@@ -1,0 +1,271 @@
+"""Celery signal handlers in-process (eager tasks), with fakeredis and real SQLite/PostgreSQL.
+
+The OpenAI call path is the one the hooks use: ``before_call`` (budget guards) then
+``record_call``.  The real client over HTTP, in a real worker, is in tests/test_worker_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from decimal import Decimal
+
+import fakeredis
+import pytest
+from celery import Celery
+from sqlalchemy import func, select
+
+from instrumentation.budgets import BudgetExceeded, Budgets
+from instrumentation.celery_signals import CeleryMetering, install
+from instrumentation.context import (
+    CallRecord,
+    _current,
+    before_call,
+    close_scope,
+    current_scope,
+    open_scope,
+    record_call,
+    usage_scope,
+)
+from instrumentation.rollups import TableRollup
+from instrumentation.sink import DatabaseSink, FileSpool
+from instrumentation.wal import OPEN_KEY, WriteAheadLog
+from models import AgentScannedPost, OpenAICall, session_scope
+
+COST = Decimal("0.000045")
+
+
+def fake_openai_call(tag: str, n_in: int = 100, n_out: int = 20) -> CallRecord:
+    before_call("chat", "gpt-4o-mini")
+    return record_call(
+        CallRecord(
+            operation="chat",
+            requested_model="gpt-4o-mini",
+            request_id=f"req_{tag}",
+            input_tokens=n_in,
+            output_tokens=n_out,
+            cost_usd=COST,
+        )
+    )
+
+
+@pytest.fixture
+def redis_client() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture
+def app() -> Celery:
+    app = Celery("signals_test")
+    app.conf.update(task_always_eager=True, task_eager_propagates=False, broker_url="memory://")
+    return app
+
+
+@pytest.fixture
+def metering(app: Celery, db_url: str, redis_client, tmp_path) -> Iterator[CeleryMetering]:
+    handle = install(
+        app,
+        sink=DatabaseSink(spool=FileSpool(tmp_path / "spool")),
+        redis_client=redis_client,
+        write_ahead=True,
+        recovery_interval_s=0,
+        instrument_openai=False,
+    )
+    yield handle
+    handle.uninstall()
+
+
+def ledger() -> list[OpenAICall]:
+    with session_scope() as s:
+        return list(s.scalars(select(OpenAICall).order_by(OpenAICall.id)))
+
+
+def test_successful_task_is_one_scope_flushed_with_its_calls(app, metering, redis_client) -> None:
+    @app.task(name="demo.ok")
+    def ok() -> str:
+        scope = current_scope()
+        assert scope is not None and scope.kind == "task"
+        fake_openai_call("a")
+        fake_openai_call("b")
+        return "done"
+
+    result = ok.apply()
+    assert result.get() == "done"
+    rows = ledger()
+    assert [r.request_id for r in rows] == ["req_a", "req_b"]
+    assert {r.task_id for r in rows} == {result.id} and rows[0].task_name == "demo.ok"
+    assert current_scope() is None  # nothing leaks into the next task on this thread
+    assert redis_client.hlen(OPEN_KEY) == 0  # write-ahead entries forgotten after the flush
+
+
+def test_retry_keeps_each_attempts_usage(app, metering) -> None:
+    @app.task(name="demo.flaky", bind=True, max_retries=3, default_retry_delay=0)
+    def flaky(self) -> int:
+        fake_openai_call(f"try{self.request.retries}")
+        if self.request.retries < 1:
+            raise self.retry(exc=RuntimeError("rate limited"))
+        return self.request.retries
+
+    assert flaky.apply().get() == 1
+    rows = ledger()
+    assert [(r.request_id, r.attempt) for r in rows] == [("req_try0", 0), ("req_try1", 1)]
+
+
+def test_failed_task_keeps_the_usage_it_made(app, metering) -> None:
+    @app.task(name="demo.fails")
+    def fails() -> None:
+        fake_openai_call("before_crash", 500, 50)
+        raise ValueError("bad JSON from the model")
+
+    result = fails.apply()
+    assert result.failed()
+    [row] = ledger()
+    assert (row.request_id, row.input_tokens, row.output_tokens) == ("req_before_crash", 500, 50)
+
+
+def test_redelivered_flush_counts_once(app, metering, redis_client) -> None:
+    """The same execution reaching the sink twice (ack lost, WAL recovery) is counted once."""
+    seen = []
+
+    @app.task(name="demo.once")
+    def once() -> None:
+        fake_openai_call("only")
+        seen.append(current_scope())
+
+    once.apply()
+    scope = seen[0]
+    metering.sink.scope_closed(scope)  # a second flush of the same execution
+    assert [r.request_id for r in ledger()] == ["req_only"]
+
+
+def test_task_filter_leaves_other_tasks_unscoped(app, db_url, redis_client, tmp_path) -> None:
+    handle = install(
+        app,
+        tasks=["shop.*"],
+        sink=DatabaseSink(spool=FileSpool(tmp_path)),
+        redis_client=redis_client,
+        instrument_openai=False,
+        recovery_interval_s=0,
+    )
+    try:
+
+        @app.task(name="other.job")
+        def job() -> bool:
+            return current_scope() is None
+
+        assert job.apply().get() is True
+    finally:
+        handle.uninstall()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_write_ahead_log_recovers_a_killed_execution_once(db_url, redis_client, tmp_path) -> None:
+    """A worker killed mid-task never flushes; recovery finds its calls in Redis, once."""
+    wal = WriteAheadLog(redis_client)
+    sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))
+    sink.after_flush.append(wal.after_flush)
+    root, token = open_scope("task", "t-killed", task_id="t-killed", task_name="demo.scan")
+    wal.attach(root)
+    with usage_scope("scanned_post", "p1") as post:
+        post.bind_rollup(
+            TableRollup(
+                AgentScannedPost,
+                key={"post_id": "p1"},
+                sums={"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens"},
+                cost_column="total_cost_usd",
+                values={"subreddit": "crafts", "agent_model": "m"},
+            )
+        )
+        fake_openai_call("k1", 300, 0)
+        fake_openai_call("k2", 0, 40)
+    # The process "dies" here: no close_scope, no flush.  Pretend its pid is gone.
+    _current.reset(token)
+    meta = json.loads(redis_client.hget(OPEN_KEY, root.execution_id))
+    meta["pid"] = _dead_pid()
+    redis_client.hset(OPEN_KEY, root.execution_id, json.dumps(meta))
+
+    assert wal.recover(sink) == 1
+    assert wal.recover(sink) == 0  # forgotten after the flush
+    rows = ledger()
+    assert [r.request_id for r in rows] == ["req_k1", "req_k2"]
+    with session_scope() as s:
+        post_row = s.scalars(select(AgentScannedPost)).one()
+    assert (post_row.prompt_tokens, post_row.completion_tokens) == (300, 40)
+    assert post_row.total_cost_usd == 2 * COST
+
+
+def test_live_executions_are_not_recovered(db_url, redis_client, tmp_path) -> None:
+    wal = WriteAheadLog(redis_client)
+    root, token = open_scope("task", "t-live", task_id="t-live")
+    wal.attach(root)
+    fake_openai_call("live")
+    assert wal.recover(DatabaseSink(spool=FileSpool(tmp_path))) == 0  # our pid is alive
+    close_scope(root, token)
+
+
+def test_task_budget_stops_before_the_call_that_would_exceed_it(
+    app, db_url, redis_client, tmp_path
+) -> None:
+    handle = install(
+        app,
+        sink=DatabaseSink(spool=FileSpool(tmp_path)),
+        redis_client=redis_client,
+        budgets=Budgets(),
+        instrument_openai=False,
+        recovery_interval_s=0,
+    )
+    made = []
+    try:
+
+        @app.task(name="demo.spender", tokenmeter_budget_usd="0.0001")
+        def spender() -> None:
+            for i in range(5):
+                fake_openai_call(f"s{i}")
+                made.append(i)
+
+        result = spender.apply()
+    finally:
+        handle.uninstall()
+    # 0.000045 per call: two calls spend 0.00009; a third would reach 0.000135 > 0.0001.
+    assert made == [0, 1]
+    assert isinstance(result.result, BudgetExceeded)
+    assert "task budget of $0.0001" in str(result.result)
+    rows = ledger()
+    assert [(r.request_id, r.status) for r in rows] == [
+        ("req_s0", "ok"),
+        ("req_s1", "ok"),
+        (None, "blocked"),
+    ]
+    assert rows[2].error_type == "BudgetExceeded" and rows[2].cost_usd is None
+    with session_scope() as s:
+        assert s.scalar(select(func.sum(OpenAICall.cost_usd))) == 2 * COST
+
+
+def test_daily_budget_is_shared_across_tasks(app, db_url, redis_client, tmp_path) -> None:
+    budgets = Budgets(daily_budget_usd=Decimal("0.0002"), redis_client=redis_client)
+    handle = install(
+        app,
+        sink=DatabaseSink(spool=FileSpool(tmp_path)),
+        redis_client=redis_client,
+        budgets=budgets,
+        instrument_openai=False,
+        recovery_interval_s=0,
+    )
+    try:
+
+        @app.task(name="demo.one_call")
+        def one_call(tag: str) -> None:
+            fake_openai_call(tag)
+
+        outcomes = [one_call.apply(args=(f"d{i}",)) for i in range(6)]
+    finally:
+        handle.uninstall()
+    assert [o.successful() for o in outcomes] == [True] * 4 + [False] * 2
+    assert budgets.spent_today() == 4 * COST  # exact integer counter, no float drift
