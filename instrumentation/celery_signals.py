@@ -11,6 +11,8 @@
   flushes it to the database in one transaction (or to the spool).
 - ``worker_process_init`` drops database engines inherited through fork and re-instruments the
   openai client in the child.
+- with task events on (``worker_send_task_events``), a ``task-usage`` event carries the task's
+  totals to monitors; ``reporting/flowerconfig.py`` makes Flower show them.
 - ``worker_ready`` runs recovery once (spool replay, write-ahead orphans) and then every
   ``TOKENMETER_RECOVERY_INTERVAL_S`` seconds in a daemon thread of the main process.
 
@@ -31,7 +33,7 @@ from typing import Any
 from celery import Celery, Task, signals
 
 from instrumentation.budgets import BUDGET_LABEL, Budgets
-from instrumentation.context import close_scope, get_sink, open_scope, set_sink
+from instrumentation.context import UsageScope, close_scope, get_sink, open_scope, set_sink
 from instrumentation.sink import DatabaseSink, default_spool
 from instrumentation.wal import WriteAheadLog
 from models.db import dispose_after_fork
@@ -151,6 +153,27 @@ class CeleryMetering:
         scope.labels["state"] = state or "UNKNOWN"
         retval = kw.get("retval")
         close_scope(scope, token, retval if isinstance(retval, BaseException) else None)
+        if self.app.conf.worker_send_task_events and not task.request.is_eager:
+            self._send_usage_event(task, scope)
+
+    @staticmethod
+    def _send_usage_event(task: Task, scope: UsageScope) -> None:
+        """A ``task-usage`` event, so monitors (Flower) show each task's usage."""
+        totals = scope.totals
+        try:
+            task.send_event(
+                "task-usage",
+                retry=False,
+                openai_calls=totals.calls,
+                input_tokens=totals.input_tokens,
+                cached_input_tokens=totals.cached_input_tokens,
+                output_tokens=totals.output_tokens,
+                reasoning_tokens=totals.reasoning_tokens,
+                image_count=totals.image_count,
+                cost_usd=None if totals.cost_usd is None else str(totals.cost_usd),
+            )
+        except Exception:
+            logger.debug("could not send the task-usage event", exc_info=True)
 
     def on_process_init(self, **_: Any) -> None:
         dispose_after_fork()
