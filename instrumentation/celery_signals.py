@@ -34,6 +34,7 @@ from celery import Celery, Task, signals
 
 from instrumentation.budgets import BUDGET_LABEL, Budgets
 from instrumentation.context import UsageScope, close_scope, get_sink, open_scope, set_sink
+from instrumentation.recovery import Recovery, RecoveryReport
 from instrumentation.sink import DatabaseSink, default_spool
 from instrumentation.wal import WriteAheadLog
 from models.db import dispose_after_fork
@@ -192,19 +193,9 @@ class CeleryMetering:
         self._stop.set()
 
     # -- recovery ----------------------------------------------------------------------------
-    def recover_once(self) -> tuple[int, int]:
-        """Replay the spool and flush orphaned write-ahead executions.  (replayed, recovered)"""
-        replayed = recovered = 0
-        try:
-            replayed = self.sink.replay()
-        except Exception:
-            logger.exception("spool replay failed")
-        if self.wal is not None:
-            try:
-                recovered = self.wal.recover(self.sink)
-            except Exception:
-                logger.exception("write-ahead recovery failed")
-        return replayed, recovered
+    def recover_once(self) -> RecoveryReport:
+        """Replay the spool and flush orphaned write-ahead executions."""
+        return Recovery(self.sink, self.wal).run_once()
 
     def _recovery_loop(self) -> None:
         while not self._stop.wait(self.recovery_interval_s):
