@@ -37,6 +37,18 @@ def migrate(
     console.print(f"[green]database at {_redact(url)} is at {revision}[/green]")
 
 
+@app.command()
+def sandbox(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    openai_port: int = typer.Option(8100, help="OpenAI sandbox port (0: any free port)."),
+    reddit_port: int = typer.Option(8200, help="Reddit sandbox port (0: any free port)."),
+) -> None:
+    """Run the loopback OpenAI and Reddit sandboxes in the foreground."""
+    from sandbox.cli import serve
+
+    serve(host, openai_port, reddit_port)
+
+
 def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
