@@ -131,9 +131,10 @@ class UsageTotals:
 
 
 def _is_billable(call: CallRecord) -> bool:
-    return bool(
-        call.input_tokens or call.output_tokens or call.image_count or call.input_image_tokens
-    )
+    """Did the provider (maybe) bill this call?  Failed and refused calls bill nothing."""
+    if call.status in ("error", "blocked"):
+        return bool(call.input_tokens or call.output_tokens)
+    return True
 
 
 class Sink(Protocol):
@@ -333,9 +334,18 @@ def before_call(operation: str, model: str | None) -> None:
         guard(scope, operation, model)
 
 
-def record_call(call: CallRecord) -> CallRecord:
-    """Record a finished call in the current scope, or hand it to the sink if there is none."""
-    scope = _current.get()
+_CURRENT = object()
+
+
+def record_call(call: CallRecord, scope: UsageScope | object | None = _CURRENT) -> CallRecord:
+    """Record a finished call in ``scope`` (default: the current one), or hand it to the sink.
+
+    Pass the scope captured when the call *started* when it finishes elsewhere (a stream read
+    in another thread or task).
+    """
+    if scope is _CURRENT:
+        scope = _current.get()
+    assert scope is None or isinstance(scope, UsageScope)
     if scope is not None and not scope.closed:
         return scope.record(call)
     if scope is not None:

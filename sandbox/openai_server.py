@@ -293,6 +293,11 @@ def _json_content(body: dict[str, Any], h: int, bad: bool) -> str:
     )
 
 
+def _content_key(body: dict[str, Any]) -> dict[str, Any]:
+    """What determines an answer's content: not how it is delivered (stream, usage chunk)."""
+    return {k: v for k, v in body.items() if k not in {"stream", "stream_options"}}
+
+
 def _chat_choices(body: dict[str, Any], fault: str | None) -> list[ChatChoice]:
     model = body.get("model", "")
     n = int(body.get("n") or 1)
@@ -306,7 +311,7 @@ def _chat_choices(body: dict[str, Any], fault: str | None) -> list[ChatChoice]:
     )
     choices = []
     for index in range(n):
-        h = _hash(body, index)
+        h = _hash(_content_key(body), index)
         reasoning = 64 * (1 + h % 4) if is_reasoning(model) else 0
         if wants_tool:
             fn = tools[0].get("function", {}).get("name", "tool")
@@ -584,7 +589,7 @@ class OpenAIHandler(JSONHandler):
         prompt_text = "\n".join(texts)
         input_tokens = text_tokens(texts[0]) + sum(4 + text_tokens(t) for t in texts[1:])
         cached = self.sandbox.cached_tokens(prompt_text, input_tokens)
-        h = _hash(body)
+        h = _hash(_content_key(body))
         json_mode = ((body.get("text") or {}).get("format") or {}).get("type") == "json_object"
         if json_mode:
             text = _json_content({"messages": items}, h, fault == "bad-json")

@@ -1,0 +1,401 @@
+"""Capture: every endpoint and mode of the real openai client, sync and async, over HTTP.
+
+Each test compares what tokenmeter recorded with what the sandbox billed for the same request
+ids, category by category, and the cost with the Decimal arithmetic written out by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from instrumentation import openai_hooks
+from instrumentation.context import CallRecord, UsageScope, set_sink, usage_scope
+from instrumentation.openai_hooks import track_openai_call
+from sandbox.ground_truth import TOKEN_FIELDS
+
+HI = [{"role": "user", "content": "hi"}]
+M = Decimal(1_000_000)
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.scopes: list[UsageScope] = []
+        self.unscoped: list[CallRecord] = []
+
+    def scope_closed(self, scope: UsageScope) -> None:
+        self.scopes.append(scope)
+
+    def unscoped_call(self, call: CallRecord) -> None:
+        self.unscoped.append(call)
+
+
+@pytest.fixture(autouse=True)
+def hooks() -> Iterator[Collect]:
+    sink = Collect()
+    previous = set_sink(sink)
+    openai_hooks.instrument()
+    yield sink
+    openai_hooks.uninstrument()
+    set_sink(previous)
+
+
+def assert_matches_ground_truth(scope: UsageScope, sandbox) -> None:
+    calls = [c for c in scope.all_calls() if c.status == "ok"]
+    assert calls
+    for call in calls:
+        billed = sandbox.ledger.get(call.request_id)
+        assert billed is not None, call
+        for name in TOKEN_FIELDS:
+            assert getattr(call, name) == getattr(billed, name), (call.operation, name)
+        assert call.model == billed.model
+    truth = sandbox.ledger.totals([c.request_id for c in calls])
+    assert truth["input_tokens"] == scope.totals.input_tokens
+    assert truth["output_tokens"] == scope.totals.output_tokens
+    assert truth["cached_input_tokens"] == scope.totals.cached_input_tokens
+    assert truth["reasoning_tokens"] == scope.totals.reasoning_tokens
+    assert truth["image_count"] == scope.totals.image_count
+
+
+# -- every endpoint, sync -----------------------------------------------------------------------
+def test_chat_plain_json_n_and_tools(openai_client: OpenAI, sandbox) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    with usage_scope("task", "chat") as scope:
+        plain = openai_client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+        openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, response_format={"type": "json_object"}
+        )
+        openai_client.chat.completions.create(model="gpt-4o-mini", messages=HI, n=3)
+        openai_client.chat.completions.create(model="gpt-4o", messages=HI, tools=tools)
+    assert_matches_ground_truth(scope, sandbox)
+    first = scope.all_calls()[0]
+    assert first.request_id == plain._request_id
+    u = plain.usage
+    assert (
+        first.cost_usd
+        == (
+            Decimal(u.prompt_tokens) * Decimal("0.15")
+            + Decimal(u.completion_tokens) * Decimal("0.60")
+        )
+        / M
+    )
+    assert first.price_version == "gpt-4o-mini@2024-07-18"
+    assert first.requested_model == "gpt-4o-mini" and first.model == "gpt-4o-mini-2024-07-18"
+
+
+def test_cached_and_reasoning_tokens_are_priced_right(openai_client: OpenAI, sandbox) -> None:
+    context = "Our shop sells hand-thrown mugs and knitted scarves. " * 100
+    with usage_scope("task", "cache") as scope:
+        for q in ("one", "two"):
+            openai_client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": context + q}]
+            )
+        reasoning = openai_client.chat.completions.create(model="o3-mini", messages=HI)
+    assert_matches_ground_truth(scope, sandbox)
+    _, cached_call, o3 = scope.all_calls()
+    assert cached_call.cached_input_tokens > 0
+    expected = (
+        Decimal(cached_call.input_tokens - cached_call.cached_input_tokens) * Decimal("0.15")
+        + Decimal(cached_call.cached_input_tokens) * Decimal("0.075")
+        + Decimal(cached_call.output_tokens) * Decimal("0.60")
+    ) / M
+    assert cached_call.cost_usd == expected
+    # reasoning is already inside completion_tokens: billed once, as output
+    r = reasoning.usage
+    assert o3.reasoning_tokens == r.completion_tokens_details.reasoning_tokens > 0
+    assert (
+        o3.cost_usd
+        == (
+            Decimal(r.prompt_tokens) * Decimal("1.10")
+            + Decimal(r.completion_tokens) * Decimal("4.40")
+        )
+        / M
+    )
+
+
+def test_responses_embeddings_and_images(openai_client: OpenAI, sandbox) -> None:
+    with usage_scope("task", "mixed") as scope:
+        resp = openai_client.responses.create(model="o4-mini", input="hello")
+        with openai_client.responses.stream(model="gpt-4o", input="hello") as stream:
+            for _ in stream:
+                pass
+        emb = openai_client.embeddings.create(model="text-embedding-3-large", input=["a", "bb"])
+        openai_client.images.generate(model="dall-e-2", prompt="fox", n=3, size="512x512")
+        openai_client.images.generate(
+            model="dall-e-3", prompt="fox", quality="hd", size="1792x1024"
+        )
+        gi = openai_client.images.generate(model="gpt-image-1", prompt="a fox", n=2, quality="high")
+    assert_matches_ground_truth(scope, sandbox)
+    r, rs, e, d2, d3, g = scope.all_calls()
+    assert (
+        r.cost_usd
+        == (
+            Decimal(resp.usage.input_tokens) * Decimal("1.10")
+            + Decimal(resp.usage.output_tokens) * Decimal("4.40")
+        )
+        / M
+    )
+    assert rs.stream and rs.operation == "responses" and rs.output_tokens > 0
+    assert e.cost_usd == Decimal(emb.usage.prompt_tokens) * Decimal("0.13") / M
+    assert (d2.image_count, d2.image_size, d2.cost_usd) == (3, "512x512", 3 * Decimal("0.018"))
+    assert (d3.image_quality, d3.image_size, d3.cost_usd) == ("hd", "1792x1024", Decimal("0.12"))
+    assert (g.image_count, g.image_quality, g.output_tokens) == (2, "high", 2 * 4160)
+    assert (
+        g.cost_usd
+        == (Decimal(gi.usage.input_tokens) * Decimal("5.00") + Decimal(2 * 4160) * Decimal("40.00"))
+        / M
+    )
+
+
+def test_raw_and_streaming_response_paths(openai_client: OpenAI, sandbox) -> None:
+    with usage_scope("task", "raw") as scope:
+        raw = openai_client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=HI
+        )
+        with openai_client.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", messages=HI
+        ) as streaming:
+            parsed = streaming.parse()
+    assert raw.parse().usage is not None and parsed.usage is not None
+    assert [c.request_id for c in scope.all_calls()] == [
+        raw.headers["x-request-id"],
+        streaming.headers["x-request-id"],
+    ]
+    assert_matches_ground_truth(scope, sandbox)
+
+
+# -- streaming ----------------------------------------------------------------------------------
+def _visible(chunks) -> list[dict]:
+    return [{k: v for k, v in c.to_dict().items() if k not in ("id", "created")} for c in chunks]
+
+
+def test_stream_caller_sees_exactly_what_it_would_without_tokenmeter(
+    openai_client: OpenAI, sandbox
+) -> None:
+    kwargs = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "stream me"}],
+        "stream": True,
+    }
+    openai_hooks.uninstrument()
+    bare = list(openai_client.chat.completions.create(**kwargs))
+    openai_hooks.instrument()
+    with usage_scope("task", "stream") as scope:
+        metered = list(openai_client.chat.completions.create(**kwargs))
+    assert _visible(metered) == _visible(bare)
+    assert all(c.usage is None for c in metered)
+    [call] = scope.all_calls()
+    assert call.stream and call.usage_reported and call.output_tokens > 0
+    assert_matches_ground_truth(scope, sandbox)
+
+
+def test_stream_caller_who_asked_for_usage_gets_the_usage_chunk(openai_client, sandbox) -> None:
+    with usage_scope("task", "asked") as scope:
+        chunks = list(
+            openai_client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=HI,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    assert scope.totals.output_tokens == chunks[-1].usage.completion_tokens
+    assert_matches_ground_truth(scope, sandbox)
+
+
+def test_abandoned_stream_is_recorded_as_incomplete(openai_client) -> None:
+    with usage_scope("task", "abandon") as scope:
+        stream = openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, stream=True
+        )
+        next(iter(stream))
+        stream.close()
+        stream._iterator.close()
+    [call] = scope.all_calls()
+    assert call.status == "incomplete" and not call.usage_reported and call.cost_usd is None
+    assert scope.totals.cost_usd is None and scope.totals.uncosted_calls == 1
+
+
+# -- async ---------------------------------------------------------------------------------------
+async def test_async_every_endpoint(async_openai_client: AsyncOpenAI, sandbox) -> None:
+    c = async_openai_client
+    async with usage_scope("task", "async") as scope:
+        await c.chat.completions.create(model="gpt-4o-mini", messages=HI)
+        stream = await c.chat.completions.create(model="o3-mini", messages=HI, stream=True)
+        seen = [chunk async for chunk in stream]
+        await c.responses.create(model="gpt-4.1-mini", input="hi")
+        async with c.responses.stream(model="gpt-4.1", input="hi") as rstream:
+            async for _ in rstream:
+                pass
+        await c.embeddings.create(model="text-embedding-3-small", input="hi")
+        await c.images.generate(model="gpt-image-1", prompt="fox", quality="medium")
+        raw = await c.chat.completions.with_raw_response.create(model="gpt-4o", messages=HI)
+    assert all(ch.usage is None for ch in seen)
+    assert raw.parse().usage is not None
+    assert len(scope.all_calls()) == 7
+    assert_matches_ground_truth(scope, sandbox)
+    assert all(call.cost_usd is not None for call in scope.all_calls())
+
+
+# -- concurrency --------------------------------------------------------------------------------
+def test_200_concurrent_calls_threads_and_asyncio_each_in_own_scope(sandbox) -> None:
+    def thread_work(i: int, out: dict[str, UsageScope]) -> None:
+        client = OpenAI(base_url=sandbox.openai_base_url, api_key="sk", max_retries=0)
+        with usage_scope("task", f"thread-{i}") as scope:
+            for n in range(10):
+                client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": f"t{i} {n}"}]
+                )
+        out[f"thread-{i}"] = scope
+
+    async def task_work(i: int, client: AsyncOpenAI) -> UsageScope:
+        async with usage_scope("task", f"async-{i}") as scope:
+            for n in range(2):
+                await client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": f"a{i} {n}"}]
+                )
+        return scope
+
+    async def all_tasks() -> list[UsageScope]:
+        client = AsyncOpenAI(base_url=sandbox.openai_base_url, api_key="sk", max_retries=0)
+        return list(await asyncio.gather(*(task_work(i, client) for i in range(50))))
+
+    scopes: dict[str, UsageScope] = {}
+    threads = [
+        threading.Thread(target=contextvars.copy_context().run, args=(thread_work, i, scopes))
+        for i in range(8)
+    ]
+    for t in threads:
+        t.start()
+    async_scopes = asyncio.run(all_tasks())
+    for t in threads:
+        t.join()
+    every = list(scopes.values()) + async_scopes
+    assert sum(s.totals.calls for s in every) == 8 * 10 + 50 * 2
+    ids = [c.request_id for s in every for c in s.all_calls()]
+    assert len(ids) == len(set(ids)) == 180
+    for s in every:
+        assert all(c.scope_ref == s.ref for c in s.all_calls())
+        assert_matches_ground_truth(s, sandbox)
+
+
+# -- scopes, unscoped, uninstrument ----------------------------------------------------------------
+def test_nested_scopes_roll_up_and_unscoped_calls_are_recorded(
+    openai_client: OpenAI, hooks: Collect, sandbox
+) -> None:
+    with usage_scope("task", "scan") as task:
+        for post in ("p1", "p2"):
+            with usage_scope("scanned_post", post):
+                openai_client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    assert task.totals.calls == 2 and [s.totals.calls for s in task.children] == [1, 1]
+    assert task.totals.priced_cost_usd == sum(c.totals.priced_cost_usd for c in task.children)
+    outside = openai_client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    [unscoped] = hooks.unscoped
+    assert unscoped.request_id == outside._request_id and unscoped.scope_kind is None
+
+
+def test_uninstrument_restores_the_client(openai_client: OpenAI, hooks: Collect) -> None:
+    from openai._base_client import AsyncAPIClient, SyncAPIClient
+
+    openai_hooks.instrument()  # idempotent: still one layer
+    wrapped = SyncAPIClient.request
+    assert wrapped.__tokenmeter_original__.__qualname__ == "SyncAPIClient.request"
+    openai_hooks.uninstrument()
+    assert not hasattr(SyncAPIClient.request, "__tokenmeter_original__")
+    assert not hasattr(AsyncAPIClient.request, "__tokenmeter_original__")
+    with usage_scope("task", "bare") as scope:
+        openai_client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    assert scope.totals.calls == 0 and hooks.unscoped == []
+
+
+# -- failures ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("fault", "error", "status"),
+    [("429", openai.RateLimitError, 429), ("500", openai.InternalServerError, 500)],
+)
+def test_failed_calls_are_recorded_as_errors(openai_client, fault, error, status) -> None:
+    with usage_scope("task", "fail") as scope, pytest.raises(error):
+        openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, extra_headers={"X-Sandbox-Fault": fault}
+        )
+    [call] = scope.all_calls()
+    assert (call.status, call.error_type, call.http_status) == ("error", error.__name__, status)
+    assert call.request_id and call.input_tokens == 0 and call.cost_usd == 0
+    assert call.latency_ms is not None and call.latency_ms > 0
+
+
+def test_dropped_stream_is_recorded_as_error_and_the_client_error_propagates(
+    openai_client, sandbox
+) -> None:
+    received = []
+    with usage_scope("task", "drop") as scope, pytest.raises(openai.APIConnectionError):
+        for chunk in openai_client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=HI,
+            stream=True,
+            extra_headers={"X-Sandbox-Fault": "drop"},
+        ):
+            received.append(chunk)
+    [call] = scope.all_calls()
+    assert len(received) == 2
+    assert (call.status, call.error_type) == ("error", "APIConnectionError")
+    assert sandbox.ledger.get(call.request_id) is None  # billed nothing, recorded nothing
+
+
+def test_missing_or_null_usage_is_flagged_not_guessed(openai_client) -> None:
+    with usage_scope("task", "nousage") as scope:
+        for fault in ("no-usage", "null-usage"):
+            openai_client.chat.completions.create(
+                model="gpt-4o-mini", messages=HI, extra_headers={"X-Sandbox-Fault": fault}
+            )
+    for call in scope.all_calls():
+        assert not call.usage_reported and call.input_tokens == call.output_tokens == 0
+        assert call.cost_usd is None  # unknown, never 0
+    assert scope.totals.cost_usd is None
+
+
+# -- the explicit decorator ------------------------------------------------------------------------
+def test_track_openai_call_records_once(sandbox) -> None:
+    client = OpenAI(base_url=sandbox.openai_base_url, api_key="sk", max_retries=0)
+
+    @track_openai_call(model="gpt-4o-mini", operation="chat")
+    def ideas() -> object:
+        return client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+
+    with usage_scope("task", "instrumented") as instrumented:
+        ideas()
+    assert instrumented.totals.calls == 1  # the hook recorded it; the decorator added nothing
+
+    openai_hooks.uninstrument()
+    with usage_scope("task", "explicit") as explicit:
+        result = ideas()
+    [call] = explicit.all_calls()
+    assert call.request_id == result._request_id
+    assert (call.input_tokens, call.output_tokens) == (
+        result.usage.prompt_tokens,
+        result.usage.completion_tokens,
+    )
+    assert_matches_ground_truth(explicit, sandbox)
+
+
+async def test_track_openai_call_async(sandbox) -> None:
+    openai_hooks.uninstrument()
+    client = AsyncOpenAI(base_url=sandbox.openai_base_url, api_key="sk", max_retries=0)
+
+    @track_openai_call(operation="embedding")
+    async def embed() -> object:
+        return await client.embeddings.create(model="text-embedding-3-small", input="hi")
+
+    async with usage_scope("task", "embed") as scope:
+        await embed()
+    [call] = scope.all_calls()
+    assert call.operation == "embedding" and call.input_tokens == 1
+    assert call.cost_usd == Decimal("0.02") / M
