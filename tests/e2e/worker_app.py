@@ -1,0 +1,96 @@
+"""A plain Celery app for the end-to-end tests: tasks that call the (sandbox) OpenAI API.
+
+Started as a real worker: ``celery -A tests.e2e.worker_app worker``.  It knows nothing of
+tokenmeter's internals beyond ``install(app)``: this is what any application does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+from celery import Celery
+from openai import OpenAI
+
+from instrumentation.celery_signals import install
+
+app = Celery("tokenmeter_e2e")
+app.conf.update(
+    broker_url=os.environ["CELERY_BROKER_URL"],
+    result_backend=os.environ["CELERY_RESULT_BACKEND"],
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    broker_connection_retry_on_startup=True,
+    worker_send_task_events=True,  # task-usage events, for Flower
+)
+if os.environ.get("TOKENMETER_DISABLED") != "1":
+    install(app)
+
+_client: OpenAI | None = None
+
+
+def client() -> OpenAI:
+    global _client
+    if _client is None:
+        _client = OpenAI(max_retries=0)  # OPENAI_BASE_URL / OPENAI_API_KEY from the env
+    return _client
+
+
+def _control() -> redis.Redis:
+    return redis.Redis.from_url(os.environ["E2E_CONTROL_REDIS_URL"])
+
+
+@app.task(name="e2e.mixed")
+def mixed(i: int) -> int:
+    """A few calls of different kinds, chosen by ``i``, so 200 tasks cover every path."""
+    c = client()
+    context = "Long shared context. " * (300 if i % 5 == 0 else 3)  # long ones get cached
+    prompt = f"{context}Task {i}: suggest a handmade gift."
+    calls = 0
+    c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}])
+    calls += 1
+    if i % 3 == 0:
+        stream = c.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], stream=True
+        )
+        for _ in stream:
+            pass
+        calls += 1
+    if i % 4 == 0:
+        c.embeddings.create(model="text-embedding-3-small", input=[prompt[:200]])
+        calls += 1
+    if i % 7 == 0:
+        c.images.generate(model="dall-e-3", prompt="a knitted fox", n=1, size="1024x1024")
+        calls += 1
+    if i % 11 == 0:
+        c.chat.completions.create(model="o3-mini", messages=[{"role": "user", "content": prompt}])
+        calls += 1
+    return calls
+
+
+@app.task(name="e2e.hold")
+def hold(tag: str) -> int:
+    """Two calls, then wait to be released (or killed); one more call when released."""
+    c = client()
+    for n in range(2):
+        c.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": f"{tag} call {n}"}]
+        )
+    control = _control()
+    control.rpush(f"e2e:held:{tag}", os.getpid())
+    control.blpop([f"e2e:go:{tag}"], timeout=120)
+    c.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": f"{tag} final call"}]
+    )
+    return os.getpid()
+
+
+@app.task(name="e2e.sleepy")
+def sleepy(ms: int) -> None:
+    """No OpenAI call: lets a test keep a worker busy."""
+    time.sleep(ms / 1000)

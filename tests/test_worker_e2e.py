@@ -1,0 +1,325 @@
+"""End to end: a real ``celery worker`` process, real Redis broker, PostgreSQL, sandbox OpenAI.
+
+The ledger in PostgreSQL must equal the sandbox's ground truth request by request, in every
+token category, under concurrency, a database outage, and a worker killed mid-task.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from models import migrate
+from sandbox.ground_truth import TOKEN_FIELDS
+from sandbox.runner import SandboxServers
+from tests.conftest import REDIS_TEST_URL, require_service
+from tests.tcp_proxy import TcpProxy
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKER_DB, BACKEND_DB, CONTROL_DB = 13, 12, 11
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def _redis_url(db: int) -> str:
+    """The test Redis server, database ``db`` (REDIS_TEST_URL names server and a db)."""
+    return f"{REDIS_TEST_URL.rsplit('/', 1)[0]}/{db}"
+
+
+@dataclass
+class Stack:
+    sandbox: SandboxServers
+    db_url: str  # as the test sees it (direct)
+    proxy: TcpProxy  # the worker reaches PostgreSQL through this
+    env: dict[str, str]
+    app: Celery
+    control: redis.Redis
+    workers: list[subprocess.Popen[bytes]]
+    log_dir: Path
+
+    def start_worker(self, pool: str = "prefork", concurrency: int = 4) -> subprocess.Popen[bytes]:
+        name = f"w{len(self.workers)}-{pool}@%h"
+        log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tests.e2e.worker_app",
+                "worker",
+                "-P",
+                pool,
+                "-c",
+                str(concurrency),
+                "-n",
+                name,
+                "-l",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.workers.append(proc)
+        wait_for(lambda: self._pong(proc), 60, f"worker {name} to answer ping")
+        return proc
+
+    def _pong(self, proc: subprocess.Popen[bytes]) -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode}: {self.logs()}")
+        return bool(self.app.control.ping(timeout=0.5))
+
+    def stop_workers(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.workers:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.workers.clear()
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-4000:] for p in self.log_dir.glob("*.log"))
+
+    def ledger_rows(self) -> dict[str, dict[str, Any]]:
+        engine = create_engine(self.db_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(text("SELECT * FROM openai_calls")).mappings().all()
+        finally:
+            engine.dispose()
+        return {r["request_id"]: dict(r) for r in rows if r["request_id"]}
+
+    def assert_ledger_matches_ground_truth(self, timeout: float = 60) -> dict[str, int]:
+        truth = {row.request_id: row for row in self.sandbox.ledger.rows()}
+        wait_for(
+            lambda: len(self.ledger_rows()) >= len(truth),
+            timeout,
+            f"{len(truth)} calls in the ledger",
+        )
+        ours = self.ledger_rows()
+        assert set(ours) == set(truth), (
+            f"missing {set(truth) - set(ours)}, unexpected {set(ours) - set(truth)}"
+        )
+        for rid, billed in truth.items():
+            for name in TOKEN_FIELDS:
+                assert ours[rid][name] == getattr(billed, name), (rid, name)
+            assert ours[rid]["model"] == billed.model
+        totals = {name: sum(getattr(b, name) for b in truth.values()) for name in TOKEN_FIELDS}
+        assert totals == {name: sum(r[name] for r in ours.values()) for name in TOKEN_FIELDS}
+        return totals
+
+
+@pytest.fixture
+def stack(pg_url: str, tmp_path: Path) -> Iterator[Stack]:
+    try:
+        redis.Redis.from_url(_redis_url(CONTROL_DB)).ping()
+    except Exception as exc:
+        require_service("Redis", exc)
+    for db in (BROKER_DB, BACKEND_DB, CONTROL_DB):
+        redis.Redis.from_url(_redis_url(db)).flushdb()
+    migrate.upgrade(pg_url)
+    pg = make_url(pg_url)
+    proxy = TcpProxy(pg.host or "127.0.0.1", pg.port or 5432).start()
+    sandbox = SandboxServers().start()
+    env = {
+        **os.environ,
+        "DATABASE_URL": pg.set(port=proxy.port).render_as_string(hide_password=False),
+        "CELERY_BROKER_URL": _redis_url(BROKER_DB),
+        "CELERY_RESULT_BACKEND": _redis_url(BACKEND_DB),
+        "E2E_CONTROL_REDIS_URL": _redis_url(CONTROL_DB),
+        "OPENAI_BASE_URL": sandbox.openai_base_url,
+        "OPENAI_API_KEY": "sk-sandbox",
+        "TOKENMETER_RECOVERY_INTERVAL_S": "0.5",
+        "TOKENMETER_SPOOL_DIR": str(tmp_path / "spool"),
+        "PYTHONPATH": str(ROOT),
+    }
+    app = Celery(
+        "e2e_client", broker=env["CELERY_BROKER_URL"], backend=env["CELERY_RESULT_BACKEND"]
+    )
+    s = Stack(
+        sandbox,
+        pg_url,
+        proxy,
+        env,
+        app,
+        redis.Redis.from_url(env["E2E_CONTROL_REDIS_URL"]),
+        [],
+        tmp_path,
+    )
+    try:
+        yield s
+    finally:
+        s.stop_workers()
+        sandbox.stop()
+        proxy.stop()
+        app.close()
+
+
+def run_mixed(stack: Stack, n: int, timeout: float = 120) -> int:
+    results = [stack.app.send_task("e2e.mixed", args=(i,)) for i in range(n)]
+    return sum(r.get(timeout=timeout) for r in results)
+
+
+def test_200_tasks_on_prefork_match_ground_truth_exactly(stack: Stack) -> None:
+    stack.start_worker("prefork", 4)
+    calls = run_mixed(stack, 200)
+    totals = stack.assert_ledger_matches_ground_truth()
+    expected = sum(
+        1 + (i % 3 == 0) + (i % 4 == 0) + (i % 7 == 0) + (i % 11 == 0) for i in range(200)
+    )
+    assert calls == len(stack.sandbox.ledger) == expected == 365
+    assert totals["cached_input_tokens"] > 0 and totals["reasoning_tokens"] > 0
+    assert totals["image_count"] > 0
+    engine = create_engine(stack.db_url)
+    with engine.connect() as conn:
+        tasks = conn.execute(text("SELECT count(DISTINCT task_id) FROM openai_calls")).scalar()
+        unpriced = conn.execute(
+            text("SELECT count(*) FROM openai_calls WHERE cost_usd IS NULL")
+        ).scalar()
+    engine.dispose()
+    assert tasks == 200 and unpriced == 0
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_other_pools_match_ground_truth(stack: Stack, pool: str) -> None:
+    stack.start_worker(pool, 4 if pool == "threads" else 1)
+    run_mixed(stack, 24)
+    stack.assert_ledger_matches_ground_truth()
+
+
+def test_database_outage_is_spooled_and_replayed(stack: Stack) -> None:
+    stack.start_worker("prefork", 4)
+    run_mixed(stack, 10)
+    stack.assert_ledger_matches_ground_truth()
+
+    stack.proxy.stop()  # PostgreSQL "goes down" for the worker
+    run_mixed(stack, 30)  # tasks still succeed: metering never fails a task
+    spool = redis.Redis.from_url(stack.env["CELERY_BROKER_URL"])
+    wait_for(lambda: spool.llen("tokenmeter:spool") >= 30, 30, "flushes to be spooled")
+    assert len(stack.ledger_rows()) < len(stack.sandbox.ledger)
+
+    stack.proxy.start()  # back up, same port
+    stack.assert_ledger_matches_ground_truth(timeout=60)
+    wait_for(lambda: spool.llen("tokenmeter:spool") == 0, 30, "the spool to drain")
+    assert spool.llen("tokenmeter:spool:dead") == 0
+
+
+def test_sigkill_mid_task_loses_nothing_and_counts_once(stack: Stack) -> None:
+    stack.start_worker("prefork", 2)
+    result = stack.app.send_task("e2e.hold", args=("k1",))
+    first_pid = int(wait_for(lambda: stack.control.lindex("e2e:held:k1", 0), 30, "task to hold"))
+    os.kill(first_pid, signal.SIGKILL)  # two calls made, never flushed
+
+    # acks_late + reject_on_worker_lost: the message is redelivered to a new child
+    wait_for(lambda: stack.control.llen("e2e:held:k1") >= 2, 60, "the redelivered run")
+    stack.control.rpush("e2e:go:k1", "go")
+    assert result.get(timeout=60) != first_pid
+    stack.assert_ledger_matches_ground_truth(timeout=60)  # 2 (killed) + 3 (rerun), each once
+    rows = stack.ledger_rows()
+    assert len(rows) == 5
+    assert len({r["execution_id"] for r in rows.values()}) == 2
+    assert {r["task_id"] for r in rows.values()} == {result.id}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_flower_shows_each_tasks_usage(stack: Stack) -> None:
+    import httpx
+
+    from reporting.flower import CONF
+
+    port = _free_port()
+    log = open(stack.log_dir / "flower.log", "wb")  # noqa: SIM115
+    flower = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.e2e.worker_app",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+            f"--conf={CONF}",
+            "--basic-auth=meter:reader",
+        ],
+        cwd=ROOT,
+        env=stack.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        auth = ("meter", "reader")
+
+        def flower_up() -> bool:
+            if flower.poll() is not None:
+                raise AssertionError(f"flower exited: {stack.logs()}")
+            try:
+                return httpx.get(f"{base}/healthcheck", auth=auth, timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(flower_up, 60, "flower to serve")
+        stack.start_worker("prefork", 2)
+        results = [stack.app.send_task("e2e.mixed", args=(i,)) for i in (0, 7)]
+        for result in results:
+            result.get(timeout=60)
+        ids = [r.id for r in results]
+        truth = stack.assert_ledger_matches_ground_truth()
+
+        def usage_shown() -> dict[str, Any] | None:
+            tasks = httpx.get(f"{base}/api/tasks", auth=auth, timeout=5).json()
+            if all(tasks.get(i, {}).get("cost_usd") for i in ids):
+                return tasks
+            return None
+
+        tasks = wait_for(usage_shown, 60, "flower to show usage")
+        assert sum(tasks[i]["input_tokens"] for i in ids) == truth["input_tokens"]
+        assert sum(tasks[i]["image_count"] for i in ids) == truth["image_count"]
+        assert all(tasks[i]["state"] == "SUCCESS" for i in ids)
+        page = httpx.get(f"{base}/task/{ids[1]}", auth=auth, timeout=5).text
+        assert "cost usd" in page.lower() and tasks[ids[1]]["cost_usd"] in page
+        assert "input tokens" in page.lower()
+    finally:
+        flower.terminate()
+        flower.wait(timeout=30)
