@@ -70,7 +70,7 @@ class CallRecord:
     task_id: str | None = None
     task_name: str | None = None
     attempt: int = 0
-    execution_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    execution_id: str = ""  # set when recorded: the scope's, or a fresh one when unscoped
     seq: int = 0
     scope_kind: str | None = None
     scope_ref: str | None = None
@@ -350,6 +350,8 @@ def record_call(call: CallRecord, scope: UsageScope | object | None = _CURRENT) 
         return scope.record(call)
     if scope is not None:
         logger.warning("call recorded after its scope %r closed; recording it unscoped", scope)
+    if not call.execution_id:
+        call.execution_id = uuid.uuid4().hex  # an unscoped call is an execution of its own
     try:
         _sink.unscoped_call(call)
     except Exception:

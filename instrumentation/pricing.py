@@ -21,11 +21,10 @@ import tomllib
 from bisect import bisect_right
 from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from instrumentation.context import CallRecord
 from models.types import MONEY_QUANTUM
@@ -44,7 +43,7 @@ class PriceError(ValueError):
 class PriceRow(BaseModel):
     """One model's prices from ``effective`` on.  Token prices are USD per 1M tokens."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, ignored_types=(cached_property,))
 
     model: str
     effective: date
@@ -54,14 +53,7 @@ class PriceRow(BaseModel):
     image_input: Decimal | None = None
     images: dict[str, Decimal] | None = None  # "quality/size" -> USD per image
 
-    @field_validator("input", "cached_input", "output", "image_input", mode="before")
-    @classmethod
-    def _no_float(cls, value: Any) -> Any:
-        if isinstance(value, float):
-            raise ValueError('write prices as strings ("0.15"), not floats')
-        return value
-
-    @property
+    @cached_property
     def version(self) -> str:
         return f"{self.model}@{self.effective.isoformat()}"
 
@@ -98,6 +90,7 @@ class PriceTable:
             self._rows.setdefault(row.model, []).append(row)
         self._warned: set[str] = set()
         self._lock = threading.Lock()
+        self._memo: dict[tuple[str, date], PriceRow | None] = {}  # bounded: models x days
 
     @classmethod
     def load(cls, override: Path | None = None) -> PriceTable:
@@ -121,13 +114,24 @@ class PriceTable:
 
     def price_for(self, model: str | None, at: datetime | date | None = None) -> PriceRow | None:
         """The row for ``model`` in force at ``at`` (default now), or None if unknown."""
-        family = self.family(model) if model else None
-        if family is None:
+        if not model:
             return None
         day = at.date() if isinstance(at, datetime) else (at or datetime.now(UTC).date())
-        rows = self._rows[family]
-        index = bisect_right([r.effective for r in rows], day) - 1
-        return rows[index] if index >= 0 else None
+        key = (model, day)
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        row = None
+        family = self.family(model)
+        if family is not None:
+            rows = self._rows[family]
+            index = bisect_right([r.effective for r in rows], day) - 1
+            row = rows[index] if index >= 0 else None
+        if len(self._memo) > 10_000:
+            self._memo.clear()
+        self._memo[key] = row
+        return row
 
     def warn_unknown(self, model: str | None) -> None:
         key = model or "<no model>"
