@@ -11,11 +11,12 @@ scope and names the row and the columns::
         ))
 
 At flush, inside the flush transaction, the row matching ``key`` is created if missing (key +
-values) and each ``sums`` column is *incremented* by the sum, over the calls of that scope's
-subtree that were newly inserted into the ledger, of the named ``CallRecord`` field.  So a
-replayed flush adds nothing, and each retry attempt adds its own calls.  ``cost_column`` gets
-the exact Decimal sum, and becomes NULL (unknown, never a false figure) once any billable call
-in it has no price.
+values; a table with other NOT NULL columns needs the application to write the row first) and
+each ``sums`` column is *incremented* by the sum, over the calls of that scope's subtree that
+were newly inserted into the ledger, of the named ``CallRecord`` field.  So a replayed flush
+adds nothing, and each retry attempt adds its own calls.  ``cost_column`` gets the exact
+Decimal sum, and becomes NULL (unknown, never a false figure) once any billable call in it has
+no price.
 
 A rollup is plain data (table name, key, column names), so it survives the spool and the
 write-ahead log and can be applied by a process that never imported the application.
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Table, case, null, update
+from sqlalchemy import Connection, Table, case, null, select, update
 from sqlalchemy.orm import Session
 
 from instrumentation.context import CallRecord, UsageTotals
@@ -133,7 +134,10 @@ class TableRollup:
             seed[column] = 0
         if self.cost_column:
             seed[self.cost_column] = Decimal(0)
-        session.execute(insert_ignore(session, table), [seed])
+        where = [table.c[k] == v for k, v in self.key.items()]
+        exists = session.execute(select(table.c[next(iter(self.key))]).where(*where)).first()
+        if exists is None:  # the application usually wrote the row; create it only if not
+            session.execute(insert_ignore(session, table), [seed])
 
         totals = UsageTotals.of(new_calls)
         changes: dict[str, Any] = dict(self.values)
@@ -151,7 +155,6 @@ class TableRollup:
                 )
         if not changes:
             return
-        where = [table.c[k] == v for k, v in self.key.items()]
         session.execute(update(table).where(*where).values(changes))
 
 
