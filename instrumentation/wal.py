@@ -54,26 +54,29 @@ class WriteAheadLog:
 
     # -- writing (in the task's process) ---------------------------------------------------
     def attach(self, scope: UsageScope) -> None:
-        """Start logging ``scope``'s execution (a root scope)."""
+        """Start logging ``scope``'s execution (a root scope).  Costs nothing until a call."""
         root = scope.root
-        meta = {
-            "task_id": root.task_id,
-            "task_name": root.task_name,
-            "attempt": root.attempt,
-            "host": self.host,
-            "pid": os.getpid(),
-            "opened": time.time(),
-        }
-        self.client.hset(OPEN_KEY, root.execution_id, json.dumps(meta))
         root.listeners.append(self._on_call)
         root.rollup_listeners.append(self._on_rollup)
 
     def _push(self, scope: UsageScope, entry: dict[str, Any]) -> None:
-        key = ENTRY_PREFIX + scope.execution_id
+        root = scope.root
+        key = ENTRY_PREFIX + root.execution_id
         pipe = self.client.pipeline(transaction=False)
+        if not root.labels.get("_wal_open"):  # first entry: list the execution as open
+            meta = {
+                "task_id": root.task_id,
+                "task_name": root.task_name,
+                "attempt": root.attempt,
+                "host": self.host,
+                "pid": os.getpid(),
+                "opened": time.time(),
+            }
+            pipe.hset(OPEN_KEY, root.execution_id, json.dumps(meta))
         pipe.rpush(key, json.dumps(entry, separators=(",", ":")))
         pipe.expire(key, ENTRY_TTL_S)
         pipe.execute()
+        root.labels["_wal_open"] = "1"
 
     def _on_call(self, scope: UsageScope, call: CallRecord) -> None:
         self._push(scope, {"t": "call", "path": scope.path, "call": call_to_json(call)})
@@ -91,8 +94,9 @@ class WriteAheadLog:
         pipe.execute()
 
     def after_flush(self, batch: FlushBatch, _new_calls: list[CallRecord]) -> None:
-        """Sink hook: forget the execution once its batch is durable."""
-        self.forget(batch.execution_id)
+        """Sink hook: forget the execution once its batch is durable (if it logged anything)."""
+        if batch.calls or batch.rollups:
+            self.forget(batch.execution_id)
 
     # -- recovery (any process) ------------------------------------------------------------
     def batch_for(self, execution_id: str, meta: dict[str, Any]) -> FlushBatch:
