@@ -42,6 +42,36 @@ class Settings(BaseSettings):
     openai_image_model: str = "dall-e-3"
     openai_community_agent_model: str = "gpt-4o-mini"
 
+    # --- reddit (praw) --------------------------------------------------------------------
+    reddit_client_id: str | None = None
+    reddit_client_secret: str | None = None
+    reddit_username: str | None = None
+    reddit_password: str | None = None
+    reddit_user_agent: str = "tokenmeter-promotion/0.1"
+    reddit_sandbox_url: str | None = Field(
+        default=None, description="Send praw to this Reddit-compatible server (the sandbox)."
+    )
+
+    # --- the application's tasks ---------------------------------------------------------
+    commission_ideas: int = Field(default=3, ge=1, le=10, description="Ideas asked for.")
+    commission_images: int = Field(default=2, ge=0, le=10, description="Ideas illustrated.")
+    commission_images_per_idea: int = Field(default=1, ge=1, le=10, description="Image `n`.")
+    commission_image_size: str = "1024x1024"
+    commission_image_quality: str = "standard"
+    commission_max_retries: int = 3
+    promotion_subreddits: str = Field(
+        default="handmade,gifts,crafts", description="Comma-separated subreddits to scan."
+    )
+    promotion_interval_s: float = Field(default=900.0, description="Beat interval of the scan.")
+    promotion_post_limit: int = Field(default=25, ge=1, le=100)
+    promotion_threshold: int = Field(default=7, ge=0, le=10, description="Min. 'fit' rating.")
+    promotion_dry_run: bool = Field(default=True, description="Rate and write, never post.")
+    promotion_concurrency: int = Field(default=4, ge=1, le=32)
+
+    @property
+    def subreddits(self) -> list[str]:
+        return [s.strip() for s in self.promotion_subreddits.split(",") if s.strip()]
+
     # --- metering ------------------------------------------------------------------------
     tokenmeter_prices_file: Path | None = Field(
         default=None, description="TOML file whose rows override/extend the built-in prices."

@@ -273,9 +273,45 @@ class ChatChoice:
     finish_reason: str
 
 
+def _schema_instance(schema: dict[str, Any], root: dict[str, Any], h: int, depth: int = 0) -> Any:
+    """A deterministic instance of a JSON schema (structured outputs), from hash ``h``."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        return _schema_instance(root.get("$defs", {}).get(name, {}), root, h, depth)
+    if "anyOf" in schema:
+        return _schema_instance(schema["anyOf"][0], root, h, depth)
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    if "enum" in schema:
+        return schema["enum"][h % len(schema["enum"])]
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {
+            name: _schema_instance(sub, root, _hash(h, name), depth + 1)
+            for name, sub in props.items()
+        }
+    if kind == "array":
+        count = max(int(schema.get("minItems", 0)), min(3, int(schema.get("maxItems", 3))))
+        item = schema.get("items", {})
+        return [_schema_instance(item, root, _hash(h, i), depth + 1) for i in range(count)]
+    if kind == "integer":
+        low, high = int(schema.get("minimum", 0)), int(schema.get("maximum", 10))
+        return low + h % (high - low + 1)
+    if kind == "number":
+        return round(5 + (h % 9500) / 100, 2)
+    if kind == "boolean":
+        return bool(h % 2)
+    return " ".join(WORDS[(h >> (3 * i)) % len(WORDS)] for i in range(3 + h % 4))
+
+
 def _json_content(body: dict[str, Any], h: int, bad: bool) -> str:
     if bad:
         return "Sure! Here is the JSON you asked for: {rating: 7,"
+    response_format = body.get("response_format") or {}
+    if response_format.get("type") == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema") or {}
+        return json.dumps(_schema_instance(schema, schema, h))
     last_user = next(
         (m for m in reversed(body.get("messages", [])) if m.get("role") == "user"), None
     )

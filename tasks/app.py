@@ -1,0 +1,11 @@
+"""The Celery app, configured from ``celeryconfig`` and metered by tokenmeter."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from instrumentation.celery_signals import install
+
+app = Celery("tasks")
+app.config_from_object("celeryconfig")
+metering = install(app)
