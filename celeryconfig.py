@@ -18,12 +18,13 @@ from models.settings import get_settings
 def filesystem_transport_options(var_dir: Path) -> dict[str, Any]:
     """Options of the embedded broker in ``var_dir``: a worker and its clients share them."""
     folder = var_dir / "broker"
-    for sub in ("queue", "processed"):
+    for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     return {
         "data_folder_in": str(folder / "queue"),
         "data_folder_out": str(folder / "queue"),
         "processed_folder": str(folder / "processed"),
+        "control_folder": str(folder / "control"),
         "store_processed": False,
     }
 
