@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## Create .venv and install tokenmeter with its dev extras
 
-demo: setup ## Run the offline demo (not yet: lands with the tasks issue)
-	@echo "make demo: not yet - the commission/promotion tasks and the demo land with issue 6"
+demo: setup ## The whole thing offline: sandbox, worker+beat, commissions, a scan, usage report
+	$(PY) -m tasks.demo
 
 test: setup ## Run the whole test suite (SQLite, PostgreSQL, Redis)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -33,20 +33,24 @@ lint: setup ## ruff and mypy
 migrate: setup ## Create/upgrade the database at DATABASE_URL (default: var/tokenmeter.sqlite)
 	$(VENV)/bin/tokenmeter migrate
 
-check-usage: setup ## Usage report (not yet: lands with the read-side issue)
-	@echo "make check-usage: not yet - lands with issue 7"
+check-usage: setup ## Usage of the last 7 days by model (ARGS="--by task --since 30d")
+	$(VENV)/bin/tokenmeter check-usage $(ARGS)
 
-bench: setup ## Benchmarks (not yet: land with issues 4, 5, 7 and 8)
-	@echo "make bench: not yet"
+bench: setup ## Per-call overhead and worker throughput, metered vs bare
+	$(PY) bench/overhead.py --stream
+	$(PY) bench/throughput.py
 
-worker: setup ## Celery worker with beat (not yet: lands with issue 6)
-	@echo "make worker: not yet - lands with issue 6"
+worker: setup migrate ## Celery worker with beat (real OpenAI/Reddit with their env vars)
+	$(VENV)/bin/celery -A tasks worker --beat -l INFO
 
-beat: setup ## Celery beat alone (not yet: lands with issue 6)
-	@echo "make beat: not yet - lands with issue 6"
+beat: setup ## Celery beat alone (when workers run without --beat)
+	$(VENV)/bin/celery -A tasks beat -l INFO
 
 api: setup ## Usage HTTP API (not yet: lands with issue 7)
 	@echo "make api: not yet - lands with issue 7"
+
+sandbox: setup ## The loopback OpenAI and Reddit sandboxes in the foreground
+	$(VENV)/bin/tokenmeter sandbox
 
 clean: ## Remove the venv and generated data
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -116,6 +117,101 @@ def prices(
             images,
         )
     console().print(table)
+
+
+_SINCE_HELP = "Window length back from --until: 30m, 12h, 7d, 2w (default 7d)."
+
+
+def parse_since(text: str) -> timedelta:
+    """``30m``, ``12h``, ``7d``, ``2w`` -> timedelta; a clear error otherwise."""
+    units = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+    number, unit = text[:-1], text[-1:].lower()
+    if unit not in units or not number.isdigit() or int(number) <= 0:
+        raise typer.BadParameter(f"{text!r}: use a positive number and m, h, d or w (e.g. 7d)")
+    return timedelta(**{units[unit]: int(number)})
+
+
+def parse_until(text: str | None) -> datetime:
+    if text is None:
+        return datetime.now(UTC)
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: use an ISO date or datetime") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@app.command("check-usage")
+def check_usage(
+    since: str = typer.Option("7d", help=_SINCE_HELP),
+    until: str | None = typer.Option(None, help="End of the window (ISO; naive = UTC)."),
+    by: str = typer.Option("model", help="Group by model, task, kind, day or status."),
+    fmt: str = typer.Option("table", "--format", help="table, json or csv"),
+    database_url: str | None = typer.Option(None, "--database-url", envvar="DATABASE_URL"),
+) -> None:
+    """Usage and exact cost over a window: totals, tokens by category, cost per group."""
+    import csv
+    import json
+    import sys
+
+    from sqlalchemy.orm import Session
+
+    from models.db import get_engine
+    from reporting import queries, render
+
+    if by not in ("model", "task", "kind", "day", "status"):
+        fail(f"--by must be model, task, kind, day or status, not {by!r}")
+    if fmt not in ("table", "json", "csv"):
+        fail(f"--format must be table, json or csv, not {fmt!r}")
+    end = parse_until(until)
+    start = end - parse_since(since)
+    with Session(get_engine(database_url)) as session:
+        rows = queries.usage_summary(session, start, end, by)  # type: ignore[arg-type]
+        total = queries.usage_summary(session, start, end, "none")
+    if fmt == "json":
+        payload = {
+            "start": start.isoformat(),
+            "end": end.isoformat(),
+            "group_by": by,
+            "groups": [_row_json(r) for r in rows],
+            "total": _row_json(total[0]),
+        }
+        print(json.dumps(payload, indent=2))
+        return
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow([by, *list(_row_json(total[0]))[1:]])
+        for r in rows:
+            writer.writerow(list(_row_json(r).values()))
+        return
+    out = console()
+    if not rows:
+        out.print(f"no OpenAI calls between {start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC")
+        return
+    title = f"usage by {by}, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
+    out.print(render.usage_table(rows, title, by))
+    t = total[0]
+    out.print(
+        f"total: {t.calls} calls, {t.input_tokens:,} input ({t.cached_input_tokens:,} "
+        f"cached), {t.output_tokens:,} output ({t.reasoning_tokens:,} reasoning) tokens, "
+        f"{t.image_count} images, {render.money(t.cost_usd)}"
+        + (f" ({t.unpriced_calls} calls with unknown prices)" if t.unpriced_calls else "")
+    )
+
+
+def _row_json(r: Any) -> dict[str, Any]:
+    return {
+        "key": r.key,
+        "calls": r.calls,
+        "errors": r.errors,
+        "input_tokens": r.input_tokens,
+        "cached_input_tokens": r.cached_input_tokens,
+        "output_tokens": r.output_tokens,
+        "reasoning_tokens": r.reasoning_tokens,
+        "image_count": r.image_count,
+        "cost_usd": None if r.cost_usd is None else format(r.cost_usd, "f"),
+        "unpriced_calls": r.unpriced_calls,
+    }
 
 
 def _redact(url: str) -> str:

@@ -1,0 +1,162 @@
+"""One query layer over the ledger and the rollups, for the CLI, the demo and the API.
+
+Windows are half-open ``[start, end)`` on ``openai_calls.created_at`` (timezone-aware, UTC).
+Money stays ``Decimal``: SQL ``SUM`` over the ``Money`` type is exact on both backends.  A row
+with an unknown price is counted in ``unpriced_calls``; a group with any unpriced call has a
+cost of ``None`` (unknown), never a partial figure presented as the total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from sqlalchemy import Date, case, cast, func, literal_column, select
+from sqlalchemy.orm import Session
+
+from models.tables import AgentScannedPost, OpenAICall, PipelineRun, PipelineRunUsage
+
+GroupBy = Literal["model", "task", "kind", "day", "status", "none"]
+GROUPS: dict[str, object] = {
+    "model": OpenAICall.model,
+    "task": OpenAICall.task_name,
+    "kind": func.coalesce(OpenAICall.scope_kind, "none"),
+    "status": OpenAICall.status,
+}
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    key: str
+    calls: int
+    errors: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    image_count: int
+    priced_cost_usd: Decimal
+    unpriced_calls: int
+
+    @property
+    def cost_usd(self) -> Decimal | None:
+        return None if self.unpriced_calls else self.priced_cost_usd
+
+
+@dataclass(frozen=True)
+class RunRow:
+    pipeline_run_id: int
+    status: str
+    summary: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    image_count: int
+    total_cost_usd: Decimal | None
+
+
+@dataclass(frozen=True)
+class PostRow:
+    post_id: str
+    subreddit: str
+    title: str | None
+    promoted: bool
+    prompt_tokens: int
+    completion_tokens: int
+    total_cost_usd: Decimal | None
+
+
+def window(since: timedelta, until: datetime | None = None) -> tuple[datetime, datetime]:
+    end = until or datetime.now(UTC)
+    return end - since, end
+
+
+def usage_summary(
+    session: Session, start: datetime, end: datetime, group_by: GroupBy = "model"
+) -> list[UsageRow]:
+    """Totals per group over ``[start, end)``; ``group_by="none"`` gives one total row."""
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError("start and end must be timezone-aware")
+    if end <= start:
+        raise ValueError("end must be after start")
+    key: Any
+    if group_by == "day":
+        key = cast(func.date(OpenAICall.created_at), Date)
+    elif group_by == "none":
+        key = literal_column("'total'")
+    elif group_by in GROUPS:
+        key = GROUPS[group_by]
+    else:
+        raise ValueError(f"group_by must be one of {sorted([*GROUPS, 'day', 'none'])}")
+    billable = OpenAICall.status.notin_(("error", "blocked"))
+    stmt = select(
+        key.label("key"),
+        func.count().label("calls"),
+        func.sum(case((OpenAICall.status == "error", 1), else_=0)).label("errors"),
+        func.coalesce(func.sum(OpenAICall.input_tokens), 0),
+        func.coalesce(func.sum(OpenAICall.cached_input_tokens), 0),
+        func.coalesce(func.sum(OpenAICall.output_tokens), 0),
+        func.coalesce(func.sum(OpenAICall.reasoning_tokens), 0),
+        func.coalesce(func.sum(OpenAICall.image_count), 0),
+        func.sum(OpenAICall.cost_usd),
+        func.sum(case((billable & OpenAICall.cost_usd.is_(None), 1), else_=0)),
+    ).where(OpenAICall.created_at >= start, OpenAICall.created_at < end)
+    if group_by != "none":
+        stmt = stmt.group_by(key).order_by(func.sum(OpenAICall.cost_usd).desc().nulls_last(), key)
+    return [
+        UsageRow(
+            key=str(r[0]) if r[0] is not None else "(none)",
+            calls=int(r[1]),
+            errors=int(r[2] or 0),
+            input_tokens=int(r[3]),
+            cached_input_tokens=int(r[4]),
+            output_tokens=int(r[5]),
+            reasoning_tokens=int(r[6]),
+            image_count=int(r[7]),
+            priced_cost_usd=r[8] if r[8] is not None else Decimal(0),
+            unpriced_calls=int(r[9] or 0),
+        )
+        for r in session.execute(stmt)
+    ]
+
+
+def top_runs(session: Session, limit: int = 10) -> list[RunRow]:
+    stmt = (
+        select(PipelineRun, PipelineRunUsage)
+        .join(PipelineRunUsage, PipelineRunUsage.pipeline_run_id == PipelineRun.id)
+        .order_by(PipelineRunUsage.total_cost_usd.desc().nulls_last(), PipelineRun.id)
+        .limit(limit)
+    )
+    return [
+        RunRow(
+            run.id,
+            run.status,
+            run.summary,
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.image_count,
+            u.total_cost_usd,
+        )
+        for run, u in session.execute(stmt)
+    ]
+
+
+def top_posts(session: Session, limit: int = 10) -> list[PostRow]:
+    stmt = (
+        select(AgentScannedPost)
+        .order_by(AgentScannedPost.total_cost_usd.desc().nulls_last(), AgentScannedPost.post_id)
+        .limit(limit)
+    )
+    return [
+        PostRow(
+            p.post_id,
+            p.subreddit,
+            p.post_title,
+            p.promoted,
+            p.prompt_tokens,
+            p.completion_tokens,
+            p.total_cost_usd,
+        )
+        for p in session.scalars(stmt)
+    ]
