@@ -1,0 +1,100 @@
+"""tokenmeter check-usage on both backends: exact totals, groups, formats, clear errors."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from typer.testing import CliRunner
+
+from models import OpenAICall, session_scope
+from reporting.cli import app
+
+
+def seed() -> None:
+    now = datetime.now(UTC)
+    with session_scope() as s:
+        s.add_all(
+            [
+                OpenAICall(
+                    request_id="a",
+                    operation="chat",
+                    model="gpt-4o-mini",
+                    task_name="scan",
+                    scope_kind="scanned_post",
+                    input_tokens=300,
+                    output_tokens=40,
+                    cost_usd=Decimal("0.000069"),
+                    created_at=now - timedelta(hours=1),
+                ),
+                OpenAICall(
+                    request_id="b",
+                    operation="image",
+                    model="dall-e-3",
+                    task_name="commission",
+                    scope_kind="pipeline_run",
+                    image_count=2,
+                    cost_usd=Decimal("0.08"),
+                    created_at=now - timedelta(hours=2),
+                ),
+                OpenAICall(
+                    request_id="c",
+                    operation="chat",
+                    model="mystery",
+                    task_name="commission",
+                    input_tokens=5,
+                    output_tokens=5,
+                    cost_usd=None,
+                    created_at=now - timedelta(hours=3),
+                ),
+                OpenAICall(
+                    request_id="old",
+                    operation="chat",
+                    model="gpt-4o-mini",
+                    input_tokens=999,
+                    cost_usd=Decimal("1"),
+                    created_at=now - timedelta(days=30),
+                ),
+            ]
+        )
+
+
+def test_json_totals_are_exact_and_unknown_prices_are_not_zero(db_url: str) -> None:
+    seed()
+    result = CliRunner().invoke(app, ["check-usage", "--format", "json", "--since", "1d"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    groups = {g["key"]: g for g in out["groups"]}
+    assert (
+        groups["dall-e-3"]["cost_usd"] == "0.0800000000" and groups["dall-e-3"]["image_count"] == 2
+    )
+    assert groups["gpt-4o-mini"]["input_tokens"] == 300  # the 30-day-old call is outside
+    assert groups["mystery"]["cost_usd"] is None and groups["mystery"]["unpriced_calls"] == 1
+    assert out["total"]["calls"] == 3 and out["total"]["cost_usd"] is None
+
+
+def test_group_by_kind_and_table_output(db_url: str) -> None:
+    seed()
+    by_kind = json.loads(
+        CliRunner().invoke(app, ["check-usage", "--by", "kind", "--format", "json"]).output
+    )
+    assert {g["key"] for g in by_kind["groups"]} == {"scanned_post", "pipeline_run", "none"}
+    table = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["check-usage", "--since", "1d"])
+    assert table.exit_code == 0 and "$0.08" in table.output and "unknown prices" in table.output
+
+
+def test_bad_input_is_a_clear_error(db_url: str) -> None:
+    for args, message in [
+        (["--since", "7x"], "m, h, d or w"),
+        (["--by", "colour"], "--by must be"),
+        (["--format", "xml"], "--format must be"),
+        (["--until", "yesterday"], "ISO date"),
+    ]:
+        result = CliRunner().invoke(app, ["check-usage", *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+
+
+def test_empty_window_says_so(db_url: str) -> None:
+    result = CliRunner().invoke(app, ["check-usage"])
+    assert result.exit_code == 0 and "no OpenAI calls" in result.output
