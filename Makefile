@@ -46,8 +46,8 @@ worker: setup migrate ## Celery worker with beat (real OpenAI/Reddit with their 
 beat: setup ## Celery beat alone (when workers run without --beat)
 	$(VENV)/bin/celery -A tasks beat -l INFO
 
-api: setup ## Usage HTTP API (not yet: lands with issue 7)
-	@echo "make api: not yet - lands with issue 7"
+api: setup ## Usage HTTP API + dashboard on :8000 (needs TOKENMETER_API_TOKEN; ARGS=--no-auth)
+	$(VENV)/bin/tokenmeter api $(ARGS)
 
 sandbox: setup ## The loopback OpenAI and Reddit sandboxes in the foreground
 	$(VENV)/bin/tokenmeter sandbox

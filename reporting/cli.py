@@ -214,6 +214,28 @@ def _row_json(r: Any) -> dict[str, Any]:
     }
 
 
+@app.command()
+def api(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="Port."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="No bearer token (trusted hosts)."),
+) -> None:
+    """Serve the usage HTTP API (/api/usage/...), its OpenAPI docs (/docs) and the dashboard (/)."""
+    import uvicorn
+
+    from reporting.api import create_app
+
+    try:
+        application = create_app(require_auth=not no_auth)
+    except RuntimeError as exc:
+        fail(str(exc))
+    console().print(
+        f"usage API on http://{host}:{port}/api/usage/summary, docs /docs, "
+        f"dashboard http://{host}:{port}/" + ("" if no_auth else "?token=...")
+    )
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
 def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from sqlalchemy import Date, case, cast, func, literal_column, select
+from sqlalchemy import String, case, func, literal_column, select
 from sqlalchemy.orm import Session
 
 from models.tables import AgentScannedPost, OpenAICall, PipelineRun, PipelineRunUsage
@@ -81,8 +81,12 @@ def usage_summary(
     if end <= start:
         raise ValueError("end must be after start")
     key: Any
-    if group_by == "day":
-        key = cast(func.date(OpenAICall.created_at), Date)
+    if group_by == "day":  # the UTC calendar day, as YYYY-MM-DD
+        bind = session.get_bind()
+        moment: Any = OpenAICall.created_at
+        if bind.dialect.name == "postgresql":
+            moment = func.timezone("UTC", moment)
+        key = func.date(moment, type_=String())
     elif group_by == "none":
         key = literal_column("'total'")
     elif group_by in GROUPS:
@@ -160,3 +164,86 @@ def top_posts(session: Session, limit: int = 10) -> list[PostRow]:
         )
         for p in session.scalars(stmt)
     ]
+
+
+@dataclass(frozen=True)
+class CallPage:
+    items: list[OpenAICall]
+    total: int
+    page: int
+    page_size: int
+
+
+def run_detail(
+    session: Session, run_id: int
+) -> tuple[PipelineRun, PipelineRunUsage | None, list[OpenAICall]] | None:
+    """One pipeline run, its usage row and its calls (every attempt), or None."""
+    run = session.get(PipelineRun, run_id)
+    if run is None:
+        return None
+    usage = session.scalars(
+        select(PipelineRunUsage).where(PipelineRunUsage.pipeline_run_id == run_id)
+    ).first()
+    calls = list(
+        session.scalars(
+            select(OpenAICall)
+            .where(OpenAICall.scope_kind == "pipeline_run", OpenAICall.scope_ref == str(run_id))
+            .order_by(OpenAICall.created_at, OpenAICall.id)
+        )
+    )
+    return run, usage, calls
+
+
+def post_detail(session: Session, post_id: str) -> tuple[AgentScannedPost, list[OpenAICall]] | None:
+    post = session.scalars(
+        select(AgentScannedPost).where(AgentScannedPost.post_id == post_id)
+    ).first()
+    if post is None:
+        return None
+    calls = list(
+        session.scalars(
+            select(OpenAICall)
+            .where(OpenAICall.scope_kind == "scanned_post", OpenAICall.scope_ref == post_id)
+            .order_by(OpenAICall.created_at, OpenAICall.id)
+        )
+    )
+    return post, calls
+
+
+def list_calls(
+    session: Session,
+    start: datetime,
+    end: datetime,
+    *,
+    model: str | None = None,
+    task: str | None = None,
+    status: str | None = None,
+    scope_kind: str | None = None,
+    page: int = 1,
+    page_size: int = 50,
+) -> CallPage:
+    """Ledger rows in ``[start, end)``, newest first, filtered and paginated."""
+    where = [OpenAICall.created_at >= start, OpenAICall.created_at < end]
+    if model:
+        where.append(OpenAICall.model == model)
+    if task:
+        where.append(OpenAICall.task_name == task)
+    if status:
+        where.append(OpenAICall.status == status)
+    if scope_kind:
+        where.append(
+            OpenAICall.scope_kind.is_(None)
+            if scope_kind == "none"
+            else OpenAICall.scope_kind == scope_kind
+        )
+    total = session.scalar(select(func.count()).select_from(OpenAICall).where(*where)) or 0
+    items = list(
+        session.scalars(
+            select(OpenAICall)
+            .where(*where)
+            .order_by(OpenAICall.created_at.desc(), OpenAICall.id.desc())
+            .offset((page - 1) * page_size)
+            .limit(page_size)
+        )
+    )
+    return CallPage(items, int(total), page, page_size)

@@ -1,0 +1,314 @@
+"""The usage HTTP API and dashboard (FastAPI).  ``tokenmeter api`` serves it.
+
+Every endpoint needs ``Authorization: Bearer $TOKENMETER_API_TOKEN`` (the dashboard also
+accepts ``?token=``, for a browser).  Without a configured token the app refuses to start,
+unless it is explicitly built with ``require_auth=False`` (``tokenmeter api --no-auth``, for a
+laptop).  Money is serialised as exact decimal strings; an unknown cost is ``null``.
+
+Dates: ISO 8601 dates or datetimes; naive means UTC; a bare ``end_date`` day is included (the
+window ends at the next midnight).  Windows are half-open ``[start, end)``.
+"""
+
+from __future__ import annotations
+
+import html
+import secrets
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
+
+from models.db import get_engine
+from models.schemas import (
+    AgentScannedPostSchema,
+    OpenAICallSchema,
+    PipelineRunSchema,
+    PipelineRunUsageSchema,
+)
+from models.settings import Settings, get_settings
+from reporting import queries
+from reporting.render import money
+
+GroupBy = Literal["model", "task", "kind", "day", "status"]
+
+
+class UsageGroup(BaseModel):
+    key: str
+    calls: int
+    errors: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    image_count: int
+    cost_usd: Decimal | None
+    unpriced_calls: int
+
+    @classmethod
+    def of(cls, row: queries.UsageRow) -> UsageGroup:
+        return cls(
+            key=row.key,
+            calls=row.calls,
+            errors=row.errors,
+            input_tokens=row.input_tokens,
+            cached_input_tokens=row.cached_input_tokens,
+            output_tokens=row.output_tokens,
+            reasoning_tokens=row.reasoning_tokens,
+            image_count=row.image_count,
+            cost_usd=row.cost_usd,
+            unpriced_calls=row.unpriced_calls,
+        )
+
+
+class SummaryResponse(BaseModel):
+    start: datetime
+    end: datetime
+    group_by: GroupBy
+    groups: list[UsageGroup]
+    total: UsageGroup
+
+
+class RunResponse(BaseModel):
+    run: PipelineRunSchema
+    usage: PipelineRunUsageSchema | None
+    calls: list[OpenAICallSchema]
+
+
+class PostResponse(BaseModel):
+    post: AgentScannedPostSchema
+    calls: list[OpenAICallSchema]
+
+
+class CallsResponse(BaseModel):
+    items: list[OpenAICallSchema]
+    total: int
+    page: int
+    page_size: int
+
+
+def parse_when(value: str | None, *, end: bool, name: str) -> datetime | None:
+    """ISO date or datetime -> aware UTC datetime; a bare end date includes that day."""
+    if value is None:
+        return None
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            moment = datetime.combine(day, time(), UTC)
+            return moment + timedelta(days=1) if end else moment
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise HTTPException(
+            422,
+            f"{name}={value!r} is not an ISO date (2026-11-24) or datetime (2026-11-24T12:00:00Z)",
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def window(start_date: str | None, end_date: str | None) -> tuple[datetime, datetime]:
+    end = parse_when(end_date, end=True, name="end_date") or datetime.now(UTC)
+    start = parse_when(start_date, end=False, name="start_date") or end - timedelta(days=7)
+    if end <= start:
+        raise HTTPException(422, "end_date must be after start_date")
+    return start, end
+
+
+def create_app(settings: Settings | None = None, *, require_auth: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    token = settings.tokenmeter_api_token
+    if require_auth and not token:
+        raise RuntimeError(
+            "TOKENMETER_API_TOKEN is not set: set it (clients send 'Authorization: Bearer "
+            "<token>'), or run `tokenmeter api --no-auth` on a trusted machine"
+        )
+    app = FastAPI(
+        title="tokenmeter usage API",
+        version="0.1.0",
+        description="Exact OpenAI token and cost usage recorded by tokenmeter.",
+    )
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorized(
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+    ) -> None:
+        if not require_auth:
+            return
+        given = credentials.credentials if credentials else request.query_params.get("token")
+        if not given or not secrets.compare_digest(given, token or ""):
+            raise HTTPException(
+                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    def db() -> Iterator[Session]:
+        with Session(get_engine(settings.database_url)) as session:
+            yield session
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        messages = [f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": "; ".join(messages)})
+
+    auth = [Depends(authorized)]
+    DB = Depends(db)
+
+    @app.get("/api/usage/summary", response_model=SummaryResponse, dependencies=auth)
+    def summary(
+        session: Session = DB,
+        start_date: str | None = Query(None, description="ISO date/datetime; default: end - 7d"),
+        end_date: str | None = Query(None, description="ISO date/datetime; default: now"),
+        group_by: GroupBy = Query("model"),
+    ) -> SummaryResponse:
+        """Totals and exact cost per group over a half-open window."""
+        start, end = window(start_date, end_date)
+        rows = queries.usage_summary(session, start, end, group_by)
+        total = queries.usage_summary(session, start, end, "none")[0]
+        return SummaryResponse(
+            start=start,
+            end=end,
+            group_by=group_by,
+            groups=[UsageGroup.of(r) for r in rows],
+            total=UsageGroup.of(total),
+        )
+
+    @app.get("/api/usage/runs/{run_id}", response_model=RunResponse, dependencies=auth)
+    def run(
+        run_id: int = Path(ge=1, le=2**31 - 1, description="pipeline run id"),
+        session: Session = DB,
+    ) -> RunResponse:
+        """One pipeline run: its usage row and every call of every attempt."""
+        found = queries.run_detail(session, run_id)
+        if found is None:
+            raise HTTPException(404, f"no pipeline run {run_id}")
+        r, usage, calls = found
+        return RunResponse(
+            run=PipelineRunSchema.model_validate(r),
+            usage=PipelineRunUsageSchema.model_validate(usage) if usage else None,
+            calls=[OpenAICallSchema.model_validate(c) for c in calls],
+        )
+
+    @app.get("/api/usage/posts/{post_id}", response_model=PostResponse, dependencies=auth)
+    def post(
+        post_id: str = Path(min_length=1, max_length=32, description="Reddit post id"),
+        session: Session = DB,
+    ) -> PostResponse:
+        """One scanned post: its usage columns and its own calls."""
+        found = queries.post_detail(session, post_id)
+        if found is None:
+            raise HTTPException(404, f"no scanned post {post_id!r}")
+        p, calls = found
+        return PostResponse(
+            post=AgentScannedPostSchema.model_validate(p),
+            calls=[OpenAICallSchema.model_validate(c) for c in calls],
+        )
+
+    @app.get("/api/usage/calls", response_model=CallsResponse, dependencies=auth)
+    def calls(
+        session: Session = DB,
+        start_date: str | None = None,
+        end_date: str | None = None,
+        model: str | None = None,
+        task: str | None = None,
+        status: str | None = None,
+        scope_kind: str | None = None,
+        page: int = Query(1, ge=1, le=1_000_000),
+        page_size: int = Query(50, ge=1, le=500),
+    ) -> CallsResponse:
+        """The ledger, newest first, filtered and paginated."""
+        start, end = window(start_date, end_date)
+        found = queries.list_calls(
+            session,
+            start,
+            end,
+            model=model,
+            task=task,
+            status=status,
+            scope_kind=scope_kind,
+            page=page,
+            page_size=page_size,
+        )
+        return CallsResponse(
+            items=[OpenAICallSchema.model_validate(c) for c in found.items],
+            total=found.total,
+            page=found.page,
+            page_size=found.page_size,
+        )
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=auth)
+    def dashboard(session: Session = DB, days: int = Query(30, ge=1, le=366)) -> HTMLResponse:
+        end = datetime.now(UTC)
+        start = end - timedelta(days=days)
+        return HTMLResponse(
+            render_dashboard(
+                queries.usage_summary(session, start, end, "day"),
+                queries.usage_summary(session, start, end, "model"),
+                queries.usage_summary(session, start, end, "none")[0],
+                queries.top_runs(session, 10),
+                days,
+            )
+        )
+
+    return app
+
+
+def _bars(rows: list[tuple[str, Decimal]], title: str) -> str:
+    """A horizontal SVG bar chart (no scripts, works offline)."""
+    if not rows:
+        return f"<h2>{html.escape(title)}</h2><p>no data</p>"
+    top = max((v for _, v in rows), default=Decimal(0)) or Decimal(1)
+    height = 26 * len(rows) + 10
+    bars = []
+    for i, (label, value) in enumerate(rows):
+        width = int(Decimal(560) * value / top)
+        y = 5 + 26 * i
+        bars.append(
+            f'<text x="0" y="{y + 16}" font-size="13">{html.escape(label[:28])}</text>'
+            f'<rect x="220" y="{y}" width="{max(width, 1)}" height="20" fill="#3b82f6"/>'
+            f'<text x="{226 + width}" y="{y + 16}" font-size="13">{money(value)}</text>'
+        )
+    return (
+        f'<h2>{html.escape(title)}</h2><svg width="900" height="{height}" '
+        f'role="img" aria-label="{html.escape(title)}">{"".join(bars)}</svg>'
+    )
+
+
+def render_dashboard(
+    by_day: list[queries.UsageRow],
+    by_model: list[queries.UsageRow],
+    total: queries.UsageRow,
+    runs: list[queries.RunRow],
+    days: int,
+) -> str:
+    day_rows = sorted(((r.key, r.priced_cost_usd) for r in by_day), key=lambda kv: kv[0])
+    model_rows = [(r.key, r.priced_cost_usd) for r in by_model]
+    run_rows = "".join(
+        f"<tr><td>{r.pipeline_run_id}</td><td>{html.escape(r.status)}</td>"
+        f"<td>{r.prompt_tokens:,}</td><td>{r.completion_tokens:,}</td><td>{r.image_count}</td>"
+        f"<td>{money(r.total_cost_usd)}</td></tr>"
+        for r in runs
+    )
+    unpriced = (
+        f" ({total.unpriced_calls} calls with unknown prices)" if total.unpriced_calls else ""
+    )
+    page: list[Any] = [
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">',
+        "<title>tokenmeter usage</title><style>body{font-family:sans-serif;margin:2em;"
+        "color:#111}td,th{padding:4px 10px;text-align:right}th{background:#eef}</style></head>",
+        f"<body><h1>OpenAI usage, last {days} days</h1>",
+        f'<p id="total">Total: <b id="total-cost">{money(total.cost_usd)}</b> over '
+        f"{total.calls} calls, {total.input_tokens:,} input ({total.cached_input_tokens:,} "
+        f"cached), {total.output_tokens:,} output tokens, {total.image_count} images"
+        f"{unpriced}.</p>",
+        _bars(day_rows, "Cost per day (UTC)"),
+        _bars(model_rows, "Cost by model"),
+        "<h2>Most expensive pipeline runs</h2><table><tr><th>run</th><th>status</th>"
+        f"<th>prompt</th><th>completion</th><th>images</th><th>cost</th></tr>{run_rows}</table>",
+        "</body></html>",
+    ]
+    return "".join(page)

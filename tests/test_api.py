@@ -1,0 +1,291 @@
+"""The usage API and dashboard: auth, validation, exact totals that agree with the CLI."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+import uvicorn
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from typer.testing import CliRunner
+
+from models import (
+    AgentScannedPost,
+    OpenAICall,
+    PipelineRun,
+    PipelineRunUsage,
+    get_settings,
+    migrate,
+    session_scope,
+)
+from reporting.api import create_app
+from reporting.cli import app as cli
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def seed() -> None:
+    now = datetime.now(UTC)
+    with session_scope() as s:
+        run = PipelineRun(status="completed", config={"commission": True, "donation_id": "d1"})
+        s.add(run)
+        s.flush()
+        s.add(
+            PipelineRunUsage(
+                pipeline_run_id=run.id,
+                idea_model="gpt-4o-mini",
+                image_model="dall-e-3",
+                prompt_tokens=100,
+                completion_tokens=50,
+                image_count=2,
+                total_cost_usd=Decimal("0.08004500"),
+            )
+        )
+        s.add(
+            AgentScannedPost(
+                post_id="p1",
+                subreddit="crafts",
+                agent_model="gpt-4o-mini",
+                prompt_tokens=300,
+                completion_tokens=40,
+                total_cost_usd=Decimal("0.000069"),
+            )
+        )
+        s.add_all(
+            [
+                OpenAICall(
+                    request_id="r1",
+                    operation="chat",
+                    model="gpt-4o-mini",
+                    task_name="tasks.commission",
+                    scope_kind="pipeline_run",
+                    scope_ref=str(run.id),
+                    input_tokens=100,
+                    output_tokens=50,
+                    cost_usd=Decimal("0.000045"),
+                    created_at=now - timedelta(hours=2),
+                ),
+                OpenAICall(
+                    request_id="r2",
+                    operation="image",
+                    model="dall-e-3",
+                    task_name="tasks.commission",
+                    scope_kind="pipeline_run",
+                    scope_ref=str(run.id),
+                    image_count=2,
+                    cost_usd=Decimal("0.08"),
+                    created_at=now - timedelta(hours=2),
+                ),
+                OpenAICall(
+                    request_id="r3",
+                    operation="chat",
+                    model="gpt-4o-mini",
+                    task_name="tasks.promotion_scan",
+                    scope_kind="scanned_post",
+                    scope_ref="p1",
+                    input_tokens=300,
+                    output_tokens=40,
+                    cost_usd=Decimal("0.000069"),
+                    created_at=now - timedelta(days=1),
+                ),
+                OpenAICall(
+                    request_id="r4",
+                    operation="chat",
+                    model="gpt-4o-mini",
+                    status="error",
+                    error_type="RateLimitError",
+                    http_status=429,
+                    cost_usd=Decimal(0),
+                    created_at=now - timedelta(hours=1),
+                ),
+            ]
+        )
+
+
+@pytest.fixture
+def client(db_url: str, monkeypatch: pytest.MonkeyPatch) -> TestClient:
+    monkeypatch.setenv("TOKENMETER_API_TOKEN", TOKEN)
+    get_settings.cache_clear()
+    seed()
+    return TestClient(create_app())
+
+
+def test_refuses_to_start_without_a_token(db_url: str) -> None:
+    with pytest.raises(RuntimeError, match="TOKENMETER_API_TOKEN is not set"):
+        create_app()
+    open_app = TestClient(create_app(require_auth=False))
+    assert open_app.get("/api/usage/summary").status_code == 200
+
+
+def test_bearer_token_is_required(client: TestClient) -> None:
+    assert client.get("/api/usage/summary").status_code == 401
+    wrong = client.get("/api/usage/summary", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert client.get("/api/usage/summary", headers=AUTH).status_code == 200
+
+
+def test_summary_is_exact_and_agrees_with_cli_and_dashboard(client: TestClient) -> None:
+    body = client.get("/api/usage/summary", headers=AUTH, params={"group_by": "task"}).json()
+    assert body["total"]["cost_usd"] == "0.0801140000"
+    assert body["total"]["calls"] == 4 and body["total"]["errors"] == 1
+    groups = {g["key"]: g for g in body["groups"]}
+    assert groups["tasks.commission"]["cost_usd"] == "0.0800450000"
+    assert groups["tasks.commission"]["image_count"] == 2
+
+    cli_out = json.loads(
+        CliRunner().invoke(cli, ["check-usage", "--by", "task", "--format", "json"]).output
+    )
+    assert cli_out["total"]["cost_usd"] == body["total"]["cost_usd"]
+    page = client.get("/", headers=AUTH).text
+    assert '<b id="total-cost">$0.080114</b>' in page
+
+
+def test_windows_and_groups(client: TestClient) -> None:
+    day = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
+    one_day = client.get(
+        "/api/usage/summary", headers=AUTH, params={"start_date": day, "end_date": day}
+    ).json()
+    assert one_day["total"]["calls"] >= 1  # a bare end date includes that day
+    by_kind = client.get("/api/usage/summary", headers=AUTH, params={"group_by": "kind"}).json()
+    assert {g["key"] for g in by_kind["groups"]} == {"pipeline_run", "scanned_post", "none"}
+    by_day = client.get("/api/usage/summary", headers=AUTH, params={"group_by": "day"}).json()
+    assert sum(int(g["calls"]) for g in by_day["groups"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"start_date": "last tuesday"}, "is not an ISO date"),
+        ({"end_date": "2026-13-45"}, "is not an ISO date"),
+        ({"start_date": "2026-11-20", "end_date": "2026-11-10"}, "end_date must be after"),
+        ({"group_by": "colour"}, "group_by"),
+    ],
+)
+def test_bad_input_is_a_clear_422(client: TestClient, params, message) -> None:
+    response = client.get("/api/usage/summary", headers=AUTH, params=params)
+    assert response.status_code == 422 and message in response.json()["detail"]
+
+
+def test_run_post_and_calls(client: TestClient) -> None:
+    with session_scope() as s:
+        run_id = s.query(PipelineRun.id).scalar()
+    run = client.get(f"/api/usage/runs/{run_id}", headers=AUTH).json()
+    assert run["usage"]["total_cost_usd"] == "0.0800450000"
+    assert [c["request_id"] for c in run["calls"]] == ["r1", "r2"]
+    post = client.get("/api/usage/posts/p1", headers=AUTH).json()
+    assert post["post"]["prompt_tokens"] == 300 and [c["request_id"] for c in post["calls"]] == [
+        "r3"
+    ]
+    assert client.get("/api/usage/runs/999999", headers=AUTH).status_code == 404
+    assert client.get("/api/usage/posts/nope", headers=AUTH).status_code == 404
+    page1 = client.get("/api/usage/calls", headers=AUTH, params={"page_size": 3}).json()
+    page2 = client.get("/api/usage/calls", headers=AUTH, params={"page_size": 3, "page": 2}).json()
+    assert page1["total"] == 4 and len(page1["items"]) == 3 and len(page2["items"]) == 1
+    errors = client.get("/api/usage/calls", headers=AUTH, params={"status": "error"}).json()
+    assert [c["error_type"] for c in errors["items"]] == ["RateLimitError"]
+    assert client.get("/api/usage/calls", headers=AUTH, params={"page_size": 0}).status_code == 422
+
+
+def test_openapi_fuzzing_finds_no_server_error(sqlite_url: str, monkeypatch) -> None:
+    """Every operation of the OpenAPI schema, fuzzed: never a 5xx, only 200/404/422."""
+    migrate.upgrade(sqlite_url)
+    monkeypatch.setenv("DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("TOKENMETER_API_TOKEN", TOKEN)
+    get_settings.cache_clear()
+    seed()
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app())
+    seen: list[tuple[str, int]] = []
+
+    @given(case=schema.as_strategy())
+    @settings(
+        max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None
+    )
+    def check(case: schemathesis.Case) -> None:
+        response = case.call(headers=AUTH)
+        seen.append((case.path, response.status_code))
+        assert response.status_code in (200, 404, 422), (case.path, case.query, response.text)
+
+    check()
+    assert {path for path, _ in seen} == {
+        "/api/usage/summary",
+        "/api/usage/runs/{run_id}",
+        "/api/usage/posts/{post_id}",
+        "/api/usage/calls",
+    }
+    assert any(code == 422 for _, code in seen) and any(code == 200 for _, code in seen)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def served(client: TestClient) -> Iterator[str]:
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_dashboard_renders_in_headless_chromium(served: str, tmp_path: Path) -> None:
+    chromium = "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.fail("Debian's chromium is required (.ci/run installs it)")
+    assert httpx.get(f"{served}/", params={"token": TOKEN}).status_code == 200
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", f"{served}/?token={TOKEN}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert '<b id="total-cost">$0.080114</b>' in dom
+    assert "Cost per day" in dom and "Cost by model" in dom and "dall-e-3" in dom
+    shot = tmp_path / "dashboard.png"
+    subprocess.run(
+        [
+            chromium,
+            *flags,
+            "--window-size=1000,900",
+            f"--screenshot={shot}",
+            f"{served}/?token={TOKEN}",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    assert shot.stat().st_size > 5000
