@@ -26,14 +26,23 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task, signals
 
 from instrumentation.budgets import BUDGET_LABEL, Budgets
-from instrumentation.context import UsageScope, close_scope, get_sink, open_scope, set_sink
+from instrumentation.context import (
+    CallRecord,
+    UsageScope,
+    close_scope,
+    get_sink,
+    open_scope,
+    set_sink,
+)
 from instrumentation.recovery import Recovery, RecoveryReport
 from instrumentation.sink import DatabaseSink, default_spool
 from instrumentation.wal import WriteAheadLog
@@ -101,6 +110,13 @@ class CeleryMetering:
             else recovery_interval_s
         )
         self.instrument_openai = instrument_openai
+        self.metrics_port = settings.tokenmeter_metrics_port
+        self._metrics: Any = None
+        if self.metrics_port:
+            # prefork children write samples here; the main process serves them (metrics.py)
+            default_dir = settings.tokenmeter_spool_dir.parent / "prometheus"
+            os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(default_dir))
+            Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
         self._previous_sink: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -143,7 +159,16 @@ class CeleryMetering:
                 logger.warning("write-ahead log unavailable for task %s", task_id, exc_info=True)
         if self.budgets is not None:
             scope.listeners.append(self.budgets.on_call)
+        if self.metrics_port:
+            scope.listeners.append(self._metrics_listener)
         setattr(request, _REQUEST_ATTR, (scope, token))
+
+    def _metrics_listener(self, scope: UsageScope, call: CallRecord) -> None:
+        if self._metrics is None:  # created in the process that records (after fork)
+            from instrumentation.metrics import Metrics
+
+            self._metrics = Metrics()
+        self._metrics.observe_call(call)
 
     def on_postrun(self, task_id: str, task: Task, state: str | None = None, **kw: Any) -> None:
         pair = getattr(task.request, _REQUEST_ATTR, None)
@@ -182,6 +207,11 @@ class CeleryMetering:
             _instrument_openai()
 
     def on_worker_ready(self, **_: Any) -> None:
+        if self.metrics_port:
+            from instrumentation.metrics import serve
+
+            serve(self.metrics_port)
+            logger.info("metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
         self.recover_once()
         if self.recovery_interval_s > 0 and self._thread is None:
             self._thread = threading.Thread(

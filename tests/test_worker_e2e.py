@@ -323,3 +323,32 @@ def test_flower_shows_each_tasks_usage(stack: Stack) -> None:
     finally:
         flower.terminate()
         flower.wait(timeout=30)
+
+
+def test_prefork_worker_exports_exact_metrics(stack: Stack, tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = _free_port()
+    stack.env["TOKENMETER_METRICS_PORT"] = str(port)
+    stack.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prom")
+    (tmp_path / "prom").mkdir()
+    stack.start_worker("prefork", 4)
+    run_mixed(stack, 20)
+    truth = stack.assert_ledger_matches_ground_truth()
+
+    def scraped() -> dict[str, float] | None:
+        import httpx
+
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        sums: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = sample.name + ":" + sample.labels.get("category", "")
+                sums[key] = sums.get(key, 0) + sample.value
+        calls = sums.get("tokenmeter_openai_calls_total:", 0)
+        return sums if calls == len(stack.sandbox.ledger) else None
+
+    sums = wait_for(scraped, 30, "metrics to cover every call")
+    assert sums["tokenmeter_openai_tokens_total:input"] == truth["input_tokens"]
+    assert sums["tokenmeter_openai_tokens_total:output"] == truth["output_tokens"]
+    assert sums["tokenmeter_openai_images_total:"] == truth["image_count"]
