@@ -199,6 +199,52 @@ def check_usage(
     )
 
 
+@app.command()
+def runs(
+    limit: int = typer.Option(10, min=1, max=1000, help="How many."),
+    fmt: str = typer.Option("table", "--format", help="table or json"),
+    database_url: str | None = typer.Option(None, "--database-url", envvar="DATABASE_URL"),
+) -> None:
+    """The most expensive pipeline runs (commissions), with their exact usage."""
+    _top("runs", limit, fmt, database_url)
+
+
+@app.command()
+def posts(
+    limit: int = typer.Option(10, min=1, max=1000, help="How many."),
+    fmt: str = typer.Option("table", "--format", help="table or json"),
+    database_url: str | None = typer.Option(None, "--database-url", envvar="DATABASE_URL"),
+) -> None:
+    """The most expensive scanned Reddit posts, with their exact usage."""
+    _top("posts", limit, fmt, database_url)
+
+
+def _top(what: str, limit: int, fmt: str, database_url: str | None) -> None:
+    import dataclasses
+    import json
+
+    from sqlalchemy.orm import Session
+
+    from models.db import get_engine
+    from reporting import queries, render
+
+    if fmt not in ("table", "json"):
+        fail(f"--format must be table or json, not {fmt!r}")
+    with Session(get_engine(database_url)) as session:
+        rows: list[Any] = (
+            queries.top_runs(session, limit)
+            if what == "runs"
+            else queries.top_posts(session, limit)
+        )
+    if fmt == "json":
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2, default=str))
+    elif not rows:
+        console().print(f"no {what} recorded yet")
+    else:
+        table = render.runs_table(rows) if what == "runs" else render.posts_table(rows)
+        console().print(table)
+
+
 def _row_json(r: Any) -> dict[str, Any]:
     return {
         "key": r.key,

@@ -98,3 +98,33 @@ def test_bad_input_is_a_clear_error(db_url: str) -> None:
 def test_empty_window_says_so(db_url: str) -> None:
     result = CliRunner().invoke(app, ["check-usage"])
     assert result.exit_code == 0 and "no OpenAI calls" in result.output
+
+
+def test_runs_and_posts_commands(db_url: str) -> None:
+    from models import AgentScannedPost, PipelineRun, PipelineRunUsage
+
+    assert "no runs recorded yet" in CliRunner().invoke(app, ["runs"]).output
+    with session_scope() as s:
+        cheap, dear = PipelineRun(status="completed"), PipelineRun(status="failed")
+        s.add_all([cheap, dear])
+        s.flush()
+        s.add_all(
+            [
+                PipelineRunUsage(pipeline_run_id=cheap.id, total_cost_usd=Decimal("0.000045")),
+                PipelineRunUsage(pipeline_run_id=dear.id, total_cost_usd=Decimal("0.08")),
+                AgentScannedPost(
+                    post_id="p9",
+                    subreddit="gifts",
+                    prompt_tokens=7,
+                    total_cost_usd=Decimal("0.0000012"),
+                ),
+            ]
+        )
+    runs = json.loads(CliRunner().invoke(app, ["runs", "--format", "json"]).output)
+    assert [(r["status"], r["total_cost_usd"]) for r in runs] == [
+        ("failed", "0.0800000000"),
+        ("completed", "0.0000450000"),
+    ]
+    posts = json.loads(CliRunner().invoke(app, ["posts", "--format", "json"]).output)
+    assert posts[0]["post_id"] == "p9" and posts[0]["total_cost_usd"] == "0.0000012000"
+    assert CliRunner().invoke(app, ["runs", "--limit", "0"]).exit_code == 2
