@@ -1,0 +1,107 @@
+"""Report queries on a big ledger: 1M openai_calls rows in PostgreSQL, summary timings.
+
+    .venv/bin/python bench/report_queries.py                 # 1,000,000 rows over 90 days
+    .venv/bin/python bench/report_queries.py --rows 200000 --explain
+
+Creates a throwaway database (dropped at the end), seeds it with generate_series (models,
+tasks, scopes, statuses and costs drawn deterministically), ANALYZEs it, then times
+``reporting.queries.usage_summary`` for 7- and 30-day windows and each grouping: median of
+``--repeat`` runs.  Target: < 150 ms for the 7-day summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from models import migrate
+from reporting import queries
+
+SEED = """
+INSERT INTO openai_calls (request_id, created_at, task_id, task_name, attempt, execution_id,
+    seq, scope_kind, scope_ref, operation, requested_model, response_model, model, stream,
+    input_tokens, cached_input_tokens, input_image_tokens, output_tokens, reasoning_tokens,
+    image_count, usage_reported, cost_usd, price_version, latency_ms, status)
+SELECT 'req_' || i, :end - (i::bigint * 90 * 86400 / :rows) * interval '1 second',
+    'task-' || (i / 4), (ARRAY['tasks.commission','tasks.promotion_scan'])[1 + i % 2], 0,
+    'exec-' || (i / 4), i % 4,
+    (ARRAY['pipeline_run','scanned_post','task', NULL])[1 + i % 4], (i % 5000)::text,
+    'chat', m, m || '-snap', m, false,
+    100 + i % 900, (i % 3) * 128, 0, 20 + i % 300, CASE WHEN m = 'o3-mini' THEN 64 ELSE 0 END,
+    0, true, ((100 + i % 900) * 0.15 + (20 + i % 300) * 0.60) / 1000000, m || '@v1',
+    50 + i % 400, CASE WHEN i % 50 = 0 THEN 'error' ELSE 'ok' END
+FROM generate_series(1, :rows) AS i,
+     LATERAL (SELECT (ARRAY['gpt-4o-mini','gpt-4o','o3-mini','text-embedding-3-small'])
+              [1 + i % 4] AS m) AS pick
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--explain", action="store_true", help="print EXPLAIN ANALYZE")
+    parser.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    args = parser.parse_args()
+
+    admin = make_url(args.pg_url)
+    name = f"tokenmeter_bench_{uuid.uuid4().hex[:8]}"
+    admin_engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    with admin_engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin.set(database=name).render_as_string(hide_password=False)
+    engine = create_engine(url)
+    try:
+        migrate.upgrade(url)
+        end = datetime.now(UTC)
+        started = time.perf_counter()
+        with engine.begin() as conn:
+            conn.execute(text(SEED), {"rows": args.rows, "end": end})
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM ANALYZE openai_calls"))
+        print(f"seeded {args.rows:,} rows in {time.perf_counter() - started:.1f} s")
+        print(f"{'window':<8}{'group by':<10}{'groups':>8}{'calls':>11}{'median ms':>11}")
+        with Session(engine) as session:
+            for days in (7, 30):
+                start = end - timedelta(days=days)
+                for group in ("model", "task", "kind", "day", "status", "none"):
+                    timings = []
+                    for _ in range(args.repeat):
+                        t0 = time.perf_counter()
+                        rows = queries.usage_summary(session, start, end, group)  # type: ignore[arg-type]
+                        timings.append((time.perf_counter() - t0) * 1000)
+                    calls = sum(r.calls for r in rows)
+                    print(
+                        f"{days:>3} days {group:<10}{len(rows):>8}{calls:>11,}"
+                        f"{statistics.median(timings):>11.1f}"
+                    )
+        if args.explain:
+            with engine.connect() as conn:
+                plan = conn.execute(
+                    text(
+                        "EXPLAIN ANALYZE SELECT model, count(*), sum(cost_usd) FROM openai_calls "
+                        "WHERE created_at >= :s AND created_at < :e GROUP BY model"
+                    ),
+                    {"s": end - timedelta(days=7), "e": end},
+                ).scalars()
+                print("\n".join(plan))
+    finally:
+        engine.dispose()
+        with admin_engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin_engine.dispose()
+
+
+if __name__ == "__main__":
+    main()
