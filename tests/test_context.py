@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
@@ -15,29 +16,15 @@ from instrumentation.context import (
     current_scope,
     record_call,
     run_in_scope_thread,
-    set_sink,
     usage_scope,
 )
-
-
-class CollectingSink:
-    def __init__(self) -> None:
-        self.scopes: list[UsageScope] = []
-        self.unscoped: list[CallRecord] = []
-
-    def scope_closed(self, scope: UsageScope) -> None:
-        self.scopes.append(scope)
-
-    def unscoped_call(self, call: CallRecord) -> None:
-        self.unscoped.append(call)
+from tests.helpers import CollectingSink, collecting_sink
 
 
 @pytest.fixture
-def sink():
-    s = CollectingSink()
-    previous = set_sink(s)
-    yield s
-    set_sink(previous)
+def sink() -> Iterator[CollectingSink]:
+    with collecting_sink() as s:
+        yield s
 
 
 def call(n_in: int, n_out: int, cost: str | None = "0.000001", **kw) -> CallRecord:

@@ -17,34 +17,21 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from instrumentation import openai_hooks
-from instrumentation.context import CallRecord, UsageScope, set_sink, usage_scope
+from instrumentation.context import UsageScope, usage_scope
 from instrumentation.openai_hooks import track_openai_call
 from sandbox.ground_truth import TOKEN_FIELDS
+from tests.helpers import CollectingSink, collecting_sink
 
 HI = [{"role": "user", "content": "hi"}]
 M = Decimal(1_000_000)
 
 
-class Collect:
-    def __init__(self) -> None:
-        self.scopes: list[UsageScope] = []
-        self.unscoped: list[CallRecord] = []
-
-    def scope_closed(self, scope: UsageScope) -> None:
-        self.scopes.append(scope)
-
-    def unscoped_call(self, call: CallRecord) -> None:
-        self.unscoped.append(call)
-
-
 @pytest.fixture(autouse=True)
-def hooks() -> Iterator[Collect]:
-    sink = Collect()
-    previous = set_sink(sink)
-    openai_hooks.instrument()
-    yield sink
-    openai_hooks.uninstrument()
-    set_sink(previous)
+def hooks() -> Iterator[CollectingSink]:
+    with collecting_sink() as sink:
+        openai_hooks.instrument()
+        yield sink
+        openai_hooks.uninstrument()
 
 
 def assert_matches_ground_truth(scope: UsageScope, sandbox) -> None:
@@ -289,7 +276,7 @@ def test_200_concurrent_calls_threads_and_asyncio_each_in_own_scope(sandbox) -> 
 
 # -- scopes, unscoped, uninstrument ----------------------------------------------------------------
 def test_nested_scopes_roll_up_and_unscoped_calls_are_recorded(
-    openai_client: OpenAI, hooks: Collect, sandbox
+    openai_client: OpenAI, hooks: CollectingSink, sandbox
 ) -> None:
     with usage_scope("task", "scan") as task:
         for post in ("p1", "p2"):
@@ -302,7 +289,7 @@ def test_nested_scopes_roll_up_and_unscoped_calls_are_recorded(
     assert unscoped.request_id == outside._request_id and unscoped.scope_kind is None
 
 
-def test_uninstrument_restores_the_client(openai_client: OpenAI, hooks: Collect) -> None:
+def test_uninstrument_restores_the_client(openai_client: OpenAI, hooks: CollectingSink) -> None:
     from openai._base_client import AsyncAPIClient, SyncAPIClient
 
     openai_hooks.instrument()  # idempotent: still one layer

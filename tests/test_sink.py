@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from decimal import Decimal
 
 import fakeredis
@@ -10,11 +11,9 @@ from sqlalchemy import func, select
 
 from instrumentation.context import (
     CallRecord,
-    UsageScope,
     close_scope,
     open_scope,
     record_call,
-    set_sink,
     usage_scope,
 )
 from instrumentation.rollups import TableRollup
@@ -27,6 +26,7 @@ from instrumentation.sink import (
     call_to_json,
 )
 from models import AgentScannedPost, OpenAICall, PipelineRun, PipelineRunUsage, session_scope
+from tests.helpers import CollectingSink, collecting_sink
 
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=1"
 
@@ -83,25 +83,11 @@ def post_rollup(post_id: str) -> TableRollup:
     )
 
 
-class Capture:
-    """A sink that only keeps the closed root scope, so a test can flush it by hand."""
-
-    def __init__(self) -> None:
-        self.scopes: list[UsageScope] = []
-
-    def scope_closed(self, scope: UsageScope) -> None:
-        self.scopes.append(scope)
-
-    def unscoped_call(self, call: CallRecord) -> None:  # pragma: no cover - not used
-        raise AssertionError("unexpected unscoped call")
-
-
 @pytest.fixture
-def captured():
-    cap = Capture()
-    previous = set_sink(cap)
-    yield cap
-    set_sink(previous)
+def captured() -> Iterator[CollectingSink]:
+    """The closed root scopes, kept so a test can flush them by hand."""
+    with collecting_sink() as sink:
+        yield sink
 
 
 def make_run() -> int:
@@ -112,7 +98,7 @@ def make_run() -> int:
         return run.id
 
 
-def commission_attempt(run_id: int, attempt: int, tag: str, captured: Capture) -> FlushBatch:
+def commission_attempt(run_id: int, attempt: int, tag: str, captured: CollectingSink) -> FlushBatch:
     task, token = open_scope("task", f"task-{tag}", task_id=f"task-{tag}", attempt=attempt)
     with usage_scope("pipeline_run", run_id) as scope:
         scope.bind_rollup(run_usage_rollup(run_id))
@@ -122,7 +108,9 @@ def commission_attempt(run_id: int, attempt: int, tag: str, captured: Capture) -
     return FlushBatch.from_scope(captured.scopes[-1])
 
 
-def test_flush_writes_calls_and_rollup_once(db_url: str, tmp_path, captured: Capture) -> None:
+def test_flush_writes_calls_and_rollup_once(
+    db_url: str, tmp_path, captured: CollectingSink
+) -> None:
     run_id = make_run()
     batch = commission_attempt(run_id, 0, "a", captured)
     sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))
@@ -146,7 +134,7 @@ def test_flush_writes_calls_and_rollup_once(db_url: str, tmp_path, captured: Cap
     assert calls[0].model == "gpt-4o-mini-2024-07-18" and calls[0].task_id == "task-a"
 
 
-def test_each_attempt_adds_its_own_calls(db_url: str, tmp_path, captured: Capture) -> None:
+def test_each_attempt_adds_its_own_calls(db_url: str, tmp_path, captured: CollectingSink) -> None:
     run_id = make_run()
     sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))
     first = commission_attempt(run_id, 0, "a", captured)
@@ -197,7 +185,7 @@ def test_unpriced_call_makes_rollup_cost_unknown(db_url: str, tmp_path, captured
 
 
 def test_unreachable_database_spools_then_replays_exactly_once(
-    db_url: str, tmp_path, captured: Capture
+    db_url: str, tmp_path, captured: CollectingSink
 ) -> None:
     run_id = make_run()
     batch = commission_attempt(run_id, 0, "a", captured)
@@ -255,7 +243,7 @@ def test_rollup_refuses_unknown_columns_and_fields() -> None:
 
 
 @pytest.mark.redis
-def test_recovery_replays_a_real_redis_spool(db_url: str, captured: Capture) -> None:
+def test_recovery_replays_a_real_redis_spool(db_url: str, captured: CollectingSink) -> None:
     import redis
 
     from instrumentation.recovery import Recovery

@@ -1,0 +1,33 @@
+"""Small test doubles shared by the suite."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from instrumentation.context import CallRecord, UsageScope, set_sink
+
+
+class CollectingSink:
+    """Keeps the closed root scopes and unscoped calls it is handed, writes nothing."""
+
+    def __init__(self) -> None:
+        self.scopes: list[UsageScope] = []
+        self.unscoped: list[CallRecord] = []
+
+    def scope_closed(self, scope: UsageScope) -> None:
+        self.scopes.append(scope)
+
+    def unscoped_call(self, call: CallRecord) -> None:
+        self.unscoped.append(call)
+
+
+@contextmanager
+def collecting_sink() -> Iterator[CollectingSink]:
+    """Install a CollectingSink for a block, then restore the previous sink."""
+    sink = CollectingSink()
+    previous = set_sink(sink)
+    try:
+        yield sink
+    finally:
+        set_sink(previous)
