@@ -19,7 +19,6 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -438,16 +437,6 @@ class usage_scope:
         tb: TracebackType | None,
     ) -> None:
         self.__exit__(exc_type, exc, tb)
-
-
-@contextmanager
-def detached() -> Iterator[None]:
-    """Run a block outside any scope (its calls are recorded unscoped)."""
-    token = _current.set(None)
-    try:
-        yield
-    finally:
-        _current.reset(token)
 
 
 def run_in_scope_thread(target: Callable[..., Any], *args: Any, **kwargs: Any) -> threading.Thread:

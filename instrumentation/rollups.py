@@ -156,7 +156,3 @@ class TableRollup:
         if not changes:
             return
         session.execute(update(table).where(*where).values(changes))
-
-
-def rollup_from_json(data: dict[str, Any]) -> TableRollup:
-    return TableRollup.from_json(data)

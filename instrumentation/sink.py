@@ -32,7 +32,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
 from instrumentation.context import CallRecord, UsageScope, UsageTotals
-from instrumentation.rollups import rollup_from_json
+from instrumentation.rollups import TableRollup
 from models.db import get_engine
 from models.settings import get_settings
 from models.tables import OpenAICall
@@ -173,7 +173,7 @@ def write_batch(conn: Connection, batch: FlushBatch) -> list[CallRecord]:
     by_seq = {c.seq: c for c in new_calls}
     for bound in batch.rollups:
         subtree = [by_seq[s] for s in bound.seqs if s in by_seq]
-        rollup_from_json(bound.rollup).apply(conn, subtree)
+        TableRollup.from_json(bound.rollup).apply(conn, subtree)
     return new_calls
 
 

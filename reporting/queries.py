@@ -9,7 +9,7 @@ cost of ``None`` (unknown), never a partial figure presented as the total.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -65,11 +65,6 @@ class PostRow:
     prompt_tokens: int
     completion_tokens: int
     total_cost_usd: Decimal | None
-
-
-def window(since: timedelta, until: datetime | None = None) -> tuple[datetime, datetime]:
-    end = until or datetime.now(UTC)
-    return end - since, end
 
 
 def usage_summary(
