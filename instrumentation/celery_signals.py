@@ -44,8 +44,8 @@ from instrumentation.context import (
     set_sink,
 )
 from instrumentation.recovery import Recovery, RecoveryReport
-from instrumentation.sink import DatabaseSink, default_spool
-from instrumentation.wal import WriteAheadLog
+from instrumentation.sink import DatabaseSink, connect_redis, default_spool
+from instrumentation.wal import WriteAheadLog, attach_write_ahead
 from models.db import dispose_after_fork
 from models.settings import get_settings
 
@@ -56,11 +56,8 @@ _BUDGET_OPTION = "tokenmeter_budget_usd"
 
 
 def _redis_url(app: Celery) -> str | None:
-    explicit = get_settings().tokenmeter_redis_url
-    if explicit:
-        return explicit
-    broker = str(app.conf.broker_url or "")
-    return broker if broker.startswith(("redis://", "rediss://")) else None
+    """TOKENMETER_REDIS_URL, else the broker's URL (used only when it is Redis)."""
+    return get_settings().tokenmeter_redis_url or str(app.conf.broker_url or "") or None
 
 
 class CeleryMetering:
@@ -81,19 +78,16 @@ class CeleryMetering:
         settings = get_settings()
         self.app = app
         self._wanted = self._task_filter(tasks)
-        redis_url = _redis_url(app)
-        if redis_client is None and redis_url:
-            import redis
-
-            redis_client = redis.Redis.from_url(
-                redis_url, socket_timeout=5, socket_connect_timeout=5
-            )
+        if redis_client is None:
+            redis_client = connect_redis(_redis_url(app))
         self.redis = redis_client
-        self.sink = sink or DatabaseSink(spool=default_spool(redis_url))
+        self.sink = sink or DatabaseSink(spool=default_spool(redis_client))
         use_wal = settings.tokenmeter_write_ahead if write_ahead is None else write_ahead
-        self.wal = WriteAheadLog(redis_client) if (use_wal and redis_client is not None) else None
-        if self.wal is not None:
-            self.sink.after_flush.append(self.wal.after_flush)
+        self.wal: WriteAheadLog | None = (
+            attach_write_ahead(self.sink, redis_client)
+            if use_wal and redis_client is not None
+            else None
+        )
         if budgets is None and (
             settings.tokenmeter_task_budget_usd is not None
             or settings.tokenmeter_daily_budget_usd is not None

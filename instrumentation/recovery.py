@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
-from instrumentation.sink import DatabaseSink, default_spool
-from instrumentation.wal import WriteAheadLog
+from instrumentation.sink import DatabaseSink, connect_redis, default_spool
+from instrumentation.wal import WriteAheadLog, attach_write_ahead
 
 logger = logging.getLogger("tokenmeter.recovery")
 
@@ -31,15 +30,9 @@ class Recovery:
     @classmethod
     def connect(cls, redis_url: str | None = None, database_url: str | None = None) -> Recovery:
         """Recovery over the spool/write-ahead log of ``redis_url`` (or the local spool)."""
-        client: Any = None
-        if redis_url:
-            import redis
-
-            client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
-        sink = DatabaseSink(database_url, spool=default_spool(redis_url))
-        wal = WriteAheadLog(client) if client is not None else None
-        if wal is not None:
-            sink.after_flush.append(wal.after_flush)
+        client = connect_redis(redis_url)
+        sink = DatabaseSink(database_url, spool=default_spool(client))
+        wal = attach_write_ahead(sink, client) if client is not None else None
         return cls(sink, wal)
 
     def run_once(self) -> RecoveryReport:

@@ -342,14 +342,20 @@ class FallbackSpool:
         return total
 
 
-def default_spool(redis_url: str | None = None) -> Spool:
-    """Redis (with a local-file fallback) when a Redis URL is known, else a local file spool."""
-    local = FileSpool(get_settings().tokenmeter_spool_dir)
-    if redis_url and redis_url.startswith(("redis://", "rediss://", "unix://")):
-        import redis
+def connect_redis(url: str | None) -> Any | None:
+    """A Redis client for ``url``, or None when ``url`` is not a Redis URL."""
+    if not url or not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    import redis
 
-        client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
-        return FallbackSpool(RedisSpool(client), local)
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+
+
+def default_spool(redis_client: Any | None = None) -> Spool:
+    """Redis (with a local-file fallback) when a client is given, else a local file spool."""
+    local = FileSpool(get_settings().tokenmeter_spool_dir)
+    if redis_client is not None:
+        return FallbackSpool(RedisSpool(redis_client), local)
     return local
 
 

@@ -152,3 +152,10 @@ class WriteAheadLog:
             elif not len(batch.calls):
                 self.forget(execution_id)
         return recovered
+
+
+def attach_write_ahead(sink: DatabaseSink, client: Any) -> WriteAheadLog:
+    """A write-ahead log on ``client`` that ``sink`` forgets once a batch is durable."""
+    wal = WriteAheadLog(client)
+    sink.after_flush.append(wal.after_flush)
+    return wal
