@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RECONCILE_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint migrate check-usage bench worker beat api sandbox clean
+.PHONY: help setup demo test lint migrate check-usage bench reconcile worker beat api sandbox clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -39,6 +40,9 @@ check-usage: setup ## Usage of the last 7 days by model (ARGS="--by task --since
 bench: setup ## Per-call overhead and worker throughput, metered vs bare
 	$(PY) bench/overhead.py --stream
 	$(PY) bench/throughput.py
+
+reconcile: setup ## Mixed load on 4 worker processes, ledger vs ground truth; RECONCILE_ARGS="--faults"
+	$(PY) bench/reconcile.py $(RECONCILE_ARGS)
 
 worker: setup migrate ## Celery worker with beat (real OpenAI/Reddit with their env vars)
 	$(VENV)/bin/celery -A tasks worker --beat -l INFO

@@ -79,7 +79,7 @@ def main() -> None:
                     timings = []
                     for _ in range(args.repeat):
                         t0 = time.perf_counter()
-                        rows = queries.usage_summary(session, start, end, group)  # type: ignore[arg-type]
+                        rows = queries.usage_summary(session, start, end, group)
                         timings.append((time.perf_counter() - t0) * 1000)
                     calls = sum(r.calls for r in rows)
                     print(

@@ -1,0 +1,638 @@
+"""Reconciliation run: a mixed load on real workers, the ledger checked against what was billed.
+
+    make reconcile                                   # 1,000 tasks, 4 worker processes
+    make reconcile RECONCILE_ARGS="--faults"          # + PostgreSQL down 30 s, SIGKILL, redelivery
+    .venv/bin/python bench/reconcile.py --tasks 100 --faults --outage-s 10
+
+Starts the OpenAI and Reddit sandboxes (in this process, so their ground truth is at hand), a
+throwaway PostgreSQL database for the ledger, a Redis broker and one ``celery worker -c 4``
+(prefork: 4 worker processes) running the application's real tasks plus ``reconcile.mixed``
+(bench/reconcile_app.py).  The load mixes commissions (chat in JSON-schema mode, dall-e-2 with
+``n`` = 2), promotion scans (JSON-mode ratings, comments, one row per post) and mixed tasks
+(streaming with and without ``include_usage``, Responses API plain and streamed, embeddings,
+gpt-image-1 with ``n`` = 2, reasoning and cached tokens, the async client), while the sandbox
+fails a seeded ~5 % of requests with 429/500 (tasks retry) and a few tasks fail half way.
+
+``--faults`` adds, mid-run: PostgreSQL stopped for ``--outage-s`` seconds (really stopped, with
+``pg_ctlcluster``; the load keeps running), one worker process SIGKILLed in the middle of a
+task (its message is redelivered), and completed messages published again (redeliveries).
+
+Then every request the sandbox billed is looked up in ``openai_calls`` by request id and
+compared field by field, totals per token category and in dollars are compared, and
+``pipeline_run_usages`` / ``agent_scanned_posts`` are checked against the ledger rows of their
+run or post.  Prints the table; exits 1 on any difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, cast
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+from celery import Celery  # noqa: E402
+from celery.result import AsyncResult  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from sqlalchemy import create_engine, func, select, text  # noqa: E402
+from sqlalchemy.engine import Engine, make_url  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+
+from instrumentation.context import CallRecord  # noqa: E402
+from instrumentation.pricing import PriceTable  # noqa: E402
+from models import migrate  # noqa: E402
+from models.tables import AgentScannedPost, OpenAICall, PipelineRunUsage  # noqa: E402
+from sandbox.ground_truth import TOKEN_FIELDS, BilledRequest  # noqa: E402
+from sandbox.runner import SandboxServers  # noqa: E402
+
+CATEGORIES = (*TOKEN_FIELDS, "cost_usd")
+BROKER_DB, BACKEND_DB, CONTROL_DB = 10, 11, 12
+
+
+# -- the comparison ------------------------------------------------------------------------------
+def truth_cost(row: BilledRequest, prices: PriceTable) -> Decimal | None:
+    """What ``row`` costs at the built-in prices (what the ledger's cost must equal)."""
+    call = CallRecord(
+        operation=row.operation,
+        response_model=row.model,
+        input_tokens=row.input_tokens,
+        cached_input_tokens=row.cached_input_tokens,
+        input_image_tokens=row.input_image_tokens,
+        output_tokens=row.output_tokens,
+        reasoning_tokens=row.reasoning_tokens,
+        image_count=row.image_count,
+        image_size=row.image_size,
+        image_quality=row.image_quality,
+    )
+    return prices.cost_of(call)[0]
+
+
+@dataclass
+class Reconciliation:
+    """The ledger against the ground truth.  ``ok`` only if every list is empty."""
+
+    truth: dict[str, int | Decimal] = field(default_factory=dict)
+    ledger: dict[str, int | Decimal] = field(default_factory=dict)
+    billed_requests: int = 0
+    ledger_rows: int = 0
+    error_rows: int = 0
+    missing: list[str] = field(default_factory=list)  # billed, not in the ledger
+    extra: list[str] = field(default_factory=list)  # in the ledger with usage, never billed
+    mismatched: list[str] = field(default_factory=list)  # "request: field truth != ledger"
+    rollups: list[str] = field(default_factory=list)  # "table key: column rollup != ledger"
+    rollup_rows: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        totals_equal = all(self.truth[c] == self.ledger[c] for c in CATEGORIES)
+        return totals_equal and not (self.missing or self.extra or self.mismatched or self.rollups)
+
+
+_ROLLUP_COLUMNS: dict[Any, dict[str, str]] = {
+    PipelineRunUsage: {
+        "prompt_tokens": "input_tokens",
+        "completion_tokens": "output_tokens",
+        "cached_prompt_tokens": "cached_input_tokens",
+        "reasoning_tokens": "reasoning_tokens",
+        "image_count": "image_count",
+        "total_cost_usd": "cost_usd",
+    },
+    AgentScannedPost: {
+        "prompt_tokens": "input_tokens",
+        "completion_tokens": "output_tokens",
+        "total_cost_usd": "cost_usd",
+    },
+}
+
+
+def reconcile(session: Session, truth_rows: Iterable[BilledRequest]) -> Reconciliation:
+    """Compare ``openai_calls`` (and the rollup tables) with what the provider billed."""
+    prices = PriceTable.load()
+    result = Reconciliation()
+    truth = {r.request_id: r for r in truth_rows}
+    calls = list(session.scalars(select(OpenAICall)))
+    by_id = {c.request_id: c for c in calls if c.request_id}
+    result.billed_requests, result.ledger_rows = len(truth), len(calls)
+
+    totals_truth: dict[str, int | Decimal] = dict.fromkeys(CATEGORIES, 0)
+    for request_id, row in truth.items():
+        cost = truth_cost(row, prices) or Decimal(0)
+        totals_truth["cost_usd"] += cost
+        for name in TOKEN_FIELDS:
+            totals_truth[name] += getattr(row, name)
+        call = by_id.get(request_id)
+        if call is None:
+            result.missing.append(request_id)
+            continue
+        for name in TOKEN_FIELDS:
+            if getattr(call, name) != getattr(row, name):
+                result.mismatched.append(
+                    f"{request_id}: {name} {getattr(row, name)} != {getattr(call, name)}"
+                )
+        if call.cost_usd != cost:
+            result.mismatched.append(f"{request_id}: cost_usd {cost} != {call.cost_usd}")
+
+    totals_ledger: dict[str, int | Decimal] = dict.fromkeys(CATEGORIES, 0)
+    for call in calls:
+        for name in TOKEN_FIELDS:
+            totals_ledger[name] += getattr(call, name)
+        totals_ledger["cost_usd"] += call.cost_usd or Decimal(0)
+        billed = call.request_id in truth
+        if not billed:
+            result.error_rows += call.status != "ok"
+            if call.status == "ok" or any(getattr(call, n) for n in TOKEN_FIELDS):
+                result.extra.append(f"{call.request_id or f'row {call.id}'} ({call.status})")
+    result.truth, result.ledger = totals_truth, totals_ledger
+    _check_rollups(session, calls, result)
+    return result
+
+
+def _check_rollups(session: Session, calls: list[OpenAICall], result: Reconciliation) -> None:
+    sums: dict[tuple[str, str], dict[str, int | Decimal]] = defaultdict(lambda: defaultdict(int))
+    for call in calls:
+        if call.scope_kind is None or call.scope_ref is None:
+            continue
+        acc = sums[(call.scope_kind, call.scope_ref)]
+        for name in (*TOKEN_FIELDS, "cost_usd"):
+            acc[name] += getattr(call, name) or 0
+    tables: list[tuple[Any, str, Callable[[Any], str]]] = [
+        (PipelineRunUsage, "pipeline_run", lambda r: str(r.pipeline_run_id)),
+        (AgentScannedPost, "scanned_post", lambda r: r.post_id),
+    ]
+    for table, kind, key_of in tables:
+        rows: list[Any] = list(session.scalars(select(table)))
+        result.rollup_rows[table.__tablename__] = len(rows)
+        for row in rows:
+            acc = sums.get((kind, key_of(row)), {})
+            for column, category in _ROLLUP_COLUMNS[table].items():
+                have = getattr(row, column) or 0
+                want = acc.get(category, 0)
+                if have != want:
+                    result.rollups.append(
+                        f"{table.__tablename__} {key_of(row)}: {column} {have} != ledger {want}"
+                    )
+
+
+def report_table(result: Reconciliation) -> Table:
+    table = Table(
+        title="openai_calls vs what the sandbox billed (ground truth)", title_justify="left"
+    )
+    table.add_column("category")
+    table.add_column("billed", justify="right")
+    table.add_column("ledger", justify="right")
+    table.add_column("difference", justify="right")
+    for name in CATEGORIES:
+        t, ledger = result.truth[name], result.ledger[name]
+        diff = ledger - t
+        style = "green" if diff == 0 else "bold red"
+        if name == "cost_usd":
+            cells = (f"${t:,.10f}", f"${ledger:,.10f}", f"{diff:+.10f}")
+        else:
+            cells = (f"{t:,}", f"{ledger:,}", f"{diff:+,}")
+        table.add_row(name, cells[0], cells[1], f"[{style}]{cells[2]}[/{style}]")
+    table.add_section()
+    table.add_row("requests", f"{result.billed_requests:,}", f"{result.ledger_rows:,}", "")
+    table.add_row("  of which failed (not billed)", "", f"{result.error_rows:,}", "")
+    for label, items in (
+        ("billed, not in the ledger", result.missing),
+        ("in the ledger, not billed", result.extra),
+        ("requests that differ", result.mismatched),
+        ("rollups that differ", result.rollups),
+    ):
+        style = "green" if not items else "bold red"
+        table.add_row(label, "", "", f"[{style}]{len(items)}[/{style}]")
+    return table
+
+
+def coverage(rows: list[BilledRequest]) -> str:
+    """What the load exercised, e.g. ``chat 180 (41 streamed), image 30 (68 images), ...``."""
+    ops = Counter(r.operation for r in rows)
+    streamed = Counter(r.operation for r in rows if r.stream)
+    parts = [
+        f"{op} {n}" + (f" ({streamed[op]} streamed)" if streamed[op] else "")
+        for op, n in ops.most_common()
+    ]
+    parts.append(f"{sum(r.image_count for r in rows)} images")
+    parts.append(f"{sum(r.cached_input_tokens > 0 for r in rows)} with cached tokens")
+    parts.append(f"{sum(r.reasoning_tokens > 0 for r in rows)} with reasoning tokens")
+    return f"{len(rows)} requests: " + ", ".join(parts)
+
+
+def victim_line(session: Session) -> str:
+    """The killed task's executions, as the ledger has them."""
+    per_execution = session.execute(
+        select(OpenAICall.execution_id, func.count())
+        .where(OpenAICall.task_name == "reconcile.victim", OpenAICall.status == "ok")
+        .group_by(OpenAICall.execution_id)
+        .order_by(func.min(OpenAICall.id))
+    ).all()
+    counts = " + ".join(str(n) for _, n in per_execution)
+    return (
+        f"the SIGKILLed task in the ledger: {len(per_execution)} executions, {counts} calls "
+        "(the killed one recovered from the write-ahead log, then its redelivery)"
+    )
+
+
+def _failure(result: AsyncResult) -> str:
+    """The exception type of a failed task, as its traceback names it."""
+    lines = (result.traceback or "").strip().splitlines()
+    return lines[-1].split(":", 1)[0] if lines else type(result.result).__name__
+
+
+# -- the load ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_load(tasks: int, seed: int, sandbox: SandboxServers) -> list[Job]:
+    """``tasks`` jobs: ~30 % commissions, ~10 % scans (own subreddit each), the rest mixed."""
+    rng = random.Random(seed)
+    jobs: list[Job] = []
+    for i in range(tasks):
+        kind = rng.random()
+        if kind < 0.30:
+            donation = {
+                "id": f"rc-{seed}-{i}",
+                "amount_usd": str(rng.choice(["5", "12.50", "40", "100"])),
+                "donor": f"donor {i}",
+                "message": rng.choice(
+                    ["for the animal shelter", "in memory of grandma's garden", "keep knitting"]
+                ),
+            }
+            jobs.append(Job("tasks.commission", (donation,)))
+        elif kind < 0.40:
+            subreddit = f"reconcile{seed}x{i}"
+            for n in range(4):
+                sandbox.reddit.add_post(
+                    subreddit,
+                    f"Looking for a handmade gift idea #{n}",
+                    "My sister loves pottery and wool. " * (1 + n),
+                )
+            jobs.append(Job("tasks.promotion_scan", kwargs={"subreddits": [subreddit]}))
+        else:
+            jobs.append(Job("reconcile.mixed", (i,), {"fail_half_way": i % 29 == 0}))
+    return jobs
+
+
+# -- the run -------------------------------------------------------------------------------------
+class Run:
+    """Everything the reconciliation run starts, and stops again (also on failure)."""
+
+    def __init__(self, args: argparse.Namespace, console: Console) -> None:
+        self.args, self.console = args, console
+        self.workdir = Path(tempfile.mkdtemp(prefix="tokenmeter-reconcile-"))
+        self.admin = make_url(args.pg_url)
+        self.db_name = f"tokenmeter_reconcile_{uuid.uuid4().hex[:8]}"
+        self.db_url = self.admin.set(database=self.db_name).render_as_string(hide_password=False)
+        self.redis_url = args.redis_url.rstrip("/")
+        self.control = redis.Redis.from_url(f"{self.redis_url}/{CONTROL_DB}")
+        self.sandbox = SandboxServers()
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.pg_stopped = False
+        self.events: list[str] = []
+        self.results: list[AsyncResult] = []
+        self.client = Celery(
+            "reconcile_client",
+            broker=f"{self.redis_url}/{BROKER_DB}",
+            backend=f"{self.redis_url}/{BACKEND_DB}",
+        )
+        self.client.conf.task_serializer = "json"
+        self._engine: Engine | None = None
+
+    # setup / teardown
+    def start(self) -> None:
+        admin_engine = create_engine(self.admin, isolation_level="AUTOCOMMIT")
+        with admin_engine.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{self.db_name}"'))
+        admin_engine.dispose()
+        migrate.upgrade(self.db_url)
+        self._engine = create_engine(self.db_url, pool_pre_ping=True)
+        for db in (BROKER_DB, BACKEND_DB, CONTROL_DB):
+            redis.Redis.from_url(f"{self.redis_url}/{db}").flushdb()
+        self.sandbox.start()
+        self.sandbox.openai.faults.set_error_rate(self.args.error_rate, seed=self.args.seed)
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "OPENAI_"))},
+            "PYTHONPATH": str(ROOT),
+            "DATABASE_URL": self.db_url,
+            "CELERY_BROKER_URL": f"{self.redis_url}/{BROKER_DB}",
+            "CELERY_RESULT_BACKEND": f"{self.redis_url}/{BACKEND_DB}",
+            "RECONCILE_CONTROL_URL": f"{self.redis_url}/{CONTROL_DB}",
+            "OPENAI_BASE_URL": self.sandbox.openai_base_url,
+            "OPENAI_API_KEY": "sk-sandbox",
+            "REDDIT_SANDBOX_URL": self.sandbox.reddit_base_url,
+            "OPENAI_IMAGE_MODEL": "dall-e-2",
+            "COMMISSION_IMAGES_PER_IDEA": "2",
+            "COMMISSION_IMAGE_SIZE": "512x512",
+            "PROMOTION_POST_LIMIT": "10",
+            "TOKENMETER_VAR_DIR": str(self.workdir),
+            "TOKENMETER_SPOOL_DIR": str(self.workdir / "spool"),
+            "TOKENMETER_RECOVERY_INTERVAL_S": "2",
+            "TOKENMETER_WRITE_AHEAD": "true",
+        }
+        log = (self.workdir / "worker.log").open("wb")
+        self.worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "bench.reconcile_app",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                str(self.args.workers),
+                "-l",
+                "WARNING",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-n",
+                f"reconcile-{uuid.uuid4().hex[:6]}@%h",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while not self.client.control.ping(timeout=0.5):
+            if self.worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start; see {self.workdir / 'worker.log'}")
+
+    def stop(self, keep: bool) -> None:
+        if self.pg_stopped:
+            self.start_postgres()
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.send_signal(signal.SIGTERM)
+            try:
+                self.worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        self.sandbox.stop()
+        self.client.close()
+        if self._engine is not None:
+            self._engine.dispose()
+        if not keep:
+            admin_engine = create_engine(self.admin, isolation_level="AUTOCOMMIT")
+            with admin_engine.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'))
+            admin_engine.dispose()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @property
+    def engine(self) -> Engine:
+        assert self._engine is not None
+        return self._engine
+
+    # the load
+    def send(self, jobs: Iterable[Job]) -> None:
+        for job in jobs:
+            self.results.append(self.client.send_task(job.name, job.args, job.kwargs))
+
+    def done(self) -> int:
+        return sum(r.ready() for r in self.results)
+
+    def recorded(self) -> int | None:
+        """Ledger rows so far (None while the database is unreachable)."""
+        try:
+            with self.engine.connect() as conn:
+                return conn.scalar(select(func.count()).select_from(OpenAICall))
+        except Exception:
+            return None
+
+    def pending_recovery(self) -> int:
+        """Batches still waiting in the spool or the write-ahead log (broker's Redis DB)."""
+        r = redis.Redis.from_url(f"{self.redis_url}/{BROKER_DB}")
+        spool = r.llen("tokenmeter:spool")
+        open_executions = r.hlen("tokenmeter:wal:open")
+        files = sum(1 for _ in (self.workdir / "spool").glob("*.json"))
+        return int(spool) + int(open_executions) + files
+
+    def wait(self, label: str, until: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = 0.0
+        while not until():
+            if self.worker is not None and self.worker.poll() is not None:
+                raise RuntimeError(f"the worker exited with {self.worker.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{label}: not done after {timeout:.0f}s")
+            if time.monotonic() - last > 5:
+                self.progress(label)
+                last = time.monotonic()
+            time.sleep(0.2)
+        self.progress(label)
+
+    def progress(self, label: str) -> None:
+        recorded = self.recorded()
+        self.console.print(
+            f"  {label}: tasks {self.done()}/{len(self.results)}, billed "
+            f"{len(self.sandbox.ledger)}, ledger "
+            f"{'(database down)' if recorded is None else recorded}, "
+            f"awaiting recovery {self.pending_recovery()}"
+        )
+
+    # the faults
+    def _pg(self, action: str) -> None:
+        cmd = self.args.pg_stop if action == "stop" else self.args.pg_start
+        subprocess.run(shlex.split(cmd), check=True)
+
+    def stop_postgres(self) -> None:
+        self._pg("stop")
+        self.pg_stopped = True
+
+    def start_postgres(self) -> None:
+        self._pg("start")
+        self.pg_stopped = False
+        deadline = time.monotonic() + 60
+        while self.recorded() is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("PostgreSQL did not come back within 60 s")
+            time.sleep(0.5)
+
+    def kill_victim(self) -> int:
+        """SIGKILL the worker process running ``reconcile.victim`` between two of its calls."""
+        tag = uuid.uuid4().hex[:8]
+        self.send([Job("reconcile.victim", (tag,))])
+        victim = self.results[-1]
+        deadline = time.monotonic() + 300
+        while (popped := self.control.lpop(f"reconcile:held:{tag}")) is None:
+            if victim.ready():
+                raise RuntimeError(
+                    f"the victim task ended before it could be killed: {victim.result!r}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError("the victim task never reached the point where it is killed")
+            time.sleep(0.1)
+        pid = int(cast(bytes, popped))
+        self.control.set(f"reconcile:killed:{tag}", 1)  # its redelivery will not wait
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def redeliver(self, count: int) -> int:
+        """Publish ``count`` completed messages again, same task id and body."""
+        finished = [r for r in self.results if r.id in self._jobs_by_id and r.successful()]
+        chosen = finished[:: max(1, len(finished) // count)][:count]
+        for result in chosen:
+            job = self._jobs_by_id[result.id]
+            result.forget()
+            self.client.send_task(job.name, job.args, job.kwargs, task_id=result.id)
+        return len(chosen)
+
+    _jobs_by_id: dict[str, Job]
+
+    def run(self) -> Reconciliation:
+        jobs = plan_load(self.args.tasks, self.args.seed, self.sandbox)
+        self._jobs_by_id = {}
+        args, started = self.args, time.monotonic()
+        third = len(jobs) // 3
+        waves = (
+            [jobs]
+            if not args.faults
+            else [jobs[:third], jobs[third : 2 * third], jobs[2 * third :]]
+        )
+        self._send_wave(waves[0])
+        if args.faults:
+            # before: a third of the load; during the outage: the second; after: the rest
+            self.wait("first wave", lambda: self.done() >= len(self.results) // 2, 600)
+            pid = self.kill_victim()
+            self.events.append(f"SIGKILLed worker process {pid} in the middle of a task")
+            self.stop_postgres()
+            outage_started = time.monotonic()
+            self.console.print(f"  PostgreSQL stopped; the load goes on for {args.outage_s}s")
+            self._send_wave(waves[1])
+            peak = 0
+            while time.monotonic() - outage_started < args.outage_s:
+                time.sleep(min(5.0, args.outage_s))
+                self.progress("PostgreSQL down")
+                peak = max(peak, self.pending_recovery())
+            self.start_postgres()
+            self.events.append(
+                f"PostgreSQL stopped for {time.monotonic() - outage_started:.0f}s mid-run; "
+                f"{peak} task batches waited in the spool/write-ahead log meanwhile"
+            )
+            self._send_wave(waves[2])
+        self.wait("load", lambda: self.done() == len(self.results), args.timeout_s)
+        if args.faults:
+            n = self.redeliver(max(3, len(jobs) // 50))
+            self.events.append(f"{n} completed messages delivered again (same id and body)")
+            self.wait("redeliveries", lambda: self.done() == len(self.results), 300)
+        billed = self.sandbox.ledger
+
+        def settled() -> bool:
+            return self.pending_recovery() == 0 and self.recorded() is not None
+
+        self.wait("recovery", settled, 300)
+        self.events.append(f"load finished in {time.monotonic() - started:.0f}s")
+        failures = Counter(_failure(r) for r in self.results if r.failed())
+        self.events.append(
+            f"{len(self.results)} tasks; failed: "
+            + (", ".join(f"{n} {name}" for name, n in failures.most_common()) or "none")
+        )
+        self.events.append("billed: " + coverage(billed.rows()))
+        with Session(self.engine) as session:
+            if args.faults:
+                self.events.append(victim_line(session))
+            return reconcile(session, billed.rows())
+
+    def _send_wave(self, jobs: list[Job]) -> None:
+        before = len(self.results)
+        self.send(jobs)
+        for job, result in zip(jobs, self.results[before:], strict=True):
+            self._jobs_by_id[result.id] = job
+
+
+def main(argv: list[str] | None = None) -> int:
+    clusters = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
+    pg_version = clusters[0] if clusters else "15"
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tasks", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=4, help="worker processes (prefork -c)")
+    parser.add_argument("--faults", action="store_true", help="DB outage, SIGKILL, redelivery")
+    parser.add_argument("--outage-s", type=float, default=30.0, help="PostgreSQL down this long")
+    parser.add_argument("--error-rate", type=float, default=0.05, help="sandbox 429/500 share")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--timeout-s", type=float, default=900.0)
+    parser.add_argument("--keep", action="store_true", help="keep the database and worker log")
+    parser.add_argument(
+        "--pg-url",
+        default=os.environ.get(
+            "TOKENMETER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+        ),
+        help="an existing database; the run creates (and drops) its own next to it",
+    )
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379")
+    parser.add_argument(
+        "--pg-stop",
+        default=f"pg_ctlcluster --skip-systemctl-redirect {pg_version} main stop -m fast",
+    )
+    parser.add_argument(
+        "--pg-start", default=f"pg_ctlcluster --skip-systemctl-redirect {pg_version} main start"
+    )
+    args = parser.parse_args(argv)
+    if args.tasks < 10:
+        parser.error("--tasks must be at least 10")
+    console = Console()
+    console.print(
+        f"[bold]reconcile[/bold]: {args.tasks} tasks on {args.workers} worker processes, "
+        f"{args.error_rate:.0%} injected errors"
+        + (
+            f", faults: PostgreSQL down {args.outage_s:.0f}s, SIGKILL, redelivery"
+            if args.faults
+            else ""
+        )
+    )
+    run = Run(args, console)
+    result: Reconciliation | None = None
+    interrupted = False
+    try:
+        run.start()
+        result = run.run()
+    except KeyboardInterrupt:
+        interrupted = True
+        return 130
+    except Exception as exc:
+        console.print(f"[red]reconcile failed:[/red] {exc!r}; kept {run.workdir / 'worker.log'}")
+        return 2
+    finally:
+        run.stop(keep=args.keep or (not interrupted and (result is None or not result.ok)))
+    for event in run.events:
+        console.print(f"  {event}")
+    console.print(report_table(result))
+    rows = ", ".join(f"{n} {t}" for t, n in result.rollup_rows.items())
+    console.print(f"rollup rows checked against their ledger rows: {rows}")
+    for line in (result.missing + result.extra + result.mismatched + result.rollups)[:20]:
+        console.print(f"  [red]{line}[/red]")
+    if result.ok:
+        console.print("[bold green]difference: 0[/bold green] (every request, category and cent)")
+        return 0
+    console.print(f"[bold red]the ledger differs[/bold red]; kept: {run.db_url}, {run.workdir}")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

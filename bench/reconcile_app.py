@@ -1,0 +1,128 @@
+"""The worker of the reconciliation run: the application's real tasks plus two load tasks.
+
+``celery -A bench.reconcile_app worker`` serves ``tasks.commission`` and
+``tasks.promotion_scan`` exactly as the application ships them, and adds:
+
+- ``reconcile.mixed``: the OpenAI surfaces the application's tasks do not use (streaming with
+  and without ``include_usage``, the Responses API, embeddings, gpt-image-1 with ``n`` = 2,
+  reasoning and cached tokens, the async client), some of it failing half way on purpose;
+- ``reconcile.victim``: two calls, then it waits for the reconciler to SIGKILL its process;
+  redelivered, it finishes without waiting.
+
+Nothing here knows tokenmeter beyond what ``tasks.app`` installs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import redis
+from openai import AsyncOpenAI
+
+from tasks.app import app
+from tasks.clients import openai_client
+from tasks.commission import RETRYABLE, commission
+from tasks.promotion import promotion_scan
+
+__all__ = ["app", "commission", "mixed", "promotion_scan", "victim"]
+
+LONG_CONTEXT = "Shared catalogue of handmade gifts, materials and prices. " * 90
+
+
+class PlannedFailure(RuntimeError):
+    """A task that fails half way on purpose: its calls so far must still be counted."""
+
+
+def _chat(prompt: str, model: str = "gpt-4o-mini", **kw: Any) -> Any:
+    return openai_client().chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], **kw
+    )
+
+
+async def _async_calls(prompt: str) -> None:
+    client = AsyncOpenAI(
+        api_key=openai_client().api_key, base_url=openai_client().base_url, max_retries=0
+    )
+    async with client:
+        await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}]
+        )
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}], stream=True
+        )
+        async for _ in stream:
+            pass
+
+
+@app.task(
+    bind=True,
+    name="reconcile.mixed",
+    autoretry_for=RETRYABLE,
+    retry_backoff=1,
+    retry_backoff_max=8,
+    retry_jitter=False,
+    max_retries=6,
+)
+def mixed(self: Any, i: int, fail_half_way: bool = False) -> int:
+    """A handful of calls chosen by ``i``; every surface shows up within a few dozen tasks."""
+    prompt = (LONG_CONTEXT if i % 5 == 0 else "") + f"Task {i}: suggest a handmade gift."
+    calls = 0
+    _chat(prompt)
+    calls += 1
+    if i % 3 == 0:  # streamed, asking for usage itself
+        for _ in _chat(prompt, stream=True, stream_options={"include_usage": True}):
+            pass
+        calls += 1
+    elif i % 3 == 1:  # streamed without include_usage: tokenmeter must still get the numbers
+        for _ in _chat(prompt, stream=True):
+            pass
+        calls += 1
+    if fail_half_way:
+        raise PlannedFailure(f"task {i} fails after {calls} calls, on purpose")
+    if i % 4 == 0:
+        openai_client().responses.create(model="gpt-4.1-mini", input=prompt)
+        calls += 1
+    elif i % 4 == 1:
+        with openai_client().responses.stream(model="gpt-4.1-mini", input=prompt) as events:
+            for _ in events:
+                pass
+        calls += 1
+    elif i % 4 == 2:
+        openai_client().embeddings.create(
+            model="text-embedding-3-small", input=[prompt[:300], f"gift {i}"]
+        )
+        calls += 1
+    if i % 6 == 5:
+        _chat(prompt, model="o3-mini")
+        calls += 1
+    if i % 10 == 3:
+        openai_client().images.generate(
+            model="gpt-image-1", prompt=f"a knitted fox, variant {i}", n=2, quality="low"
+        )
+        calls += 1
+    if i % 9 == 4:
+        asyncio.run(_async_calls(prompt))
+        calls += 2
+    return calls
+
+
+@app.task(
+    bind=True,
+    name="reconcile.victim",
+    autoretry_for=RETRYABLE,
+    retry_backoff=1,
+    retry_jitter=False,
+    max_retries=6,
+)
+def victim(self: Any, tag: str) -> int:
+    """Two calls, then wait (at most 120 s) to be killed; once redelivered, one more call."""
+    control = redis.Redis.from_url(os.environ["RECONCILE_CONTROL_URL"])
+    for n in range(2):
+        _chat(f"victim {tag} call {n}")
+    if not control.exists(f"reconcile:killed:{tag}"):
+        control.rpush(f"reconcile:held:{tag}", os.getpid())
+        control.blpop([f"reconcile:go:{tag}"], timeout=60)
+    _chat(f"victim {tag} final call")
+    return os.getpid()

@@ -1,0 +1,119 @@
+"""The reconciliation's comparison: real calls to the sandbox, flushed by the real sink, then
+every kind of difference planted by hand must be caught (and a clean ledger must pass)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from rich.console import Console
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from bench.reconcile import reconcile, report_table
+from instrumentation import openai_hooks
+from instrumentation.context import set_sink, usage_scope
+from instrumentation.sink import DatabaseSink, FileSpool
+from models import OpenAICall, PipelineRun, PipelineRunUsage, session_scope
+from models.db import get_engine
+from sandbox.runner import SandboxServers
+from tasks.commission import run_usage_rollup
+
+
+@pytest.fixture
+def metered_run(
+    db_url: str, tmp_path, sandbox: SandboxServers, openai_client: Any
+) -> Iterator[list[str]]:
+    """One pipeline run with chat, stream, embedding and image calls, flushed to ``db_url``."""
+    previous = set_sink(DatabaseSink(spool=FileSpool(tmp_path / "spool")))
+    openai_hooks.instrument()
+    try:
+        with session_scope() as s:
+            run = PipelineRun(status="running", config={})
+            s.add(run)
+            s.flush()
+            run_id = run.id
+        with usage_scope("pipeline_run", run_id) as scope:
+            scope.bind_rollup(run_usage_rollup(run_id, "gpt-4o-mini", "dall-e-2"))
+            msgs = [{"role": "user", "content": "a gift idea"}]
+            openai_client.chat.completions.create(model="gpt-4o-mini", messages=msgs)
+            for _ in openai_client.chat.completions.create(
+                model="o3-mini", messages=msgs, stream=True
+            ):
+                pass
+            openai_client.embeddings.create(model="text-embedding-3-small", input="wool")
+            openai_client.images.generate(model="dall-e-2", prompt="a fox", n=2, size="512x512")
+        with session_scope() as s:
+            ids = list(s.scalars(select(OpenAICall.request_id)))
+        yield ids
+    finally:
+        openai_hooks.uninstrument()
+        set_sink(previous)
+
+
+def _check(sandbox: SandboxServers, ids: list[str]):
+    with Session(get_engine()) as s:
+        return reconcile(s, sandbox.ledger.rows(ids))
+
+
+def test_a_faithful_ledger_reconciles(sandbox: SandboxServers, metered_run: list[str]) -> None:
+    result = _check(sandbox, metered_run)
+    assert len(metered_run) == 4
+    assert result.ok, (result.missing, result.extra, result.mismatched, result.rollups)
+    assert result.truth["image_count"] == result.ledger["image_count"] == 2
+    assert result.truth["reasoning_tokens"] > 0
+    assert result.truth["cost_usd"] == result.ledger["cost_usd"] > Decimal("0.036")
+    assert result.rollup_rows == {"pipeline_run_usages": 1, "agent_scanned_posts": 0}
+
+
+def test_a_lost_call_is_caught(sandbox: SandboxServers, metered_run: list[str]) -> None:
+    with session_scope() as s:
+        s.delete(s.scalars(select(OpenAICall).where(OpenAICall.operation == "embedding")).one())
+    result = _check(sandbox, metered_run)
+    assert not result.ok
+    assert len(result.missing) == 1
+    assert result.truth["input_tokens"] > result.ledger["input_tokens"]
+    assert any("pipeline_run_usages" in line for line in result.rollups)  # rollup has it
+
+
+def test_a_wrong_token_count_is_caught(sandbox: SandboxServers, metered_run: list[str]) -> None:
+    with session_scope() as s:
+        s.execute(
+            update(OpenAICall)
+            .where(OpenAICall.operation == "chat", OpenAICall.stream.is_(False))
+            .values(cached_input_tokens=OpenAICall.cached_input_tokens + 1)
+        )
+    result = _check(sandbox, metered_run)
+    assert not result.ok
+    assert [m.split(": ")[1].split()[0] for m in result.mismatched] == ["cached_input_tokens"]
+
+
+def test_a_double_counted_rollup_is_caught(sandbox: SandboxServers, metered_run: list[str]) -> None:
+    with session_scope() as s:
+        s.execute(
+            update(PipelineRunUsage).values(
+                image_count=PipelineRunUsage.image_count * 2,
+                total_cost_usd=PipelineRunUsage.total_cost_usd * 2,
+            )
+        )
+    result = _check(sandbox, metered_run)
+    assert not result.ok
+    assert not result.missing and not result.mismatched  # the ledger itself is right
+    assert {line.split(": ")[1].split()[0] for line in result.rollups} == {
+        "image_count",
+        "total_cost_usd",
+    }
+
+
+def test_a_call_never_billed_is_caught(sandbox: SandboxServers, metered_run: list[str]) -> None:
+    with session_scope() as s:
+        s.add(OpenAICall(request_id="req_invented", operation="chat", input_tokens=10))
+    result = _check(sandbox, metered_run)
+    assert not result.ok
+    assert result.extra == ["req_invented (ok)"]
+    console = Console(record=True, width=120)
+    console.print(report_table(result))
+    assert re.search(r"in the ledger, not billed\s*│[\s│]*1\s*│", console.export_text())
