@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PlainSerializer
+
+#: Money in JSON: an exact decimal string in plain notation ("0.0000000200", never "2.00E-8").
+Money = Annotated[
+    Decimal, PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")
+]
 
 
 class _FromRow(BaseModel):
@@ -33,7 +38,7 @@ class PipelineRunUsageSchema(_FromRow):
     reasoning_tokens: int = 0
     image_count: int = 0
     image_tokens: int = 0
-    total_cost_usd: Decimal | None = None
+    total_cost_usd: Money | None = None
 
 
 class AgentScannedPostSchema(_FromRow):
@@ -52,7 +57,7 @@ class AgentScannedPostSchema(_FromRow):
     agent_model: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    total_cost_usd: Decimal | None = None
+    total_cost_usd: Money | None = None
 
 
 class OpenAICallSchema(_FromRow):
@@ -81,9 +86,24 @@ class OpenAICallSchema(_FromRow):
     image_size: str | None = None
     image_quality: str | None = None
     usage_reported: bool = True
-    cost_usd: Decimal | None = None
+    cost_usd: Money | None = None
     price_version: str | None = None
     latency_ms: float | None = None
     status: str = "ok"
     error_type: str | None = None
     http_status: int | None = None
+
+
+class UsageGroup(_FromRow):
+    """One group of a usage summary (reporting.queries.UsageRow), as the API and CLI show it."""
+
+    key: str
+    calls: int
+    errors: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    image_count: int
+    cost_usd: Money | None  # None when some calls of the group have no known price
+    unpriced_calls: int

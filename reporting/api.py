@@ -31,40 +31,13 @@ from models.schemas import (
     OpenAICallSchema,
     PipelineRunSchema,
     PipelineRunUsageSchema,
+    UsageGroup,
 )
 from models.settings import Settings, get_settings
 from reporting import queries
 from reporting.render import money
 
 GroupBy = Literal["model", "task", "kind", "day", "status"]
-
-
-class UsageGroup(BaseModel):
-    key: str
-    calls: int
-    errors: int
-    input_tokens: int
-    cached_input_tokens: int
-    output_tokens: int
-    reasoning_tokens: int
-    image_count: int
-    cost_usd: Decimal | None
-    unpriced_calls: int
-
-    @classmethod
-    def of(cls, row: queries.UsageRow) -> UsageGroup:
-        return cls(
-            key=row.key,
-            calls=row.calls,
-            errors=row.errors,
-            input_tokens=row.input_tokens,
-            cached_input_tokens=row.cached_input_tokens,
-            output_tokens=row.output_tokens,
-            reasoning_tokens=row.reasoning_tokens,
-            image_count=row.image_count,
-            cost_usd=row.cost_usd,
-            unpriced_calls=row.unpriced_calls,
-        )
 
 
 class SummaryResponse(BaseModel):
@@ -173,8 +146,8 @@ def create_app(settings: Settings | None = None, *, require_auth: bool = True) -
             start=start,
             end=end,
             group_by=group_by,
-            groups=[UsageGroup.of(r) for r in rows],
-            total=UsageGroup.of(total),
+            groups=[UsageGroup.model_validate(r) for r in rows],
+            total=UsageGroup.model_validate(total),
         )
 
     @app.get("/api/usage/runs/{run_id}", response_model=RunResponse, dependencies=auth)

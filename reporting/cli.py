@@ -246,18 +246,9 @@ def _top(what: str, limit: int, fmt: str, database_url: str | None) -> None:
 
 
 def _row_json(r: Any) -> dict[str, Any]:
-    return {
-        "key": r.key,
-        "calls": r.calls,
-        "errors": r.errors,
-        "input_tokens": r.input_tokens,
-        "cached_input_tokens": r.cached_input_tokens,
-        "output_tokens": r.output_tokens,
-        "reasoning_tokens": r.reasoning_tokens,
-        "image_count": r.image_count,
-        "cost_usd": None if r.cost_usd is None else format(r.cost_usd, "f"),
-        "unpriced_calls": r.unpriced_calls,
-    }
+    from models.schemas import UsageGroup
+
+    return UsageGroup.model_validate(r).model_dump(mode="json")
 
 
 @app.command()

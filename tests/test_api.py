@@ -152,6 +152,32 @@ def test_summary_is_exact_and_agrees_with_cli_and_dashboard(client: TestClient) 
     assert '<b id="total-cost">$0.080114</b>' in page
 
 
+def test_money_is_plain_decimal_text_in_api_and_cli(client: TestClient) -> None:
+    """Zero and sub-cent sums read "0.0000000000" and "0.0801140200", never "0E-10" / "2E-8"."""
+    with session_scope() as s:
+        s.add(
+            OpenAICall(
+                request_id="r5",
+                operation="embedding",
+                model="text-embedding-3-small",
+                input_tokens=1,
+                cost_usd=Decimal("0.00000002"),
+                created_at=datetime.now(UTC) - timedelta(minutes=5),
+            )
+        )
+    params = {"group_by": "status"}
+    body = client.get("/api/usage/summary", headers=AUTH, params=params).json()
+    costs = {g["key"]: g["cost_usd"] for g in body["groups"]}
+    assert costs == {"ok": "0.0801140200", "error": "0.0000000000"}
+    calls = client.get("/api/usage/calls", headers=AUTH, params={"limit": 10}).json()
+    assert "0.0000000200" in {c["cost_usd"] for c in calls["items"]}
+
+    cli_out = json.loads(
+        CliRunner().invoke(cli, ["check-usage", "--by", "status", "--format", "json"]).output
+    )
+    assert {g["key"]: g["cost_usd"] for g in cli_out["groups"]} == costs
+
+
 def test_windows_and_groups(client: TestClient) -> None:
     day = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
     one_day = client.get(
