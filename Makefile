@@ -37,9 +37,11 @@ migrate: setup ## Create/upgrade the database at DATABASE_URL (default: var/toke
 check-usage: setup ## Usage of the last 7 days by model (ARGS="--by task --since 30d")
 	$(VENV)/bin/tokenmeter check-usage $(ARGS)
 
-bench: setup ## Per-call overhead and worker throughput, metered vs bare
-	$(PY) bench/overhead.py --stream
-	$(PY) bench/throughput.py
+bench: setup ## Side by side with peers (overhead, accuracy) and throughput -> bench/RESULTS.md
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) bench/peers.py --results bench/RESULTS.md
+	$(PY) bench/throughput.py --results bench/RESULTS.md
+	$(PY) bench/throughput.py --latency-ms 200 --tasks 60 --rounds 2 --results bench/RESULTS.md
 
 reconcile: setup ## Mixed load on 4 worker processes, ledger vs ground truth; RECONCILE_ARGS="--faults"
 	$(PY) bench/reconcile.py $(RECONCILE_ARGS)

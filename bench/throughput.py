@@ -96,6 +96,7 @@ def main() -> None:
         ),
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379")
+    parser.add_argument("--results", type=Path, help="write the Markdown report here")
     args = parser.parse_args()
 
     admin = make_url(args.pg_url)
@@ -142,9 +143,33 @@ def main() -> None:
         f"median of {args.rounds} rounds"
     )
     print(f"{'mode':<26}{'tasks/s':>10}{'ratio':>8}")
+    rows = []
     for mode in MODES:
         median = statistics.median(rates[mode])
         print(f"{mode:<26}{median:>10.1f}{median / bare:>8.3f}")
+        rows.append(f"| {mode} | {median:,.1f} | {median / bare:.3f} |")
+    if args.results:
+        from bench.results import write_section
+
+        command = (
+            f".venv/bin/python bench/throughput.py --tasks {args.tasks} --calls {args.calls} "
+            f"--rounds {args.rounds} --concurrency {args.concurrency} "
+            f"--latency-ms {args.latency_ms}"
+        )
+        body = "\n".join(
+            [
+                f"### Worker throughput, sandbox latency {args.latency_ms} ms",
+                "",
+                f"`{command}`: real `celery worker -P {args.pool} -c {args.concurrency}`, Redis "
+                "broker, PostgreSQL ledger; median tasks/s of the rounds, modes interleaved.",
+                "",
+                "| mode | tasks/s | ratio to bare |",
+                "| --- | ---: | ---: |",
+                *rows,
+            ]
+        )
+        write_section(args.results, f"throughput-{args.latency_ms}ms", body)
+        print(f"written to {args.results}")
 
 
 if __name__ == "__main__":
