@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -252,8 +253,10 @@ def victim_line(session: Session) -> str:
 
 def _failure(result: AsyncResult) -> str:
     """The exception type of a failed task, as its traceback names it."""
-    lines = (result.traceback or "").strip().splitlines()
-    return lines[-1].split(":", 1)[0] if lines else type(result.result).__name__
+    for line in reversed((result.traceback or "").strip().splitlines()):
+        if match := re.match(r"([A-Za-z_][\w.]*(Error|Exception|Failure|Exit)\w*)(:|$)", line):
+            return match.group(1)
+    return type(result.result).__name__
 
 
 # -- the load ------------------------------------------------------------------------------------
