@@ -52,16 +52,22 @@ from celery import Celery  # noqa: E402
 from celery.result import AsyncResult  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-from sqlalchemy import create_engine, func, select, text  # noqa: E402
-from sqlalchemy.engine import Engine, make_url  # noqa: E402
+from sqlalchemy import create_engine, func, select  # noqa: E402
+from sqlalchemy.engine import Engine  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
+from bench.pg import create_database, drop_database  # noqa: E402
 from instrumentation.context import CallRecord  # noqa: E402
 from instrumentation.pricing import PriceTable  # noqa: E402
+from instrumentation.rollups import TableRollup  # noqa: E402
 from models import migrate  # noqa: E402
 from models.tables import AgentScannedPost, OpenAICall, PipelineRunUsage  # noqa: E402
 from sandbox.ground_truth import TOKEN_FIELDS, BilledRequest  # noqa: E402
 from sandbox.runner import SandboxServers  # noqa: E402
+from tasks.commission import run_usage_rollup  # noqa: E402
+from tasks.promotion import Post, post_rollup  # noqa: E402
+
+_ANY_POST = Post(id="", subreddit="", title="", body="", score=0)
 
 CATEGORIES = (*TOKEN_FIELDS, "cost_usd")
 BROKER_DB, BACKEND_DB, CONTROL_DB = 10, 11, 12
@@ -106,21 +112,13 @@ class Reconciliation:
         return totals_equal and not (self.missing or self.extra or self.mismatched or self.rollups)
 
 
-_ROLLUP_COLUMNS: dict[Any, dict[str, str]] = {
-    PipelineRunUsage: {
-        "prompt_tokens": "input_tokens",
-        "completion_tokens": "output_tokens",
-        "cached_prompt_tokens": "cached_input_tokens",
-        "reasoning_tokens": "reasoning_tokens",
-        "image_count": "image_count",
-        "total_cost_usd": "cost_usd",
-    },
-    AgentScannedPost: {
-        "prompt_tokens": "input_tokens",
-        "completion_tokens": "output_tokens",
-        "total_cost_usd": "cost_usd",
-    },
-}
+def _rollup_columns(rollup: TableRollup) -> dict[str, str]:
+    """Column -> ledger category, as the application binds the rollup (so the check follows
+    any change to it).  Categories the ledger has no column for (image_tokens) are skipped."""
+    columns = {c: cat for c, cat in rollup.sums.items() if cat in TOKEN_FIELDS}
+    if rollup.cost_column:
+        columns[rollup.cost_column] = "cost_usd"
+    return columns
 
 
 def reconcile(session: Session, truth_rows: Iterable[BilledRequest]) -> Reconciliation:
@@ -173,16 +171,22 @@ def _check_rollups(session: Session, calls: list[OpenAICall], result: Reconcilia
         acc = sums[(call.scope_kind, call.scope_ref)]
         for name in (*TOKEN_FIELDS, "cost_usd"):
             acc[name] += getattr(call, name) or 0
-    tables: list[tuple[Any, str, Callable[[Any], str]]] = [
-        (PipelineRunUsage, "pipeline_run", lambda r: str(r.pipeline_run_id)),
-        (AgentScannedPost, "scanned_post", lambda r: r.post_id),
+    tables: list[tuple[Any, str, Callable[[Any], str], TableRollup]] = [
+        (
+            PipelineRunUsage,
+            "pipeline_run",
+            lambda r: str(r.pipeline_run_id),
+            run_usage_rollup(0, "", ""),
+        ),
+        (AgentScannedPost, "scanned_post", lambda r: r.post_id, post_rollup(_ANY_POST, "")),
     ]
-    for table, kind, key_of in tables:
+    for table, kind, key_of, rollup in tables:
+        columns = _rollup_columns(rollup)
         rows: list[Any] = list(session.scalars(select(table)))
         result.rollup_rows[table.__tablename__] = len(rows)
         for row in rows:
             acc = sums.get((kind, key_of(row)), {})
-            for column, category in _ROLLUP_COLUMNS[table].items():
+            for column, category in columns.items():
                 have = getattr(row, column) or 0
                 want = acc.get(category, 0)
                 if have != want:
@@ -304,11 +308,10 @@ class Run:
     def __init__(self, args: argparse.Namespace, console: Console) -> None:
         self.args, self.console = args, console
         self.workdir = Path(tempfile.mkdtemp(prefix="tokenmeter-reconcile-"))
-        self.admin = make_url(args.pg_url)
-        self.db_name = f"tokenmeter_reconcile_{uuid.uuid4().hex[:8]}"
-        self.db_url = self.admin.set(database=self.db_name).render_as_string(hide_password=False)
+        self.db_url = ""
         self.redis_url = args.redis_url.rstrip("/")
         self.control = redis.Redis.from_url(f"{self.redis_url}/{CONTROL_DB}")
+        self.broker_redis = redis.Redis.from_url(f"{self.redis_url}/{BROKER_DB}")  # spool, WAL
         self.sandbox = SandboxServers()
         self.worker: subprocess.Popen[bytes] | None = None
         self.pg_stopped = False
@@ -321,13 +324,11 @@ class Run:
         )
         self.client.conf.task_serializer = "json"
         self._engine: Engine | None = None
+        self._jobs_by_id: dict[str, Job] = {}
 
     # setup / teardown
     def start(self) -> None:
-        admin_engine = create_engine(self.admin, isolation_level="AUTOCOMMIT")
-        with admin_engine.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{self.db_name}"'))
-        admin_engine.dispose()
+        self.db_url = create_database(self.args.pg_url, "tokenmeter_reconcile")
         migrate.upgrade(self.db_url)
         self._engine = create_engine(self.db_url, pool_pre_ping=True)
         for db in (BROKER_DB, BACKEND_DB, CONTROL_DB):
@@ -399,10 +400,8 @@ class Run:
         if self._engine is not None:
             self._engine.dispose()
         if not keep:
-            admin_engine = create_engine(self.admin, isolation_level="AUTOCOMMIT")
-            with admin_engine.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'))
-            admin_engine.dispose()
+            if self.db_url:
+                drop_database(self.args.pg_url, self.db_url)
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     @property
@@ -428,9 +427,8 @@ class Run:
 
     def pending_recovery(self) -> int:
         """Batches still waiting in the spool or the write-ahead log (broker's Redis DB)."""
-        r = redis.Redis.from_url(f"{self.redis_url}/{BROKER_DB}")
-        spool = r.llen("tokenmeter:spool")
-        open_executions = r.hlen("tokenmeter:wal:open")
+        spool = self.broker_redis.llen("tokenmeter:spool")
+        open_executions = self.broker_redis.hlen("tokenmeter:wal:open")
         files = sum(1 for _ in (self.workdir / "spool").glob("*.json"))
         return int(spool) + int(open_executions) + files
 
@@ -504,11 +502,8 @@ class Run:
             self.client.send_task(job.name, job.args, job.kwargs, task_id=result.id)
         return len(chosen)
 
-    _jobs_by_id: dict[str, Job]
-
     def run(self) -> Reconciliation:
         jobs = plan_load(self.args.tasks, self.args.seed, self.sandbox)
-        self._jobs_by_id = {}
         args, started = self.args, time.monotonic()
         third = len(jobs) // 3
         waves = (

@@ -15,16 +15,15 @@ import argparse
 import statistics
 import sys
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from bench.pg import create_database, drop_database
 from models import migrate
 from reporting import queries
 
@@ -55,12 +54,7 @@ def main() -> None:
     parser.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
 
-    admin = make_url(args.pg_url)
-    name = f"tokenmeter_bench_{uuid.uuid4().hex[:8]}"
-    admin_engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with admin_engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin.set(database=name).render_as_string(hide_password=False)
+    url = create_database(args.pg_url, "tokenmeter_bench")
     engine = create_engine(url)
     try:
         migrate.upgrade(url)
@@ -98,9 +92,7 @@ def main() -> None:
                 print("\n".join(plan))
     finally:
         engine.dispose()
-        with admin_engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin_engine.dispose()
+        drop_database(args.pg_url, url)
 
 
 if __name__ == "__main__":

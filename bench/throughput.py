@@ -25,9 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 from celery import Celery  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
 
+from bench.pg import create_database, drop_database  # noqa: E402
 from models import migrate  # noqa: E402
 from sandbox.runner import SandboxServers  # noqa: E402
 
@@ -99,12 +98,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, help="write the Markdown report here")
     args = parser.parse_args()
 
-    admin = make_url(args.pg_url)
-    db_name = f"tokenmeter_bench_{uuid.uuid4().hex[:8]}"
-    admin_engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with admin_engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db_name}"'))
-    db_url = admin.set(database=db_name).render_as_string(hide_password=False)
+    db_url = create_database(args.pg_url, "tokenmeter_bench")
     migrate.upgrade(db_url)
     broker, backend = f"{args.redis_url}/9", f"{args.redis_url}/8"
     for url in (broker, backend):
@@ -132,9 +126,7 @@ def main() -> None:
     finally:
         sandbox.stop()
         app.close()
-        with admin_engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-        admin_engine.dispose()
+        drop_database(args.pg_url, db_url)
 
     bare = statistics.median(rates["bare"])
     print(

@@ -7,13 +7,12 @@ after it.  Under CI (``CI=true``) an unreachable server fails the run instead of
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
+from bench.pg import create_database, drop_database
 from models import migrate
 from models.db import dispose_all
 from models.settings import get_settings
@@ -51,21 +50,15 @@ def _fresh_settings(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Te
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session."""
-    admin = make_url(PG_ADMIN_URL)
-    name = f"tokenmeter_test_{uuid.uuid4().hex[:10]}"
     try:
-        engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-        with engine.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = create_database(PG_ADMIN_URL, "tokenmeter_test")
     except Exception as exc:  # pragma: no cover - depends on the machine
         require_service("PostgreSQL", exc)
     try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
+        yield url
     finally:
         dispose_all()
-        with engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
+        drop_database(PG_ADMIN_URL, url)
 
 
 def _reset_pg(url: str) -> None:
