@@ -43,6 +43,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sandbox.ground_truth import BilledRequest  # noqa: E402
+
 MODES = ("tokenmeter", "opentelemetry", "langfuse", "naive")
 CATEGORIES = (
     "input_tokens",
@@ -161,11 +163,7 @@ class Tokenmeter(Adapter):
 
         class MemorySink:
             def scope_closed(self, scope: UsageScope) -> None:
-                stack = [scope]
-                while stack:
-                    s = stack.pop()
-                    records.extend(s.calls)
-                    stack.extend(s.children)
+                records.extend(scope.all_calls())
 
             def unscoped_call(self, call: CallRecord) -> None:
                 records.append(call)
@@ -498,10 +496,11 @@ def suite(tool: Adapter) -> None:
             tool.call(model, fn)
 
 
-def _ledger_ids(base_url: str) -> set[str]:
+def _ledger(base_url: str) -> list[BilledRequest]:
+    """What the sandbox has billed so far (``GET /_sandbox/ledger``)."""
     root = base_url.removesuffix("/v1")
     with urllib.request.urlopen(f"{root}/_sandbox/ledger") as response:
-        return {row["request_id"] for row in json.load(response)}
+        return [BilledRequest.from_json(row) for row in json.load(response)]
 
 
 def child(args: argparse.Namespace) -> None:
@@ -515,9 +514,9 @@ def child(args: argparse.Namespace) -> None:
     }
     if args.suite:
         tool.reset()
-        before = _ledger_ids(args.base_url)
+        before = {r.request_id for r in _ledger(args.base_url)}
         suite(tool)
-        new = sorted(_ledger_ids(args.base_url) - before)
+        new = sorted({r.request_id for r in _ledger(args.base_url)} - before)
         result["request_ids"] = new
         result["captured"] = {k: str(v) for k, v in tool.captured().items()}
         result["kept_text"] = tool.kept_text()
@@ -526,14 +525,11 @@ def child(args: argparse.Namespace) -> None:
 
 # -- the comparison (parent) ---------------------------------------------------------------------
 def truth_of(base_url: str, request_ids: list[str]) -> dict[str, Any]:
-    from instrumentation.pricing import PriceTable
-    from sandbox.ground_truth import BilledRequest
-
-    root = base_url.removesuffix("/v1")
-    with urllib.request.urlopen(f"{root}/_sandbox/ledger") as response:
-        rows = [BilledRequest.from_json(r) for r in json.load(response)]
-    rows = [r for r in rows if r.request_id in set(request_ids)]
     from bench.reconcile import truth_cost
+    from instrumentation.pricing import PriceTable
+
+    wanted = set(request_ids)
+    rows = [r for r in _ledger(base_url) if r.request_id in wanted]
 
     prices = PriceTable.load()
     out: dict[str, Any] = {c: sum(getattr(r, c) for r in rows) for c in CATEGORIES}
