@@ -26,6 +26,7 @@ from instrumentation.sink import (
     call_to_json,
 )
 from models import AgentScannedPost, OpenAICall, PipelineRun, PipelineRunUsage, session_scope
+from tasks.commission import run_usage_rollup
 from tests.helpers import CollectingSink, collecting_sink
 
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=1"
@@ -53,23 +54,6 @@ def image(n: int, cost: str, rid: str) -> CallRecord:
         image_size="1024x1024",
         image_quality="standard",
         cost_usd=Decimal(cost),
-    )
-
-
-def run_usage_rollup(run_id: int) -> TableRollup:
-    return TableRollup(
-        PipelineRunUsage,
-        key={"pipeline_run_id": run_id},
-        sums={
-            "prompt_tokens": "input_tokens",
-            "completion_tokens": "output_tokens",
-            "cached_prompt_tokens": "cached_input_tokens",
-            "reasoning_tokens": "reasoning_tokens",
-            "image_count": "image_count",
-            "image_tokens": "image_tokens",
-        },
-        cost_column="total_cost_usd",
-        values={"idea_model": "gpt-4o-mini", "image_model": "dall-e-3"},
     )
 
 
@@ -101,7 +85,7 @@ def make_run() -> int:
 def commission_attempt(run_id: int, attempt: int, tag: str, captured: CollectingSink) -> FlushBatch:
     task, token = open_scope("task", f"task-{tag}", task_id=f"task-{tag}", attempt=attempt)
     with usage_scope("pipeline_run", run_id) as scope:
-        scope.bind_rollup(run_usage_rollup(run_id))
+        scope.bind_rollup(run_usage_rollup(run_id, "gpt-4o-mini", "dall-e-3"))
         record_call(chat(1000, 200, "0.00027", rid=f"req_{tag}_ideas", cached_input_tokens=512))
         record_call(image(2, "0.08", rid=f"req_{tag}_img"))
     close_scope(task, token)
