@@ -5,17 +5,24 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RECONCILE_ARGS ?=
+# The demo application keeps tokenmeter's data (SQLite ledger, spool) in the repository's var/.
+export TOKENMETER_DATA_DIR ?= $(CURDIR)/var
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint migrate check-usage bench reconcile worker beat api sandbox clean
+.PHONY: help setup chromium demo test lint migrate check-usage bench reconcile worker beat api sandbox clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): pyproject.toml
+# Editable install in setuptools' "strict" mode: a link tree laid out exactly as the wheel
+# (instrumentation/ -> tokenmeter/, ...), which mypy and pytest see like any installed package.
+# Adding or removing a file of the library re-links it (the folders are prerequisites).
+LIB_DIRS := instrumentation instrumentation/migrations instrumentation/migrations/versions reporting sandbox
+
+$(STAMP): pyproject.toml $(addsuffix /.,$(LIB_DIRS))
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev]" --config-settings editable_mode=strict
 	@touch $(STAMP)
 
 setup: $(STAMP) ## Create .venv and install tokenmeter with its dev extras
@@ -23,16 +30,27 @@ setup: $(STAMP) ## Create .venv and install tokenmeter with its dev extras
 demo: setup ## The whole thing offline: sandbox, worker+beat, commissions, a scan, usage report
 	$(PY) -m tasks.demo
 
-test: setup ## Run the whole test suite (SQLite, PostgreSQL, Redis)
+test: setup chromium ## Run the whole test suite (SQLite, PostgreSQL, Redis, chromium)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+chromium: ## Install Debian's chromium for the dashboard test when it is missing (as root)
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium (the dashboard test renders the page in it)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else \
+	    echo "the dashboard test needs chromium: run 'sudo apt-get install chromium' (Debian/Ubuntu)" >&2; \
+	    exit 2; \
+	  fi; }
 
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-migrate: setup ## Create/upgrade the database at DATABASE_URL (default: var/tokenmeter.sqlite)
-	$(VENV)/bin/tokenmeter migrate
+migrate: setup ## Create/upgrade the demo app's database (tokenmeter's ledger + the app's tables)
+	$(PY) -m models.migrate
 
 check-usage: setup ## Usage of the last 7 days by model (ARGS="--by task --since 30d")
 	$(VENV)/bin/tokenmeter check-usage $(ARGS)

@@ -1,4 +1,4 @@
-"""Alembic environment: one code path for SQLite and PostgreSQL."""
+"""Alembic environment of the application's tables: one code path for SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ from logging.config import fileConfig
 from typing import Any
 
 from alembic import context
-from sqlalchemy import BigInteger, Numeric
 
-from models.db import make_engine, normalize_url
 from models.settings import get_settings
 from models.tables import Base
-from models.types import Money
+from tokenmeter.db import make_engine, normalize_url
+from tokenmeter.migrate import compare_type, only_tables_of
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
@@ -28,24 +27,11 @@ def _url() -> str:
     )
 
 
-def _compare_type(
-    ctx: Any, inspected_column: Any, metadata_column: Any, inspected_type: Any, metadata_type: Any
-) -> bool | None:
-    """Money is NUMERIC(20,10) on PostgreSQL and a scaled BIGINT on SQLite: both are a match."""
-    if isinstance(metadata_type, Money):
-        if ctx.dialect.name == "sqlite":
-            return not isinstance(inspected_type, BigInteger)
-        return not (
-            isinstance(inspected_type, Numeric)
-            and (inspected_type.precision, inspected_type.scale) == (20, 10)
-        )
-    return None  # default comparison
-
-
 def _configure(**kwargs: Any) -> None:
     context.configure(
         target_metadata=target_metadata,
-        compare_type=_compare_type,
+        compare_type=compare_type,
+        include_name=only_tables_of(target_metadata),  # tokenmeter's tables are its own chain
         render_as_batch=True,  # SQLite cannot ALTER/DROP columns in place
         **kwargs,
     )

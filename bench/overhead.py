@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from openai import OpenAI  # noqa: E402
 
-from instrumentation import openai_hooks  # noqa: E402
-from instrumentation.context import CallRecord, UsageScope, set_sink, usage_scope  # noqa: E402
+from tokenmeter import openai_hooks  # noqa: E402
+from tokenmeter.context import CallRecord, UsageScope, set_sink, usage_scope  # noqa: E402
 
 
 class NullSink:
@@ -41,7 +41,7 @@ def start_sandbox() -> tuple[subprocess.Popen[str], str]:
         [
             sys.executable,
             "-m",
-            "reporting.cli",
+            "tokenmeter.reporting.cli",
             "sandbox",
             "--openai-port",
             "0",

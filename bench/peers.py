@@ -43,7 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sandbox.ground_truth import BilledRequest  # noqa: E402
+from tokenmeter.sandbox.ground_truth import BilledRequest  # noqa: E402
 
 MODES = ("tokenmeter", "opentelemetry", "langfuse", "naive")
 CATEGORIES = (
@@ -155,8 +155,8 @@ class Tokenmeter(Adapter):
     computes_cost = True
 
     def __init__(self, base_url: str) -> None:
-        from instrumentation import openai_hooks
-        from instrumentation.context import CallRecord, UsageScope, set_sink
+        from tokenmeter import openai_hooks
+        from tokenmeter.context import CallRecord, UsageScope, set_sink
 
         self.records: list[CallRecord] = []
         records = self.records
@@ -176,7 +176,7 @@ class Tokenmeter(Adapter):
 
     @contextmanager
     def session(self) -> Iterator[None]:
-        from instrumentation.context import usage_scope
+        from tokenmeter.context import usage_scope
 
         with usage_scope("bench", "peers"):
             yield
@@ -526,7 +526,7 @@ def child(args: argparse.Namespace) -> None:
 # -- the comparison (parent) ---------------------------------------------------------------------
 def truth_of(base_url: str, request_ids: list[str]) -> dict[str, Any]:
     from bench.reconcile import truth_cost
-    from instrumentation.pricing import PriceTable
+    from tokenmeter.pricing import PriceTable
 
     wanted = set(request_ids)
     rows = [r for r in _ledger(base_url) if r.request_id in wanted]

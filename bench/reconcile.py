@@ -57,15 +57,16 @@ from sqlalchemy.engine import Engine  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from bench.pg import create_database, drop_database  # noqa: E402
-from instrumentation.context import CallRecord  # noqa: E402
-from instrumentation.pricing import PriceTable  # noqa: E402
-from instrumentation.rollups import TableRollup  # noqa: E402
 from models import migrate  # noqa: E402
-from models.tables import AgentScannedPost, OpenAICall, PipelineRunUsage  # noqa: E402
-from sandbox.ground_truth import TOKEN_FIELDS, BilledRequest  # noqa: E402
-from sandbox.runner import SandboxServers  # noqa: E402
+from models.tables import AgentScannedPost, PipelineRunUsage  # noqa: E402
 from tasks.commission import run_usage_rollup  # noqa: E402
 from tasks.promotion import Post, post_rollup  # noqa: E402
+from tokenmeter import OpenAICall  # noqa: E402
+from tokenmeter.context import CallRecord  # noqa: E402
+from tokenmeter.pricing import PriceTable  # noqa: E402
+from tokenmeter.rollups import TableRollup  # noqa: E402
+from tokenmeter.sandbox.ground_truth import TOKEN_FIELDS, BilledRequest  # noqa: E402
+from tokenmeter.sandbox.runner import SandboxServers  # noqa: E402
 
 _ANY_POST = Post(id="", subreddit="", title="", body="", score=0)
 

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from bench.pg import create_database, drop_database
 from models import migrate
-from reporting import queries
+from tokenmeter.reporting import queries
 
 SEED = """
 INSERT INTO openai_calls (request_id, created_at, task_id, task_name, attempt, execution_id,

@@ -28,7 +28,7 @@ from celery import Celery  # noqa: E402
 
 from bench.pg import create_database, drop_database  # noqa: E402
 from models import migrate  # noqa: E402
-from sandbox.runner import SandboxServers  # noqa: E402
+from tokenmeter.sandbox.runner import SandboxServers  # noqa: E402
 
 MODES = {
     "bare": {"TOKENMETER_DISABLED": "1"},

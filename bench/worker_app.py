@@ -22,7 +22,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 if os.environ.get("TOKENMETER_DISABLED") != "1":
-    from instrumentation.celery_signals import install
+    from tokenmeter.celery_signals import install
 
     install(app)
 

@@ -1,30 +1,75 @@
-"""Write side: capture the usage of every OpenAI call and flush it to the ledger.
+"""tokenmeter: exact OpenAI token and cost metering for Celery workers and scripts.
 
-Knows nothing of the application's tasks; usable by any Celery app or plain script::
+The whole public surface is here::
 
-    import instrumentation
-    instrumentation.instrument()
-    with instrumentation.usage_scope("report", "weekly") as scope:
+    import tokenmeter
+
+    tokenmeter.install(app)                 # a Celery app: every task becomes a usage scope
+    tokenmeter.uninstall()                  # exactly undoes install()
+
+    tokenmeter.instrument()                 # a plain script: capture every openai call
+    with tokenmeter.usage_scope("report", "weekly") as scope:
         client.chat.completions.create(...)
     print(scope.totals)
+    tokenmeter.uninstrument()
+
+    # keep a row of your own table equal to a scope's usage
+    scope.bind_rollup(tokenmeter.TableRollup(MyRunUsage, key={"run_id": 7},
+                                             sums={"tokens_in": "input_tokens"},
+                                             cost_column="cost_usd"))
+
+The ledger (``openai_calls``) and its migrations belong to the library: ``tokenmeter migrate``
+creates them in your database with their own version table, beside your own tables and Alembic
+history.  Settings come from the environment (``tokenmeter.settings``).
 """
 
-from instrumentation.context import (
+if __name__ != "tokenmeter":  # the repository folder `instrumentation/` installs as `tokenmeter`
+    raise ImportError(
+        f"import tokenmeter, not {__name__}: two names for one package would make two ledgers "
+        "of one process (pip install -e . maps the folder to its name)"
+    )
+
+from .budgets import BudgetExceeded
+from .celery_signals import CeleryMetering, install, uninstall
+from .context import (
     CallRecord,
     UsageScope,
     UsageTotals,
     current_scope,
     record_call,
+    run_in_scope_thread,
     set_sink,
     usage_scope,
 )
+from .ledger import OpenAICall
+from .migrate import LedgerUnavailable
+from .money import Money, to_money
+from .openai_hooks import instrument, is_instrumented, track_openai_call, uninstrument
+from .rollups import TableRollup
+
+__version__ = "0.2.0"
 
 __all__ = [
+    "BudgetExceeded",
     "CallRecord",
+    "CeleryMetering",
+    "LedgerUnavailable",
+    "Money",
+    "OpenAICall",
+    "TableRollup",
     "UsageScope",
     "UsageTotals",
+    "__version__",
     "current_scope",
+    "install",
+    "instrument",
+    "is_instrumented",
     "record_call",
+    "run_in_scope_thread",
     "set_sink",
+    "to_money",
+    "track_openai_call",
+    "uninstall",
+    "uninstrument",
     "usage_scope",
 ]

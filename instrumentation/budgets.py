@@ -21,14 +21,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from instrumentation.context import (
+from .context import (
     CallRecord,
     UsageScope,
     add_call_guard,
     record_call,
     remove_call_guard,
 )
-from models.types import MONEY_SCALE, to_money
+from .money import MONEY_SCALE, to_money
 
 logger = logging.getLogger("tokenmeter.budgets")
 

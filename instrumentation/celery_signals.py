@@ -2,7 +2,7 @@
 
 ::
 
-    from instrumentation.celery_signals import install
+    from .celery_signals import install
     install(app)                      # every task; or install(app, tasks=["shop.*"])
 
 - ``task_prerun`` opens a root scope (kind ``task``, task id and name, attempt =
@@ -24,7 +24,6 @@ the same frame Celery runs the task in.
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import logging
 import os
 import threading
@@ -34,8 +33,8 @@ from typing import Any
 
 from celery import Celery, Task, signals
 
-from instrumentation.budgets import BUDGET_LABEL, Budgets
-from instrumentation.context import (
+from .budgets import BUDGET_LABEL, Budgets
+from .context import (
     CallRecord,
     UsageScope,
     close_scope,
@@ -43,11 +42,11 @@ from instrumentation.context import (
     open_scope,
     set_sink,
 )
-from instrumentation.recovery import Recovery, RecoveryReport
-from instrumentation.sink import DatabaseSink, connect_redis, default_spool
-from instrumentation.wal import WriteAheadLog, attach_write_ahead
-from models.db import dispose_after_fork
-from models.settings import get_settings
+from .db import dispose_after_fork
+from .recovery import Recovery, RecoveryReport
+from .settings import get_settings
+from .sink import DatabaseSink, connect_redis, default_spool
+from .wal import WriteAheadLog, attach_write_ahead
 
 logger = logging.getLogger("tokenmeter.celery")
 
@@ -61,7 +60,14 @@ def _redis_url(app: Celery) -> str | None:
 
 
 class CeleryMetering:
-    """The installed integration; ``install()`` builds one, ``uninstall()`` removes it."""
+    """The integration for one Celery app: ``install()`` wires it, ``uninstall()`` unwires it.
+
+    Building one does no I/O: settings are read, Redis is connected and the sink is built by
+    :meth:`install`.  :meth:`uninstall` undoes exactly what :meth:`install` did (signals, the
+    openai patch if it made it, the budget guard, the sink, the recovery thread, the metrics
+    server, the Redis connection).  One installation is active per process: installing the
+    same one again changes nothing, installing a second one is an error.
+    """
 
     def __init__(
         self,
@@ -75,42 +81,26 @@ class CeleryMetering:
         recovery_interval_s: float | None = None,
         instrument_openai: bool = True,
     ) -> None:
-        settings = get_settings()
         self.app = app
         self._wanted = self._task_filter(tasks)
-        if redis_client is None:
-            redis_client = connect_redis(_redis_url(app))
-        self.redis = redis_client
-        self.sink = sink or DatabaseSink(spool=default_spool(redis_client))
-        use_wal = settings.tokenmeter_write_ahead if write_ahead is None else write_ahead
-        self.wal: WriteAheadLog | None = (
-            attach_write_ahead(self.sink, redis_client)
-            if use_wal and redis_client is not None
-            else None
-        )
-        if budgets is None and (
-            settings.tokenmeter_task_budget_usd is not None
-            or settings.tokenmeter_daily_budget_usd is not None
-        ):
-            budgets = Budgets(
-                settings.tokenmeter_task_budget_usd,
-                settings.tokenmeter_daily_budget_usd,
-                redis_client,
-            )
-        self.budgets = budgets
-        self.recovery_interval_s = (
-            settings.tokenmeter_recovery_interval_s
-            if recovery_interval_s is None
-            else recovery_interval_s
-        )
+        self._options_sink = sink
+        self._options_write_ahead = write_ahead
+        self._options_redis = redis_client
+        self._options_budgets = budgets
+        self._options_recovery_interval_s = recovery_interval_s
         self.instrument_openai = instrument_openai
-        self.metrics_port = settings.tokenmeter_metrics_port
+        # set by install(), cleared by uninstall()
+        self.installed = False
+        self.redis: Any = None
+        self.sink: DatabaseSink | None = None
+        self.wal: WriteAheadLog | None = None
+        self.budgets: Budgets | None = None
+        self.recovery_interval_s = 0.0
+        self.metrics_port: int | None = None
         self._metrics: Any = None
-        if self.metrics_port:
-            # prefork children write samples here; the main process serves them (metrics.py)
-            default_dir = settings.tokenmeter_spool_dir.parent / "prometheus"
-            os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(default_dir))
-            Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
+        self._metrics_server: Any = None
+        self._patched_openai = False
+        self._owns_redis = False
         self._previous_sink: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -159,7 +149,7 @@ class CeleryMetering:
 
     def _metrics_listener(self, scope: UsageScope, call: CallRecord) -> None:
         if self._metrics is None:  # created in the process that records (after fork)
-            from instrumentation.metrics import Metrics
+            from .metrics import Metrics
 
             self._metrics = Metrics()
         self._metrics.observe_call(call)
@@ -197,14 +187,16 @@ class CeleryMetering:
 
     def on_process_init(self, **_: Any) -> None:
         dispose_after_fork()
-        if self.instrument_openai:
-            _instrument_openai()
+        if self.instrument_openai:  # idempotent: a forked child already has the patch
+            from . import openai_hooks
+
+            openai_hooks.instrument()
 
     def on_worker_ready(self, **_: Any) -> None:
         if self.metrics_port:
-            from instrumentation.metrics import serve
+            from .metrics import serve
 
-            serve(self.metrics_port)
+            self._metrics_server = serve(self.metrics_port)
             logger.info("metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
         self.recover_once()
         if self.recovery_interval_s > 0 and self._thread is None:
@@ -219,6 +211,8 @@ class CeleryMetering:
     # -- recovery ----------------------------------------------------------------------------
     def recover_once(self) -> RecoveryReport:
         """Replay the spool and flush orphaned write-ahead executions."""
+        if self.sink is None:
+            raise RuntimeError("tokenmeter is not installed: call install() first")
         return Recovery(self.sink, self.wal).run_once()
 
     def _recovery_loop(self) -> None:
@@ -234,33 +228,126 @@ class CeleryMetering:
         (signals.worker_shutdown, "on_worker_shutdown"),
     )
 
+    def _build(self) -> None:
+        """Connect Redis and build the sink, write-ahead log and budgets (install's I/O)."""
+        settings = get_settings()
+        self._owns_redis = self._options_redis is None
+        self.redis = self._options_redis or connect_redis(_redis_url(self.app))
+        self.sink = self._options_sink or DatabaseSink(spool=default_spool(self.redis))
+        use_wal = (
+            settings.tokenmeter_write_ahead
+            if self._options_write_ahead is None
+            else self._options_write_ahead
+        )
+        self.wal = (
+            attach_write_ahead(self.sink, self.redis)
+            if use_wal and self.redis is not None
+            else None
+        )
+        self.budgets = self._options_budgets
+        if self.budgets is None and (
+            settings.tokenmeter_task_budget_usd is not None
+            or settings.tokenmeter_daily_budget_usd is not None
+        ):
+            self.budgets = Budgets(
+                settings.tokenmeter_task_budget_usd,
+                settings.tokenmeter_daily_budget_usd,
+                self.redis,
+            )
+        self.recovery_interval_s = (
+            settings.tokenmeter_recovery_interval_s
+            if self._options_recovery_interval_s is None
+            else self._options_recovery_interval_s
+        )
+        self.metrics_port = settings.tokenmeter_metrics_port
+        if self.metrics_port:
+            # prefork children write samples here; the main process serves them (metrics.py)
+            default_dir = settings.tokenmeter_data_dir / "prometheus"
+            os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(default_dir))
+            Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
+
     def install(self) -> CeleryMetering:
-        self._previous_sink = set_sink(self.sink)
-        if self.budgets is not None:
-            self.budgets.install()
-        for signal, handler in self._SIGNALS:
-            signal.connect(getattr(self, handler), weak=False, dispatch_uid=f"tokenmeter.{handler}")
-        if self.instrument_openai:
-            _instrument_openai()
+        global _active
+        with _active_lock:
+            if _active is self:
+                return self
+            if _active is not None:
+                raise RuntimeError(
+                    f"tokenmeter is already installed on Celery app {_active.app.main!r}; "
+                    "call tokenmeter.uninstall() first"
+                )
+            self._build()
+            assert self.sink is not None
+            self._stop = threading.Event()
+            self._previous_sink = set_sink(self.sink)
+            if self.budgets is not None:
+                self.budgets.install()
+            for signal, handler in self._SIGNALS:
+                signal.connect(
+                    getattr(self, handler), weak=False, dispatch_uid=f"tokenmeter.{handler}"
+                )
+            if self.instrument_openai:
+                self._patched_openai = _instrument_openai()
+            self.installed = True
+            _active = self
         return self
 
     def uninstall(self) -> None:
-        for signal, handler in self._SIGNALS:
-            signal.disconnect(dispatch_uid=f"tokenmeter.{handler}")
-        if self.budgets is not None:
-            self.budgets.uninstall()
-        if get_sink() is self.sink:
-            set_sink(self._previous_sink)
-        self._stop.set()
+        """Undo :meth:`install`, in the reverse order.  A no-op when not installed."""
+        global _active
+        with _active_lock:
+            if not self.installed:
+                return
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+                self._thread = None
+            if self._metrics_server is not None:
+                server, thread = self._metrics_server
+                server.shutdown()
+                server.server_close()
+                thread.join(timeout=5)
+                self._metrics_server = None
+            if self._patched_openai:
+                _uninstrument_openai()
+                self._patched_openai = False
+            for signal, handler in reversed(self._SIGNALS):
+                signal.disconnect(dispatch_uid=f"tokenmeter.{handler}")
+            if self.budgets is not None:
+                self.budgets.uninstall()
+            if get_sink() is self.sink:
+                set_sink(self._previous_sink)
+            if self._owns_redis and self.redis is not None:
+                self.redis.close()
+            self.redis = self.sink = self.wal = self.budgets = None
+            self.installed = False
+            if _active is self:
+                _active = None
 
 
-def _instrument_openai() -> None:
-    try:
-        hooks = importlib.import_module("instrumentation.openai_hooks")
-    except ImportError:  # capture not available (e.g. openai not installed)
-        logger.warning("openai hooks unavailable: calls will not be captured")
-        return
-    hooks.instrument()
+_active_lock = threading.RLock()
+_active: CeleryMetering | None = None
+
+
+def active() -> CeleryMetering | None:
+    """The installation active in this process, if any."""
+    return _active
+
+
+def _instrument_openai() -> bool:
+    """Patch the openai client; True when this call patched it (so uninstall restores it)."""
+    from . import openai_hooks
+
+    if openai_hooks.is_instrumented():
+        return False
+    openai_hooks.instrument()
+    return True
+
+
+def _uninstrument_openai() -> None:
+    from . import openai_hooks
+
+    openai_hooks.uninstrument()
 
 
 def install(
@@ -270,3 +357,10 @@ def install(
 ) -> CeleryMetering:
     """Meter every task of ``app`` (or those matching ``tasks``).  Returns the handle."""
     return CeleryMetering(app, tasks, **options).install()
+
+
+def uninstall() -> None:
+    """Undo :func:`install` (signals, the openai patch, threads).  A no-op if not installed."""
+    current = _active
+    if current is not None:
+        current.uninstall()

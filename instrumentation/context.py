@@ -137,7 +137,7 @@ def _is_billable(call: CallRecord) -> bool:
 
 
 class Sink(Protocol):
-    """Where closed root scopes and unscoped calls go (``instrumentation.sink`` in a worker)."""
+    """Where closed root scopes and unscoped calls go (``tokenmeter.sink`` in a worker)."""
 
     def scope_closed(self, scope: UsageScope) -> None: ...
 

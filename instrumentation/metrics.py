@@ -24,7 +24,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from instrumentation.context import CallRecord, UsageScope
+from .context import CallRecord, UsageScope
 
 TOKEN_CATEGORIES = {
     "input": "input_tokens",

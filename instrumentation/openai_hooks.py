@@ -36,14 +36,14 @@ from openai._base_client import AsyncAPIClient, SyncAPIClient
 from openai._legacy_response import LegacyAPIResponse
 from openai._response import APIResponse, AsyncAPIResponse
 
-from instrumentation.context import (
+from .context import (
     CallRecord,
     UsageScope,
     before_call,
     current_scope,
     record_call,
 )
-from instrumentation.pricing import cost_of
+from .pricing import cost_of
 
 logger = logging.getLogger("tokenmeter.openai")
 

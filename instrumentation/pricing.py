@@ -26,8 +26,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from instrumentation.context import CallRecord
-from models.types import MONEY_QUANTUM
+from .context import CallRecord
+from .money import MONEY_QUANTUM
 
 logger = logging.getLogger("tokenmeter.pricing")
 
@@ -191,7 +191,7 @@ def _table_for(override: str | None) -> PriceTable:
 
 def price_table() -> PriceTable:
     """The process's table: built-ins plus ``TOKENMETER_PRICES_FILE``, loaded once."""
-    from models.settings import get_settings
+    from .settings import get_settings
 
     override = get_settings().tokenmeter_prices_file
     return _table_for(str(override) if override else None)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from instrumentation.sink import DatabaseSink, connect_redis, default_spool
-from instrumentation.wal import WriteAheadLog, attach_write_ahead
+from .sink import DatabaseSink, connect_redis, default_spool
+from .wal import WriteAheadLog, attach_write_ahead
 
 logger = logging.getLogger("tokenmeter.recovery")
 

@@ -31,11 +31,11 @@ from sqlalchemy import Connection, Insert, Table
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
-from instrumentation.context import CallRecord, UsageScope, UsageTotals
-from instrumentation.rollups import TableRollup
-from models.db import get_engine
-from models.settings import get_settings
-from models.tables import OpenAICall
+from .context import CallRecord, UsageScope, UsageTotals
+from .db import get_engine
+from .ledger import OpenAICall
+from .rollups import TableRollup
+from .settings import get_settings
 
 logger = logging.getLogger("tokenmeter.sink")
 
@@ -353,7 +353,7 @@ def connect_redis(url: str | None) -> Any | None:
 
 def default_spool(redis_client: Any | None = None) -> Spool:
     """Redis (with a local-file fallback) when a client is given, else a local file spool."""
-    local = FileSpool(get_settings().tokenmeter_spool_dir)
+    local = FileSpool(get_settings().spool_dir)
     if redis_client is not None:
         return FallbackSpool(RedisSpool(redis_client), local)
     return local

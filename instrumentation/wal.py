@@ -21,8 +21,8 @@ import socket
 import time
 from typing import Any
 
-from instrumentation.context import CallRecord, Rollup, UsageScope
-from instrumentation.sink import BoundRollup, DatabaseSink, FlushBatch, call_from_json, call_to_json
+from .context import CallRecord, Rollup, UsageScope
+from .sink import BoundRollup, DatabaseSink, FlushBatch, call_from_json, call_to_json
 
 logger = logging.getLogger("tokenmeter.wal")
 

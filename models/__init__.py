@@ -1,29 +1,17 @@
-"""Storage: typed tables, engine/session handling, pydantic schemas, settings."""
+"""The application's storage: its tables, schemas, settings and sessions.
+
+tokenmeter's ledger (``tokenmeter.OpenAICall``) is the library's, not part of this package.
+"""
 
 from models.db import dispose_after_fork, get_engine, session_scope
-from models.schemas import (
-    AgentScannedPostSchema,
-    OpenAICallSchema,
-    PipelineRunSchema,
-    PipelineRunUsageSchema,
-)
+from models.schemas import AgentScannedPostSchema, PipelineRunSchema, PipelineRunUsageSchema
 from models.settings import Settings, get_settings
-from models.tables import (
-    AgentScannedPost,
-    Base,
-    OpenAICall,
-    PipelineRun,
-    PipelineRunUsage,
-)
-from models.types import Money, to_money
+from models.tables import AgentScannedPost, Base, PipelineRun, PipelineRunUsage
 
 __all__ = [
     "AgentScannedPost",
     "AgentScannedPostSchema",
     "Base",
-    "Money",
-    "OpenAICall",
-    "OpenAICallSchema",
     "PipelineRun",
     "PipelineRunSchema",
     "PipelineRunUsage",
@@ -33,5 +21,4 @@ __all__ = [
     "get_engine",
     "get_settings",
     "session_scope",
-    "to_money",
 ]

@@ -1,35 +1,34 @@
-"""All configuration, read from the environment in one place.
+"""The application's configuration, read from the environment in one place.
 
 Every setting has a default that works offline on a fresh clone: an SQLite file under
-``var/``, no broker server, the loopback sandbox as the OpenAI endpoint.  Names follow the
-ecosystem (``DATABASE_URL``, ``CELERY_BROKER_URL``, ``OPENAI_API_KEY``...), so an existing
-deployment's environment is picked up as it is.
+``var/``, no broker server, the loopback sandbox as the OpenAI endpoint.  tokenmeter's own
+settings (ledger, spool, budgets, metrics) are the library's: ``tokenmeter.settings``.  Names
+follow the ecosystem (``DATABASE_URL``, ``CELERY_BROKER_URL``, ``OPENAI_API_KEY``...), so an
+existing deployment's environment is picked up as it is.
 """
 
 from __future__ import annotations
 
-from decimal import Decimal
+import os
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tokenmeter.settings import get_settings as get_tokenmeter_settings
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-VAR_DIR = Path.cwd() / "var"
+VAR_DIR = PROJECT_ROOT / "var"
+# The demo application keeps tokenmeter's data (SQLite ledger, spool) in the repository's var/
+# unless told otherwise; a library user gets tokenmeter's own default (see tokenmeter.settings).
+os.environ.setdefault("TOKENMETER_DATA_DIR", str(VAR_DIR))
 
 
 class Settings(BaseSettings):
-    """Runtime settings.  Field names map to upper-case environment variables."""
+    """The application's settings.  Field names map to upper-case environment variables."""
 
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
-
-    # --- storage -------------------------------------------------------------------------
-    database_url: str = Field(
-        default_factory=lambda: f"sqlite:///{VAR_DIR / 'tokenmeter.sqlite'}",
-        description="SQLAlchemy URL of the usage database (SQLite file by default).",
-    )
-    database_echo: bool = False
 
     # --- celery ----------------------------------------------------------------------------
     celery_broker_url: str | None = None
@@ -72,34 +71,10 @@ class Settings(BaseSettings):
     def subreddits(self) -> list[str]:
         return [s.strip() for s in self.promotion_subreddits.split(",") if s.strip()]
 
-    # --- metering ------------------------------------------------------------------------
-    tokenmeter_prices_file: Path | None = Field(
-        default=None, description="TOML file whose rows override/extend the built-in prices."
-    )
-    tokenmeter_store_text: bool = Field(
-        default=False, description="Opt-in: keep prompt/completion text. Off by default."
-    )
-    tokenmeter_spool_dir: Path = Field(default_factory=lambda: VAR_DIR / "spool")
-    tokenmeter_write_ahead: bool = Field(
-        default=True, description="Log each call to Redis as it happens (survives SIGKILL)."
-    )
-    tokenmeter_redis_url: str | None = Field(
-        default=None,
-        description="Redis for the write-ahead log, spool and daily budget "
-        "(default: the Celery broker, when it is Redis).",
-    )
-    tokenmeter_recovery_interval_s: float = Field(
-        default=30.0, description="How often a worker replays the spool and orphaned calls."
-    )
-    tokenmeter_daily_budget_usd: Decimal | None = None
-    tokenmeter_task_budget_usd: Decimal | None = None
-
-    # --- reporting -----------------------------------------------------------------------
-    tokenmeter_api_token: str | None = Field(
-        default=None,
-        description="Bearer token for the usage API; the API refuses to start without one.",
-    )
-    tokenmeter_metrics_port: int | None = None
+    @property
+    def database_url(self) -> str:
+        """The application's tables live in tokenmeter's database (``DATABASE_URL``)."""
+        return get_tokenmeter_settings().ledger_url
 
 
 @lru_cache(maxsize=1)

@@ -25,17 +25,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from models.db import get_engine
-from models.schemas import (
-    AgentScannedPostSchema,
-    OpenAICallSchema,
-    PipelineRunSchema,
-    PipelineRunUsageSchema,
-    UsageGroup,
-)
-from models.settings import Settings, get_settings
-from reporting import queries
-from reporting.render import money
+from tokenmeter.db import get_engine
+from tokenmeter.schemas import FromRow, MoneyJSON, OpenAICallSchema, UsageGroup
+from tokenmeter.settings import TokenmeterSettings, get_settings
+
+from . import queries
+from .render import money
 
 GroupBy = Literal["model", "task", "kind", "day", "status"]
 
@@ -48,14 +43,32 @@ class SummaryResponse(BaseModel):
     total: UsageGroup
 
 
-class RunResponse(BaseModel):
-    run: PipelineRunSchema
-    usage: PipelineRunUsageSchema | None
-    calls: list[OpenAICallSchema]
+class ScopeUsage(FromRow):
+    """One scope's usage (reporting.queries.ScopeRow)."""
+
+    kind: str
+    ref: str
+    calls: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    image_count: int
+    cost_usd: MoneyJSON | None  # None when some of its calls have no known price
+    unpriced_calls: int
+    first_call_at: datetime
+    last_call_at: datetime
 
 
-class PostResponse(BaseModel):
-    post: AgentScannedPostSchema
+class ScopesResponse(BaseModel):
+    start: datetime
+    end: datetime
+    scopes: list[ScopeUsage]
+
+
+class ScopeResponse(BaseModel):
+    kind: str
+    ref: str
     calls: list[OpenAICallSchema]
 
 
@@ -92,7 +105,7 @@ def window(start_date: str | None, end_date: str | None) -> tuple[datetime, date
     return start, end
 
 
-def create_app(settings: Settings | None = None, *, require_auth: bool = True) -> FastAPI:
+def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool = True) -> FastAPI:
     settings = settings or get_settings()
     token = settings.tokenmeter_api_token
     if require_auth and not token:
@@ -120,7 +133,7 @@ def create_app(settings: Settings | None = None, *, require_auth: bool = True) -
             )
 
     def db() -> Iterator[Session]:
-        with Session(get_engine(settings.database_url)) as session:
+        with Session(get_engine(settings.ledger_url, readonly=True)) as session:
             yield session
 
     @app.exception_handler(RequestValidationError)
@@ -150,35 +163,33 @@ def create_app(settings: Settings | None = None, *, require_auth: bool = True) -
             total=UsageGroup.model_validate(total),
         )
 
-    @app.get("/api/usage/runs/{run_id}", response_model=RunResponse, dependencies=auth)
-    def run(
-        run_id: int = Path(ge=1, le=2**31 - 1, description="pipeline run id"),
+    @app.get("/api/usage/scopes", response_model=ScopesResponse, dependencies=auth)
+    def scopes(
         session: Session = DB,
-    ) -> RunResponse:
-        """One pipeline run: its usage row and every call of every attempt."""
-        found = queries.run_detail(session, run_id)
-        if found is None:
-            raise HTTPException(404, f"no pipeline run {run_id}")
-        r, usage, calls = found
-        return RunResponse(
-            run=PipelineRunSchema.model_validate(r),
-            usage=PipelineRunUsageSchema.model_validate(usage) if usage else None,
-            calls=[OpenAICallSchema.model_validate(c) for c in calls],
+        start_date: str | None = None,
+        end_date: str | None = None,
+        kind: str | None = Query(None, max_length=255, description="only this scope kind"),
+        limit: int = Query(10, ge=1, le=1000),
+    ) -> ScopesResponse:
+        """The most expensive scopes (pipeline runs, scanned posts...) in the window."""
+        start, end = window(start_date, end_date)
+        rows = queries.top_scopes(session, start, end, kind=kind, limit=limit)
+        return ScopesResponse(
+            start=start, end=end, scopes=[ScopeUsage.model_validate(r) for r in rows]
         )
 
-    @app.get("/api/usage/posts/{post_id}", response_model=PostResponse, dependencies=auth)
-    def post(
-        post_id: str = Path(min_length=1, max_length=32, description="Reddit post id"),
+    @app.get("/api/usage/scopes/{kind}/{ref}", response_model=ScopeResponse, dependencies=auth)
+    def scope(
+        kind: str = Path(min_length=1, max_length=255, description="scope kind"),
+        ref: str = Path(min_length=1, max_length=4096, description="scope reference"),
         session: Session = DB,
-    ) -> PostResponse:
-        """One scanned post: its usage columns and its own calls."""
-        found = queries.post_detail(session, post_id)
-        if found is None:
-            raise HTTPException(404, f"no scanned post {post_id!r}")
-        p, calls = found
-        return PostResponse(
-            post=AgentScannedPostSchema.model_validate(p),
-            calls=[OpenAICallSchema.model_validate(c) for c in calls],
+    ) -> ScopeResponse:
+        """Every call of one scope, all attempts, oldest first."""
+        calls = queries.scope_calls(session, kind, ref)
+        if not calls:
+            raise HTTPException(404, f"no calls recorded in scope {kind}/{ref}")
+        return ScopeResponse(
+            kind=kind, ref=ref, calls=[OpenAICallSchema.model_validate(c) for c in calls]
         )
 
     @app.get("/api/usage/calls", response_model=CallsResponse, dependencies=auth)
@@ -222,7 +233,7 @@ def create_app(settings: Settings | None = None, *, require_auth: bool = True) -
                 queries.usage_summary(session, start, end, "day"),
                 queries.usage_summary(session, start, end, "model"),
                 queries.usage_summary(session, start, end, "none")[0],
-                queries.top_runs(session, 10),
+                queries.top_scopes(session, start, end, limit=10),
                 days,
             )
         )
@@ -255,16 +266,16 @@ def render_dashboard(
     by_day: list[queries.UsageRow],
     by_model: list[queries.UsageRow],
     total: queries.UsageRow,
-    runs: list[queries.RunRow],
+    scopes: list[queries.ScopeRow],
     days: int,
 ) -> str:
     day_rows = sorted(((r.key, r.priced_cost_usd) for r in by_day), key=lambda kv: kv[0])
     model_rows = [(r.key, r.priced_cost_usd) for r in by_model]
-    run_rows = "".join(
-        f"<tr><td>{r.pipeline_run_id}</td><td>{html.escape(r.status)}</td>"
-        f"<td>{r.prompt_tokens:,}</td><td>{r.completion_tokens:,}</td><td>{r.image_count}</td>"
-        f"<td>{money(r.total_cost_usd)}</td></tr>"
-        for r in runs
+    scope_rows = "".join(
+        f"<tr><td>{html.escape(s.kind)}</td><td>{html.escape(s.ref)}</td><td>{s.calls}</td>"
+        f"<td>{s.input_tokens:,}</td><td>{s.output_tokens:,}</td><td>{s.image_count}</td>"
+        f"<td>{money(s.cost_usd)}</td></tr>"
+        for s in scopes
     )
     unpriced = (
         f" ({total.unpriced_calls} calls with unknown prices)" if total.unpriced_calls else ""
@@ -280,8 +291,8 @@ def render_dashboard(
         f"{unpriced}.</p>",
         _bars(day_rows, "Cost per day (UTC)"),
         _bars(model_rows, "Cost by model"),
-        "<h2>Most expensive pipeline runs</h2><table><tr><th>run</th><th>status</th>"
-        f"<th>prompt</th><th>completion</th><th>images</th><th>cost</th></tr>{run_rows}</table>",
+        "<h2>Most expensive scopes</h2><table><tr><th>kind</th><th>ref</th><th>calls</th>"
+        f"<th>input</th><th>output</th><th>images</th><th>cost</th></tr>{scope_rows}</table>",
         "</body></html>",
     ]
     return "".join(page)

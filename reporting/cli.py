@@ -40,14 +40,17 @@ def migrate(
     ),
     down: bool = typer.Option(False, "--down", help="Downgrade to REVISION instead."),
 ) -> None:
-    """Create or upgrade the usage database (alembic) - safe to run repeatedly."""
-    from models import migrate as m
-    from models.db import normalize_url
-    from models.settings import get_settings
+    """Create or upgrade tokenmeter's ledger in the database - safe to run repeatedly.
 
-    url = normalize_url(database_url or get_settings().database_url)
+    Only tokenmeter's own tables and version table (tokenmeter_alembic_version) are touched.
+    """
+    from tokenmeter import migrate as m
+    from tokenmeter.db import normalize_url
+    from tokenmeter.settings import get_settings
+
+    url = normalize_url(database_url or get_settings().ledger_url)
     (m.downgrade if down else m.upgrade)(url, revision)
-    console().print(f"[green]database at {_redact(url)} is at {revision}[/green]")
+    console().print(f"[green]tokenmeter ledger at {m.redact(url)} is at {revision}[/green]")
 
 
 @app.command()
@@ -57,7 +60,7 @@ def sandbox(
     reddit_port: int = typer.Option(8200, help="Reddit sandbox port (0: any free port)."),
 ) -> None:
     """Run the loopback OpenAI and Reddit sandboxes in the foreground."""
-    from sandbox.cli import serve
+    from tokenmeter.sandbox.cli import serve
 
     serve(host, openai_port, reddit_port)
 
@@ -73,7 +76,7 @@ def prices(
 
     from rich.table import Table
 
-    from instrumentation.pricing import price_table
+    from tokenmeter.pricing import price_table
 
     try:
         day = date.fromisoformat(at) if at else None
@@ -156,8 +159,7 @@ def check_usage(
 
     from sqlalchemy.orm import Session
 
-    from models.db import get_engine
-    from reporting import queries, render
+    from . import queries, render
 
     if by not in ("model", "task", "kind", "day", "status"):
         fail(f"--by must be model, task, kind, day or status, not {by!r}")
@@ -165,7 +167,7 @@ def check_usage(
         fail(f"--format must be table, json or csv, not {fmt!r}")
     end = parse_until(until)
     start = end - parse_since(since)
-    with Session(get_engine(database_url)) as session:
+    with Session(ledger_engine(database_url)) as session:
         rows = queries.usage_summary(session, start, end, by)  # type: ignore[arg-type]
         total = queries.usage_summary(session, start, end, "none")
     if fmt == "json":
@@ -200,53 +202,49 @@ def check_usage(
 
 
 @app.command()
-def runs(
+def scopes(
+    kind: str | None = typer.Option(None, help="Only this scope kind (pipeline_run, ...)."),
+    since: str = typer.Option("30d", help=_SINCE_HELP),
+    until: str | None = typer.Option(None, help="End of the window (ISO; naive = UTC)."),
     limit: int = typer.Option(10, min=1, max=1000, help="How many."),
     fmt: str = typer.Option("table", "--format", help="table or json"),
     database_url: str | None = typer.Option(None, "--database-url", envvar="DATABASE_URL"),
 ) -> None:
-    """The most expensive pipeline runs (commissions), with their exact usage."""
-    _top("runs", limit, fmt, database_url)
-
-
-@app.command()
-def posts(
-    limit: int = typer.Option(10, min=1, max=1000, help="How many."),
-    fmt: str = typer.Option("table", "--format", help="table or json"),
-    database_url: str | None = typer.Option(None, "--database-url", envvar="DATABASE_URL"),
-) -> None:
-    """The most expensive scanned Reddit posts, with their exact usage."""
-    _top("posts", limit, fmt, database_url)
-
-
-def _top(what: str, limit: int, fmt: str, database_url: str | None) -> None:
-    import dataclasses
+    """The most expensive scopes (a pipeline run, a scanned post...), with their exact usage."""
     import json
 
     from sqlalchemy.orm import Session
 
-    from models.db import get_engine
-    from reporting import queries, render
+    from . import queries, render
 
     if fmt not in ("table", "json"):
         fail(f"--format must be table or json, not {fmt!r}")
-    with Session(get_engine(database_url)) as session:
-        rows: list[Any] = (
-            queries.top_runs(session, limit)
-            if what == "runs"
-            else queries.top_posts(session, limit)
-        )
+    end = parse_until(until)
+    start = end - parse_since(since)
+    with Session(ledger_engine(database_url)) as session:
+        rows = queries.top_scopes(session, start, end, kind=kind, limit=limit)
     if fmt == "json":
-        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2, default=str))
+        from tokenmeter.reporting.api import ScopeUsage
+
+        print(json.dumps([ScopeUsage.model_validate(r).model_dump(mode="json") for r in rows]))
     elif not rows:
-        console().print(f"no {what} recorded yet")
+        console().print("no scopes with calls in the window")
     else:
-        table = render.runs_table(rows) if what == "runs" else render.posts_table(rows)
-        console().print(table)
+        console().print(render.scopes_table(rows))
+
+
+def ledger_engine(database_url: str | None) -> Any:
+    """A read-only engine on a migrated ledger, or one line saying what to run (exit 2)."""
+    from tokenmeter.migrate import LedgerUnavailable, require_ledger
+
+    try:
+        return require_ledger(database_url)
+    except LedgerUnavailable as exc:
+        fail(str(exc))
 
 
 def _row_json(r: Any) -> dict[str, Any]:
-    from models.schemas import UsageGroup
+    from tokenmeter.schemas import UsageGroup
 
     return UsageGroup.model_validate(r).model_dump(mode="json")
 
@@ -260,8 +258,9 @@ def api(
     """Serve the usage HTTP API (/api/usage/...), its OpenAPI docs (/docs) and the dashboard (/)."""
     import uvicorn
 
-    from reporting.api import create_app
+    from .api import create_app
 
+    ledger_engine(None)  # a missing or unmigrated ledger is said now, not on the first request
     try:
         application = create_app(require_auth=not no_auth)
     except RuntimeError as exc:
@@ -271,12 +270,6 @@ def api(
         f"dashboard http://{host}:{port}/" + ("" if no_auth else "?token=...")
     )
     uvicorn.run(application, host=host, port=port, log_level="info")
-
-
-def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def main() -> None:

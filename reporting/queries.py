@@ -1,4 +1,4 @@
-"""One query layer over the ledger and the rollups, for the CLI, the demo and the API.
+"""One query layer over the ledger (``openai_calls``), for the CLI, the API and applications.
 
 Windows are half-open ``[start, end)`` on ``openai_calls.created_at`` (timezone-aware, UTC).
 Money stays ``Decimal``: SQL ``SUM`` over the ``Money`` type is exact on both backends.  A row
@@ -16,7 +16,7 @@ from typing import Any, Literal
 from sqlalchemy import String, case, func, literal_column, select
 from sqlalchemy.orm import Session
 
-from models.tables import AgentScannedPost, OpenAICall, PipelineRun, PipelineRunUsage
+from tokenmeter.ledger import OpenAICall
 
 GroupBy = Literal["model", "task", "kind", "day", "status", "none"]
 GROUPS: dict[str, object] = {
@@ -43,28 +43,6 @@ class UsageRow:
     @property
     def cost_usd(self) -> Decimal | None:
         return None if self.unpriced_calls else self.priced_cost_usd
-
-
-@dataclass(frozen=True)
-class RunRow:
-    pipeline_run_id: int
-    status: str
-    summary: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    image_count: int
-    total_cost_usd: Decimal | None
-
-
-@dataclass(frozen=True)
-class PostRow:
-    post_id: str
-    subreddit: str
-    title: str | None
-    promoted: bool
-    prompt_tokens: int
-    completion_tokens: int
-    total_cost_usd: Decimal | None
 
 
 def usage_summary(
@@ -120,89 +98,12 @@ def usage_summary(
     ]
 
 
-def top_runs(session: Session, limit: int = 10) -> list[RunRow]:
-    stmt = (
-        select(PipelineRun, PipelineRunUsage)
-        .join(PipelineRunUsage, PipelineRunUsage.pipeline_run_id == PipelineRun.id)
-        .order_by(PipelineRunUsage.total_cost_usd.desc().nulls_last(), PipelineRun.id)
-        .limit(limit)
-    )
-    return [
-        RunRow(
-            run.id,
-            run.status,
-            run.summary,
-            u.prompt_tokens,
-            u.completion_tokens,
-            u.image_count,
-            u.total_cost_usd,
-        )
-        for run, u in session.execute(stmt)
-    ]
-
-
-def top_posts(session: Session, limit: int = 10) -> list[PostRow]:
-    stmt = (
-        select(AgentScannedPost)
-        .order_by(AgentScannedPost.total_cost_usd.desc().nulls_last(), AgentScannedPost.post_id)
-        .limit(limit)
-    )
-    return [
-        PostRow(
-            p.post_id,
-            p.subreddit,
-            p.post_title,
-            p.promoted,
-            p.prompt_tokens,
-            p.completion_tokens,
-            p.total_cost_usd,
-        )
-        for p in session.scalars(stmt)
-    ]
-
-
 @dataclass(frozen=True)
 class CallPage:
     items: list[OpenAICall]
     total: int
     page: int
     page_size: int
-
-
-def run_detail(
-    session: Session, run_id: int
-) -> tuple[PipelineRun, PipelineRunUsage | None, list[OpenAICall]] | None:
-    """One pipeline run, its usage row and its calls (every attempt), or None."""
-    run = session.get(PipelineRun, run_id)
-    if run is None:
-        return None
-    usage = session.scalars(
-        select(PipelineRunUsage).where(PipelineRunUsage.pipeline_run_id == run_id)
-    ).first()
-    calls = list(
-        session.scalars(
-            select(OpenAICall)
-            .where(OpenAICall.scope_kind == "pipeline_run", OpenAICall.scope_ref == str(run_id))
-            .order_by(OpenAICall.created_at, OpenAICall.id)
-        )
-    )
-    return run, usage, calls
-
-
-def post_detail(session: Session, post_id: str) -> tuple[AgentScannedPost, list[OpenAICall]] | None:
-    post = session.scalars(
-        select(AgentScannedPost).where(AgentScannedPost.post_id == post_id)
-    ).first()
-    if post is None:
-        return None
-    calls = list(
-        session.scalars(
-            select(OpenAICall)
-            .where(OpenAICall.scope_kind == "scanned_post", OpenAICall.scope_ref == post_id)
-            .order_by(OpenAICall.created_at, OpenAICall.id)
-        )
-    )
-    return post, calls
 
 
 def list_calls(
@@ -242,3 +143,99 @@ def list_calls(
         )
     )
     return CallPage(items, int(total), page, page_size)
+
+
+@dataclass(frozen=True)
+class ScopeRow:
+    """The usage of one scope (kind + ref: a pipeline run, a scanned post, a report...)."""
+
+    kind: str
+    ref: str
+    calls: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    image_count: int
+    priced_cost_usd: Decimal
+    unpriced_calls: int
+    first_call_at: datetime
+    last_call_at: datetime
+
+    @property
+    def cost_usd(self) -> Decimal | None:
+        return None if self.unpriced_calls else self.priced_cost_usd
+
+
+def top_scopes(
+    session: Session,
+    start: datetime,
+    end: datetime,
+    *,
+    kind: str | None = None,
+    limit: int = 10,
+) -> list[ScopeRow]:
+    """The most expensive scopes with calls in ``[start, end)`` (innermost scope of each call).
+
+    A scope with any unpriced call sorts by its priced part and shows an unknown cost.
+    """
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError("start and end must be timezone-aware")
+    billable = OpenAICall.status.notin_(("error", "blocked"))
+    priced = func.coalesce(func.sum(OpenAICall.cost_usd), 0)
+    where = [
+        OpenAICall.created_at >= start,
+        OpenAICall.created_at < end,
+        OpenAICall.scope_kind.is_not(None),
+    ]
+    if kind:
+        where.append(OpenAICall.scope_kind == kind)
+    stmt = (
+        select(
+            OpenAICall.scope_kind,
+            OpenAICall.scope_ref,
+            func.count(),
+            func.coalesce(func.sum(OpenAICall.input_tokens), 0),
+            func.coalesce(func.sum(OpenAICall.cached_input_tokens), 0),
+            func.coalesce(func.sum(OpenAICall.output_tokens), 0),
+            func.coalesce(func.sum(OpenAICall.reasoning_tokens), 0),
+            func.coalesce(func.sum(OpenAICall.image_count), 0),
+            func.sum(OpenAICall.cost_usd),
+            func.sum(case((billable & OpenAICall.cost_usd.is_(None), 1), else_=0)),
+            func.min(OpenAICall.created_at),
+            func.max(OpenAICall.created_at),
+        )
+        .where(*where)
+        .group_by(OpenAICall.scope_kind, OpenAICall.scope_ref)
+        .order_by(priced.desc(), OpenAICall.scope_kind, OpenAICall.scope_ref)
+        .limit(limit)
+    )
+    return [
+        ScopeRow(
+            kind=str(r[0]),
+            ref="" if r[1] is None else str(r[1]),
+            calls=int(r[2]),
+            input_tokens=int(r[3]),
+            cached_input_tokens=int(r[4]),
+            output_tokens=int(r[5]),
+            reasoning_tokens=int(r[6]),
+            image_count=int(r[7]),
+            priced_cost_usd=r[8] if r[8] is not None else Decimal(0),
+            unpriced_calls=int(r[9] or 0),
+            first_call_at=r[10],
+            last_call_at=r[11],
+        )
+        for r in session.execute(stmt)
+    ]
+
+
+def scope_calls(session: Session, kind: str, ref: str, limit: int = 1000) -> list[OpenAICall]:
+    """Every call recorded in scope ``kind``/``ref`` (all attempts), oldest first."""
+    return list(
+        session.scalars(
+            select(OpenAICall)
+            .where(OpenAICall.scope_kind == kind, OpenAICall.scope_ref == ref)
+            .order_by(OpenAICall.created_at, OpenAICall.id)
+            .limit(limit)
+        )
+    )

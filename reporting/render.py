@@ -6,7 +6,7 @@ from decimal import Decimal
 
 from rich.table import Table
 
-from reporting.queries import PostRow, RunRow, UsageRow
+from .queries import ScopeRow, UsageRow
 
 
 def money(value: Decimal | None) -> str:
@@ -47,37 +47,18 @@ def usage_table(rows: list[UsageRow], title: str, key: str) -> Table:
     return table
 
 
-def runs_table(rows: list[RunRow], title: str = "pipeline runs") -> Table:
+def scopes_table(rows: list[ScopeRow], title: str = "most expensive scopes") -> Table:
     table = Table(title=title)
-    for column in ("run", "status", "prompt", "completion", "images", "cost", "summary"):
-        table.add_column(column, justify="right" if column not in ("status", "summary") else "left")
-    for r in rows:
+    for column in ("kind", "ref", "calls", "input", "output", "images", "cost"):
+        table.add_column(column, justify="left" if column in ("kind", "ref") else "right")
+    for s in rows:
         table.add_row(
-            str(r.pipeline_run_id),
-            r.status,
-            f"{r.prompt_tokens:,}",
-            f"{r.completion_tokens:,}",
-            str(r.image_count),
-            money(r.total_cost_usd),
-            (r.summary or "")[:60],
-        )
-    return table
-
-
-def posts_table(rows: list[PostRow], title: str = "scanned posts") -> Table:
-    table = Table(title=title)
-    for column in ("post", "subreddit", "promoted", "prompt", "completion", "cost", "title"):
-        table.add_column(
-            column, justify="right" if column in ("prompt", "completion", "cost") else "left"
-        )
-    for r in rows:
-        table.add_row(
-            r.post_id,
-            r.subreddit,
-            "yes" if r.promoted else "no",
-            f"{r.prompt_tokens:,}",
-            f"{r.completion_tokens:,}",
-            money(r.total_cost_usd),
-            (r.title or "")[:50],
+            s.kind,
+            s.ref,
+            str(s.calls),
+            f"{s.input_tokens:,}",
+            f"{s.output_tokens:,}",
+            str(s.image_count),
+            money(s.cost_usd),
         )
     return table

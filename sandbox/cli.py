@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 
-from sandbox.runner import SandboxServers
+from .runner import SandboxServers
 
 
 def serve(host: str = "127.0.0.1", openai_port: int = 8100, reddit_port: int = 8200) -> None:

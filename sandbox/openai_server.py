@@ -46,8 +46,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandbox.ground_truth import BilledRequest, Ledger
-from sandbox.http import DroppedConnection, JSONHandler, SandboxHTTPServer
+from .ground_truth import BilledRequest, Ledger
+from .http import DroppedConnection, JSONHandler, SandboxHTTPServer
 
 REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 SNAPSHOTS = {

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from sandbox.runner import SandboxServers
+from .runner import SandboxServers
 
 SANDBOX_KEY = "sk-sandbox"
 

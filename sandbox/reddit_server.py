@@ -21,7 +21,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
 
-from sandbox.http import JSONHandler, SandboxHTTPServer
+from .http import JSONHandler, SandboxHTTPServer
 
 
 @dataclass

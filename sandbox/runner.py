@@ -5,10 +5,10 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
-from sandbox import openai_server, reddit_server
-from sandbox.ground_truth import Ledger
-from sandbox.openai_server import OpenAISandbox
-from sandbox.reddit_server import RedditState
+from . import openai_server, reddit_server
+from .ground_truth import Ledger
+from .openai_server import OpenAISandbox
+from .reddit_server import RedditState
 
 
 class SandboxServers:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from instrumentation.celery_signals import install
+import tokenmeter
 
 app = Celery("tasks")
 app.config_from_object("celeryconfig")
-metering = install(app)
+metering = tokenmeter.install(app)

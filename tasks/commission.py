@@ -18,13 +18,12 @@ from openai.types.shared_params import ResponseFormatJSONSchema
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select
 
-from instrumentation.context import usage_scope
-from instrumentation.rollups import TableRollup
 from models.db import session_scope
 from models.settings import get_settings
 from models.tables import PipelineRun, PipelineRunUsage
 from tasks.app import app
 from tasks.clients import openai_client
+from tokenmeter import TableRollup, usage_scope
 
 logger = logging.getLogger(__name__)
 

@@ -28,9 +28,11 @@ from sqlalchemy.orm import Session
 
 from celeryconfig import filesystem_transport_options
 from models import migrate
-from models.tables import AgentScannedPost, OpenAICall, PipelineRun
-from reporting import queries, render
-from sandbox.runner import SandboxServers
+from models.tables import AgentScannedPost, PipelineRun
+from tasks import reports
+from tokenmeter import OpenAICall
+from tokenmeter.reporting import queries, render
+from tokenmeter.sandbox.runner import SandboxServers
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 100
@@ -174,8 +176,8 @@ def _run(
             datetime.now(UTC) + timedelta(minutes=1),
             "model",
         )
-        runs = queries.top_runs(s, 20)
-        posts = queries.top_posts(s, 50)
+        runs = reports.top_runs(s, 20)
+        posts = reports.top_posts(s, 50)
         statuses = dict(
             s.execute(select(PipelineRun.status, func.count()).group_by(PipelineRun.status)).all()
         )
@@ -183,8 +185,8 @@ def _run(
         getattr(ours, f) == truth[f]
         for f in ("input_tokens", "output_tokens", "cached_input_tokens", "image_count")
     )
-    console.print(render.runs_table(runs, "per pipeline run (commissions)"))
-    console.print(render.posts_table(posts, "per scanned post"))
+    console.print(reports.runs_table(runs, "per pipeline run (commissions)"))
+    console.print(reports.posts_table(posts, "per scanned post"))
     console.print(render.usage_table(by_model, "per model", "model"))
     console.print(
         f"[bold]total[/bold]: {ours.calls} OpenAI calls, {ours.input_tokens:,} input "

@@ -19,13 +19,12 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import select
 
-from instrumentation.context import usage_scope
-from instrumentation.rollups import TableRollup
 from models.db import session_scope
 from models.settings import get_settings
 from models.tables import AgentScannedPost
 from tasks.app import app
 from tasks.clients import openai_client, reddit_client
+from tokenmeter import TableRollup, usage_scope
 
 logger = logging.getLogger(__name__)
 

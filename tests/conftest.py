@@ -12,10 +12,11 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import create_engine, text
 
+import tokenmeter
 from bench.pg import create_database, drop_database
 from models import migrate
 from models.db import dispose_all
-from models.settings import get_settings
+from tests.helpers import clear_settings
 
 PG_ADMIN_URL = os.environ.get(
     "TOKENMETER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -24,7 +25,7 @@ REDIS_TEST_URL = os.environ.get("TOKENMETER_TEST_REDIS_URL", "redis://127.0.0.1:
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 # The loopback OpenAI/Reddit servers (fixtures `sandbox`, `openai_client`, `async_openai_client`).
-pytest_plugins = ["sandbox.pytest_plugin"]
+pytest_plugins = ["tokenmeter.sandbox.pytest_plugin"]
 
 
 def require_service(name: str, error: Exception) -> None:
@@ -41,10 +42,30 @@ def _fresh_settings(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Te
     var = tmp_path_factory.mktemp("var")
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{var / 'default.sqlite'}")
     monkeypatch.setenv("TOKENMETER_SPOOL_DIR", str(var / "spool"))
-    get_settings.cache_clear()
+    monkeypatch.setenv("TOKENMETER_DATA_DIR", str(var))
+    clear_settings()
     yield
-    get_settings.cache_clear()
+    clear_settings()
     dispose_all()
+
+
+@pytest.fixture(autouse=True)
+def _restore_installation() -> Iterator[None]:
+    """One tokenmeter installation per process: a test that replaces it gets it back after."""
+    from tokenmeter.celery_signals import active
+
+    saved = active()
+    yield
+    if active() is not saved:
+        tokenmeter.uninstall()
+        if saved is not None:
+            saved.install()
+
+
+@pytest.fixture
+def no_installation() -> None:
+    """No tokenmeter installation active (the demo app's, from importing it, is set aside)."""
+    tokenmeter.uninstall()
 
 
 @pytest.fixture(scope="session")
@@ -95,5 +116,5 @@ def db_url(empty_db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """A database on each backend, migrated to head and set as DATABASE_URL."""
     migrate.upgrade(empty_db_url)
     monkeypatch.setenv("DATABASE_URL", empty_db_url)
-    get_settings.cache_clear()
+    clear_settings()
     return empty_db_url

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from instrumentation.context import CallRecord, UsageScope, set_sink
+from tokenmeter.context import CallRecord, UsageScope, set_sink
 
 
 class CollectingSink:
@@ -31,3 +31,12 @@ def collecting_sink() -> Iterator[CollectingSink]:
         yield sink
     finally:
         set_sink(previous)
+
+
+def clear_settings() -> None:
+    """Forget the settings read so far (the library's and the application's)."""
+    from models.settings import get_settings as get_app_settings
+    from tokenmeter.settings import get_settings
+
+    get_settings.cache_clear()
+    get_app_settings.cache_clear()

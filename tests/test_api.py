@@ -20,17 +20,11 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from typer.testing import CliRunner
 
-from models import (
-    AgentScannedPost,
-    OpenAICall,
-    PipelineRun,
-    PipelineRunUsage,
-    get_settings,
-    migrate,
-    session_scope,
-)
-from reporting.api import create_app
-from reporting.cli import app as cli
+from models import AgentScannedPost, PipelineRun, PipelineRunUsage, migrate, session_scope
+from tests.helpers import clear_settings
+from tokenmeter import OpenAICall
+from tokenmeter.reporting.api import create_app
+from tokenmeter.reporting.cli import app as cli
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -117,7 +111,7 @@ def seed() -> None:
 @pytest.fixture
 def client(db_url: str, monkeypatch: pytest.MonkeyPatch) -> TestClient:
     monkeypatch.setenv("TOKENMETER_API_TOKEN", TOKEN)
-    get_settings.cache_clear()
+    clear_settings()
     seed()
     return TestClient(create_app())
 
@@ -204,18 +198,22 @@ def test_bad_input_is_a_clear_422(client: TestClient, params, message) -> None:
     assert response.status_code == 422 and message in response.json()["detail"]
 
 
-def test_run_post_and_calls(client: TestClient) -> None:
+def test_scopes_and_calls(client: TestClient) -> None:
     with session_scope() as s:
         run_id = s.query(PipelineRun.id).scalar()
-    run = client.get(f"/api/usage/runs/{run_id}", headers=AUTH).json()
-    assert run["usage"]["total_cost_usd"] == "0.0800450000"
-    assert [c["request_id"] for c in run["calls"]] == ["r1", "r2"]
-    post = client.get("/api/usage/posts/p1", headers=AUTH).json()
-    assert post["post"]["prompt_tokens"] == 300 and [c["request_id"] for c in post["calls"]] == [
-        "r3"
+    top = client.get("/api/usage/scopes", headers=AUTH).json()["scopes"]
+    assert [(t["kind"], t["ref"], t["cost_usd"], t["calls"]) for t in top] == [
+        ("pipeline_run", str(run_id), "0.0800450000", 2),
+        ("scanned_post", "p1", "0.0000690000", 1),
     ]
-    assert client.get("/api/usage/runs/999999", headers=AUTH).status_code == 404
-    assert client.get("/api/usage/posts/nope", headers=AUTH).status_code == 404
+    only_posts = client.get("/api/usage/scopes", headers=AUTH, params={"kind": "scanned_post"})
+    assert [t["ref"] for t in only_posts.json()["scopes"]] == ["p1"]
+    run = client.get(f"/api/usage/scopes/pipeline_run/{run_id}", headers=AUTH).json()
+    assert [c["request_id"] for c in run["calls"]] == ["r1", "r2"]
+    post = client.get("/api/usage/scopes/scanned_post/p1", headers=AUTH).json()
+    assert [(c["request_id"], c["input_tokens"]) for c in post["calls"]] == [("r3", 300)]
+    assert client.get("/api/usage/scopes/pipeline_run/999999", headers=AUTH).status_code == 404
+    assert client.get("/api/usage/scopes/scanned_post/nope", headers=AUTH).status_code == 404
     page1 = client.get("/api/usage/calls", headers=AUTH, params={"page_size": 3}).json()
     page2 = client.get("/api/usage/calls", headers=AUTH, params={"page_size": 3, "page": 2}).json()
     assert page1["total"] == 4 and len(page1["items"]) == 3 and len(page2["items"]) == 1
@@ -229,7 +227,7 @@ def test_openapi_fuzzing_finds_no_server_error(sqlite_url: str, monkeypatch) -> 
     migrate.upgrade(sqlite_url)
     monkeypatch.setenv("DATABASE_URL", sqlite_url)
     monkeypatch.setenv("TOKENMETER_API_TOKEN", TOKEN)
-    get_settings.cache_clear()
+    clear_settings()
     seed()
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app())
     seen: list[tuple[str, int]] = []
@@ -246,8 +244,8 @@ def test_openapi_fuzzing_finds_no_server_error(sqlite_url: str, monkeypatch) -> 
     check()
     assert {path for path, _ in seen} == {
         "/api/usage/summary",
-        "/api/usage/runs/{run_id}",
-        "/api/usage/posts/{post_id}",
+        "/api/usage/scopes",
+        "/api/usage/scopes/{kind}/{ref}",
         "/api/usage/calls",
     }
     assert any(code == 422 for _, code in seen) and any(code == 200 for _, code in seen)
@@ -279,7 +277,7 @@ def served(client: TestClient) -> Iterator[str]:
 def test_dashboard_renders_in_headless_chromium(served: str, tmp_path: Path) -> None:
     chromium = "/usr/bin/chromium"
     if not Path(chromium).exists():
-        pytest.fail("Debian's chromium is required (.ci/run installs it)")
+        pytest.fail("Debian's chromium is required (`make test` installs it)")
     assert httpx.get(f"{served}/", params={"token": TOKEN}).status_code == 200
     flags = [
         "--headless",

@@ -17,9 +17,11 @@ import pytest
 from celery import Celery
 from sqlalchemy import func, select
 
-from instrumentation.budgets import BudgetExceeded, Budgets
-from instrumentation.celery_signals import CeleryMetering, install
-from instrumentation.context import (
+from models import AgentScannedPost, session_scope
+from tokenmeter import OpenAICall
+from tokenmeter.budgets import BudgetExceeded, Budgets
+from tokenmeter.celery_signals import CeleryMetering, install
+from tokenmeter.context import (
     CallRecord,
     _current,
     before_call,
@@ -29,10 +31,9 @@ from instrumentation.context import (
     record_call,
     usage_scope,
 )
-from instrumentation.rollups import TableRollup
-from instrumentation.sink import DatabaseSink, FileSpool
-from instrumentation.wal import OPEN_KEY, WriteAheadLog
-from models import AgentScannedPost, OpenAICall, session_scope
+from tokenmeter.rollups import TableRollup
+from tokenmeter.sink import DatabaseSink, FileSpool
+from tokenmeter.wal import OPEN_KEY, WriteAheadLog
 
 COST = Decimal("0.000045")
 
@@ -57,7 +58,7 @@ def redis_client() -> fakeredis.FakeRedis:
 
 
 @pytest.fixture
-def app() -> Celery:
+def app(no_installation: None) -> Celery:
     app = Celery("signals_test")
     app.conf.update(task_always_eager=True, task_eager_propagates=False, broker_url="memory://")
     return app

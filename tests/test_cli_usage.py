@@ -8,8 +8,9 @@ from decimal import Decimal
 
 from typer.testing import CliRunner
 
-from models import OpenAICall, session_scope
-from reporting.cli import app
+from models import session_scope
+from tokenmeter import OpenAICall
+from tokenmeter.reporting.cli import app
 
 
 def seed() -> None:
@@ -100,11 +101,42 @@ def test_empty_window_says_so(db_url: str) -> None:
     assert result.exit_code == 0 and "no OpenAI calls" in result.output
 
 
-def test_runs_and_posts_commands(db_url: str) -> None:
-    from models import AgentScannedPost, PipelineRun, PipelineRunUsage
-
-    assert "no runs recorded yet" in CliRunner().invoke(app, ["runs"]).output
+def test_scopes_command(db_url: str) -> None:
+    assert "no scopes" in CliRunner().invoke(app, ["scopes"]).output
+    seed()
     with session_scope() as s:
+        s.add(
+            OpenAICall(
+                request_id="d",
+                operation="chat",
+                model="mystery",
+                scope_kind="pipeline_run",
+                scope_ref="7",
+                cost_usd=None,
+                created_at=datetime.now(UTC) - timedelta(hours=1),
+            )
+        )
+    out = json.loads(CliRunner().invoke(app, ["scopes", "--format", "json"]).output)
+    assert [(r["kind"], r["ref"], r["cost_usd"], r["unpriced_calls"]) for r in out] == [
+        ("pipeline_run", "", "0.0800000000", 0),
+        ("scanned_post", "", "0.0000690000", 0),
+        ("pipeline_run", "7", None, 1),  # unknown price: never shown as $0
+    ]
+    only = json.loads(
+        CliRunner().invoke(app, ["scopes", "--kind", "scanned_post", "--format", "json"]).output
+    )
+    assert [r["kind"] for r in only] == ["scanned_post"]
+    table = CliRunner().invoke(app, ["scopes"], env={"COLUMNS": "120"}).output
+    assert "$0.08" in table and "unknown" in table
+    assert CliRunner().invoke(app, ["scopes", "--limit", "0"]).exit_code == 2
+
+
+def test_application_reports_read_its_rollup_tables(db_url: str) -> None:
+    from models import AgentScannedPost, PipelineRun, PipelineRunUsage
+    from tasks import reports
+
+    with session_scope() as s:
+        assert reports.top_runs(s) == []
         cheap, dear = PipelineRun(status="completed"), PipelineRun(status="failed")
         s.add_all([cheap, dear])
         s.flush()
@@ -120,11 +152,11 @@ def test_runs_and_posts_commands(db_url: str) -> None:
                 ),
             ]
         )
-    runs = json.loads(CliRunner().invoke(app, ["runs", "--format", "json"]).output)
-    assert [(r["status"], r["total_cost_usd"]) for r in runs] == [
-        ("failed", "0.0800000000"),
-        ("completed", "0.0000450000"),
+    with session_scope() as s:
+        runs = reports.top_runs(s)
+        posts = reports.top_posts(s)
+    assert [(r.status, r.total_cost_usd) for r in runs] == [
+        ("failed", Decimal("0.08")),
+        ("completed", Decimal("0.000045")),
     ]
-    posts = json.loads(CliRunner().invoke(app, ["posts", "--format", "json"]).output)
-    assert posts[0]["post_id"] == "p9" and posts[0]["total_cost_usd"] == "0.0000012000"
-    assert CliRunner().invoke(app, ["runs", "--limit", "0"]).exit_code == 2
+    assert posts[0].post_id == "p9" and posts[0].total_cost_usd == Decimal("0.0000012")

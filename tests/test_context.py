@@ -10,7 +10,8 @@ from decimal import Decimal
 
 import pytest
 
-from instrumentation.context import (
+from tests.helpers import CollectingSink, collecting_sink
+from tokenmeter.context import (
     CallRecord,
     UsageScope,
     current_scope,
@@ -18,7 +19,6 @@ from instrumentation.context import (
     run_in_scope_thread,
     usage_scope,
 )
-from tests.helpers import CollectingSink, collecting_sink
 
 
 @pytest.fixture

@@ -16,11 +16,11 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from instrumentation import openai_hooks
-from instrumentation.context import UsageScope, usage_scope
-from instrumentation.openai_hooks import track_openai_call
-from sandbox.ground_truth import TOKEN_FIELDS
 from tests.helpers import CollectingSink, collecting_sink
+from tokenmeter import openai_hooks
+from tokenmeter.context import UsageScope, usage_scope
+from tokenmeter.openai_hooks import track_openai_call
+from tokenmeter.sandbox.ground_truth import TOKEN_FIELDS
 
 HI = [{"role": "user", "content": "hi"}]
 M = Decimal(1_000_000)

@@ -9,8 +9,8 @@ import httpx
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from instrumentation.context import CallRecord
-from instrumentation.metrics import Metrics, serve
+from tokenmeter.context import CallRecord
+from tokenmeter.metrics import Metrics, serve
 
 
 def _free_port() -> int:

@@ -7,16 +7,18 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
+import tokenmeter.migrate as ledger
 from models import migrate
 
 REVISIONS = ["0001_initial", "0002_scanned_post_usage", "0003_openai_calls_ledger"]
+VERSION_TABLES = {"alembic_version", "tokenmeter_alembic_version"}
 USAGE_COLUMNS = {"agent_model", "prompt_tokens", "completion_tokens", "total_cost_usd"}
 
 
 def _tables(url: str) -> set[str]:
     engine = create_engine(url)
     try:
-        return set(inspect(engine).get_table_names()) - {"alembic_version"}
+        return set(inspect(engine).get_table_names()) - VERSION_TABLES
     finally:
         engine.dispose()
 
@@ -46,9 +48,66 @@ def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
 def test_each_revision_steps_down_alone(empty_db_url: str) -> None:
     for rev in REVISIONS:
         migrate.upgrade(empty_db_url, rev)
-    for previous in reversed(["base", *REVISIONS[:-1]]):
+    for previous in reversed(REVISIONS[:-1]):
         migrate.downgrade(empty_db_url, previous)
+    assert "openai_calls" in _tables(empty_db_url)  # the ledger is not the app's to drop
+    assert not (_columns(empty_db_url, "agent_scanned_posts") & USAGE_COLUMNS)
+    migrate.downgrade(empty_db_url, "base")
     assert _tables(empty_db_url) == set()
+
+
+def _version(url: str, table: str) -> str | None:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(f"SELECT version_num FROM {table}")).scalar()
+    finally:
+        engine.dispose()
+
+
+def test_ledger_chain_leaves_a_users_alembic_history_alone(empty_db_url: str) -> None:
+    """``tokenmeter migrate`` in a database with the user's own tables and Alembic history."""
+    engine = create_engine(empty_db_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
+        conn.execute(text("INSERT INTO alembic_version VALUES ('users_own_rev_7')"))
+        conn.execute(text("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total NUMERIC(10,2))"))
+    engine.dispose()
+    ledger.upgrade(empty_db_url)
+    ledger.check(empty_db_url)  # the user's tables are not the ledger's business
+    assert _version(empty_db_url, "alembic_version") == "users_own_rev_7"
+    assert _version(empty_db_url, "tokenmeter_alembic_version") == ledger.head()
+    assert _tables(empty_db_url) == {"invoices", "openai_calls"}
+    ledger.downgrade(empty_db_url, "base")
+    assert _tables(empty_db_url) == {"invoices"}
+    assert _version(empty_db_url, "alembic_version") == "users_own_rev_7"
+
+
+def test_a_ledger_created_by_the_old_application_chain_is_adopted(empty_db_url: str) -> None:
+    """Before the ledger had its own chain, the app's 0003 created it: its rows are kept."""
+    migrate.upgrade(empty_db_url)
+    engine = create_engine(empty_db_url)
+    with engine.begin() as conn:  # what such a database looks like: no tokenmeter version
+        conn.execute(text("DROP TABLE tokenmeter_alembic_version"))
+        conn.execute(
+            text(
+                "INSERT INTO openai_calls (request_id, created_at, execution_id, seq, operation,"
+                " attempt, stream, input_tokens, cached_input_tokens, input_image_tokens,"
+                " output_tokens, reasoning_tokens, image_count, usage_reported, status)"
+                " VALUES ('req_old', :ts, 'e1', 0, 'chat', 0, false, 12, 0, 0, 3, 0, 0, true,"
+                " 'ok')"
+            ),
+            {"ts": datetime(2026, 1, 2, tzinfo=UTC)},
+        )
+    engine.dispose()
+    assert _version(empty_db_url, "alembic_version") == "0003_openai_calls_ledger"
+    migrate.upgrade(empty_db_url)
+    assert _version(empty_db_url, "tokenmeter_alembic_version") == ledger.head()
+    engine = create_engine(empty_db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT request_id, input_tokens FROM openai_calls")).all()
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [("req_old", 12)]
 
 
 def test_models_and_migrations_agree(empty_db_url: str) -> None:
@@ -136,11 +195,11 @@ def test_rows_from_before_usage_tracking_survive(empty_db_url: str) -> None:
 def test_cli_migrate(sqlite_url: str) -> None:
     from typer.testing import CliRunner
 
-    from reporting.cli import app
+    from tokenmeter.reporting.cli import app
 
     result = CliRunner().invoke(app, ["migrate", "--database-url", sqlite_url])
     assert result.exit_code == 0, result.output
-    assert "openai_calls" in _tables(sqlite_url)
+    assert _tables(sqlite_url) == {"openai_calls"}  # the library's ledger, nothing of the app
 
 
 @pytest.mark.postgres

@@ -10,16 +10,15 @@ from sqlalchemy import func, select
 from models import (
     AgentScannedPost,
     AgentScannedPostSchema,
-    OpenAICall,
-    OpenAICallSchema,
     PipelineRun,
     PipelineRunSchema,
     PipelineRunUsage,
     PipelineRunUsageSchema,
     session_scope,
-    to_money,
 )
-from models.types import InexactMoneyError
+from tokenmeter import OpenAICall, to_money
+from tokenmeter.money import InexactMoneyError
+from tokenmeter.schemas import OpenAICallSchema
 
 
 def test_sub_cent_cost_round_trips_unchanged(db_url: str) -> None:

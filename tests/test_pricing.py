@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from instrumentation.context import CallRecord
-from instrumentation.pricing import PriceError, PriceTable
+from tokenmeter.context import CallRecord
+from tokenmeter.pricing import PriceError, PriceTable
 
 M = Decimal(1_000_000)
 
@@ -169,7 +169,7 @@ def test_bad_override_files_say_which_file_and_row(tmp_path: Path, content, mess
 
 
 def test_prices_command_shows_the_table_as_json(monkeypatch, tmp_path) -> None:
-    from reporting.cli import app
+    from tokenmeter.reporting.cli import app
 
     result = CliRunner().invoke(app, ["prices", "--format", "json", "--at", "2024-06-01"])
     assert result.exit_code == 0, result.output
@@ -179,8 +179,8 @@ def test_prices_command_shows_the_table_as_json(monkeypatch, tmp_path) -> None:
     table = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["prices"])
     assert table.exit_code == 0 and "gpt-4o-mini" in table.output
     monkeypatch.setenv("TOKENMETER_PRICES_FILE", str(tmp_path / "missing.toml"))
-    from models.settings import get_settings
+    from tests.helpers import clear_settings
 
-    get_settings.cache_clear()
+    clear_settings()
     missing = CliRunner().invoke(app, ["prices"])
     assert missing.exit_code == 2 and "does not exist" in missing.output

@@ -14,13 +14,13 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from bench.reconcile import reconcile, report_table
-from instrumentation import openai_hooks
-from instrumentation.context import set_sink, usage_scope
-from instrumentation.sink import DatabaseSink, FileSpool
-from models import OpenAICall, PipelineRun, PipelineRunUsage, session_scope
+from models import PipelineRun, PipelineRunUsage, session_scope
 from models.db import get_engine
-from sandbox.runner import SandboxServers
 from tasks.commission import run_usage_rollup
+from tokenmeter import OpenAICall, openai_hooks
+from tokenmeter.context import set_sink, usage_scope
+from tokenmeter.sandbox.runner import SandboxServers
+from tokenmeter.sink import DatabaseSink, FileSpool
 
 
 @pytest.fixture

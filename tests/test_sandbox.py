@@ -15,9 +15,9 @@ import httpx
 import openai
 import pytest
 
-from sandbox.ground_truth import BilledRequest
-from sandbox.openai_server import text_tokens
-from sandbox.runner import SandboxServers
+from tokenmeter.sandbox.ground_truth import BilledRequest
+from tokenmeter.sandbox.openai_server import text_tokens
+from tokenmeter.sandbox.runner import SandboxServers
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -329,7 +329,7 @@ def test_tokenmeter_sandbox_command_serves_and_stops_on_sigterm(tmp_path: Path) 
         [
             sys.executable,
             "-m",
-            "reporting.cli",
+            "tokenmeter.reporting.cli",
             "sandbox",
             "--openai-port",
             "0",

@@ -9,15 +9,19 @@ import fakeredis
 import pytest
 from sqlalchemy import func, select
 
-from instrumentation.context import (
+from models import AgentScannedPost, PipelineRun, PipelineRunUsage, session_scope
+from tasks.commission import run_usage_rollup
+from tests.helpers import CollectingSink, collecting_sink
+from tokenmeter import OpenAICall
+from tokenmeter.context import (
     CallRecord,
     close_scope,
     open_scope,
     record_call,
     usage_scope,
 )
-from instrumentation.rollups import TableRollup
-from instrumentation.sink import (
+from tokenmeter.rollups import TableRollup
+from tokenmeter.sink import (
     DatabaseSink,
     FileSpool,
     FlushBatch,
@@ -25,9 +29,6 @@ from instrumentation.sink import (
     call_from_json,
     call_to_json,
 )
-from models import AgentScannedPost, OpenAICall, PipelineRun, PipelineRunUsage, session_scope
-from tasks.commission import run_usage_rollup
-from tests.helpers import CollectingSink, collecting_sink
 
 UNREACHABLE_PG = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=1"
 
@@ -230,8 +231,8 @@ def test_rollup_refuses_unknown_columns_and_fields() -> None:
 def test_recovery_replays_a_real_redis_spool(db_url: str, captured: CollectingSink) -> None:
     import redis
 
-    from instrumentation.recovery import Recovery
     from tests.conftest import REDIS_TEST_URL, require_service
+    from tokenmeter.recovery import Recovery
 
     client = redis.Redis.from_url(REDIS_TEST_URL)
     try:

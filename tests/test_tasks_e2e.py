@@ -20,8 +20,9 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
 from celeryconfig import filesystem_transport_options
-from models import AgentScannedPost, OpenAICall, PipelineRun, PipelineRunUsage, migrate
-from sandbox.runner import SandboxServers
+from models import AgentScannedPost, PipelineRun, PipelineRunUsage, migrate
+from tokenmeter import OpenAICall
+from tokenmeter.sandbox.runner import SandboxServers
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,9 +236,9 @@ def test_live_scan_posts_comments_for_promoted_posts_only(app: App) -> None:
 
 def test_beat_schedule_and_reliability_settings_from_config() -> None:
     import celeryconfig
-    from instrumentation import openai_hooks
     from tasks import app as celery_app
     from tasks.app import metering
+    from tokenmeter import openai_hooks
 
     metering.uninstall()  # importing tasks installs metering; keep this process clean
     openai_hooks.uninstrument()

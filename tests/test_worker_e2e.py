@@ -23,10 +23,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from models import migrate
-from sandbox.ground_truth import TOKEN_FIELDS
-from sandbox.runner import SandboxServers
 from tests.conftest import REDIS_TEST_URL, require_service
 from tests.tcp_proxy import TcpProxy
+from tokenmeter.sandbox.ground_truth import TOKEN_FIELDS
+from tokenmeter.sandbox.runner import SandboxServers
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
@@ -265,7 +265,7 @@ def _free_port() -> int:
 def test_flower_shows_each_tasks_usage(stack: Stack) -> None:
     import httpx
 
-    from reporting.flower import CONF
+    from tokenmeter.reporting.flower import CONF
 
     port = _free_port()
     log = open(stack.log_dir / "flower.log", "wb")  # noqa: SIM115

@@ -13,7 +13,7 @@ import redis
 from celery import Celery
 from openai import OpenAI
 
-from instrumentation.celery_signals import install
+from tokenmeter.celery_signals import install
 
 app = Celery("tokenmeter_e2e")
 app.conf.update(

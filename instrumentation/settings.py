@@ -1,0 +1,84 @@
+"""tokenmeter's own settings, read from the environment in one place.
+
+Every setting has a default that works offline and does not depend on the working directory:
+the SQLite ledger and the local spool live under ``TOKENMETER_DATA_DIR`` (default
+``$XDG_DATA_HOME/tokenmeter``, i.e. ``~/.local/share/tokenmeter``).  Names follow the
+ecosystem (``DATABASE_URL``) or carry the ``TOKENMETER_`` prefix.  The application's own
+settings (models, Reddit, its tasks) are not here: the library reads nothing of them.
+"""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/tokenmeter``, else ``~/.local/share/tokenmeter`` (never the cwd)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base).expanduser().resolve() / "tokenmeter"
+
+
+class TokenmeterSettings(BaseSettings):
+    """The library's settings.  Field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    tokenmeter_data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Folder of the default SQLite ledger, the local spool and metrics files.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the ledger (default: tokenmeter.sqlite in the data dir).",
+    )
+    database_echo: bool = False
+    database_timeout_s: float = Field(
+        default=5.0, gt=0, description="Connect and statement bound for the ledger database."
+    )
+
+    tokenmeter_prices_file: Path | None = Field(
+        default=None, description="TOML file whose rows override/extend the built-in prices."
+    )
+    tokenmeter_spool_dir: Path | None = Field(
+        default=None, description="Local spool folder (default: spool/ in the data dir)."
+    )
+    tokenmeter_write_ahead: bool = Field(
+        default=True, description="Log each call to Redis as it happens (survives SIGKILL)."
+    )
+    tokenmeter_redis_url: str | None = Field(
+        default=None,
+        description="Redis for the write-ahead log, spool and daily budget "
+        "(default: the Celery broker, when it is Redis).",
+    )
+    tokenmeter_recovery_interval_s: float = Field(
+        default=30.0, description="How often a worker replays the spool and orphaned calls."
+    )
+    tokenmeter_daily_budget_usd: Decimal | None = None
+    tokenmeter_task_budget_usd: Decimal | None = None
+
+    tokenmeter_api_token: str | None = Field(
+        default=None,
+        description="Bearer token for the usage API; the API refuses to start without one.",
+    )
+    tokenmeter_metrics_port: int | None = None
+
+    @property
+    def ledger_url(self) -> str:
+        """``DATABASE_URL``, else the SQLite file in the data dir."""
+        return self.database_url or f"sqlite:///{self.tokenmeter_data_dir / 'tokenmeter.sqlite'}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.tokenmeter_spool_dir or self.tokenmeter_data_dir / "spool"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> TokenmeterSettings:
+    """The process's settings, read once.  Tests call ``get_settings.cache_clear()``."""
+    return TokenmeterSettings()
