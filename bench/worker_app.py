@@ -22,9 +22,9 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 if os.environ.get("TOKENMETER_DISABLED") != "1":
-    from tokenmeter.celery_signals import install
+    import tokenmeter
 
-    install(app)
+    tokenmeter.install(app)
 
 _client: OpenAI | None = None
 _latency = int(os.environ.get("BENCH_LATENCY_MS", "0"))

@@ -1,5 +1,6 @@
-# Flower configuration: `celery -A tasks flower --conf=reporting/flowerconfig.py`.
+# Flower configuration: `celery -A tasks flower --conf=<this file>`; its path, installed:
+#   python -c "import tokenmeter.reporting as r, os; print(os.path.dirname(r.__file__))"
 # Flower executes this file at start-up; it adds tokenmeter's usage fields to its task views.
-import reporting.flower
+import tokenmeter.reporting.flower
 
-reporting.flower.register()
+tokenmeter.reporting.flower.register()

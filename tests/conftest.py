@@ -37,6 +37,23 @@ def require_service(name: str, error: Exception) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _restore_installation() -> Iterator[None]:
+    """One tokenmeter installation per process: a test that replaces it gets it back after.
+
+    Defined before ``_fresh_settings`` so it is torn down after the test's environment is
+    restored (the reinstalled integration reads the settings again).
+    """
+    from tokenmeter.celery_signals import active
+
+    saved = active()
+    yield
+    if active() is not saved:
+        tokenmeter.uninstall()
+        if saved is not None:
+            saved.install()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_settings(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):
     """Every test sees settings read from its own environment and an isolated var dir."""
     var = tmp_path_factory.mktemp("var")
@@ -47,19 +64,6 @@ def _fresh_settings(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Te
     yield
     clear_settings()
     dispose_all()
-
-
-@pytest.fixture(autouse=True)
-def _restore_installation() -> Iterator[None]:
-    """One tokenmeter installation per process: a test that replaces it gets it back after."""
-    from tokenmeter.celery_signals import active
-
-    saved = active()
-    yield
-    if active() is not saved:
-        tokenmeter.uninstall()
-        if saved is not None:
-            saved.install()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import redis
 from celery import Celery
 from openai import OpenAI
 
-from tokenmeter.celery_signals import install
+import tokenmeter
 
 app = Celery("tokenmeter_e2e")
 app.conf.update(
@@ -29,7 +29,7 @@ app.conf.update(
     worker_send_task_events=True,  # task-usage events, for Flower
 )
 if os.environ.get("TOKENMETER_DISABLED") != "1":
-    install(app)
+    tokenmeter.install(app)
 
 _client: OpenAI | None = None
 
