@@ -9,7 +9,7 @@ RECONCILE_ARGS ?=
 export TOKENMETER_DATA_DIR ?= $(CURDIR)/var
 
 .DEFAULT_GOAL := help
-.PHONY: help setup chromium demo test lint migrate check-usage bench reconcile worker beat api sandbox clean
+.PHONY: help setup chromium demo test lint migrate check-usage bench reconcile mutation worker beat api sandbox clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -64,6 +64,20 @@ bench: setup ## Side by side with peers (overhead, accuracy) and throughput -> b
 reconcile: setup ## Mixed load on 4 worker processes, ledger vs ground truth; RECONCILE_ARGS="--faults"
 	$(PY) bench/reconcile.py $(RECONCILE_ARGS)
 
+MUTATION_VENV := .venv-mutation
+MUTATION_DB := var/mutation.sqlite
+mutation: setup ## Mutation testing of pricing and flush (cosmic-ray, about 40 min) -> var/mutation.html
+	@test -x $(MUTATION_VENV)/bin/cosmic-ray || { $(PYTHON) -m venv $(MUTATION_VENV) && \
+	  $(MUTATION_VENV)/bin/pip install --quiet "cosmic-ray>=8.4,<9"; }
+	@mkdir -p var
+	$(MUTATION_VENV)/bin/cosmic-ray init tests/mutation.toml $(MUTATION_DB) --force
+	$(MUTATION_VENV)/bin/cr-filter-operators $(MUTATION_DB) tests/mutation.toml
+	$(MUTATION_VENV)/bin/cr-filter-pragma $(MUTATION_DB)
+	$(MUTATION_VENV)/bin/cosmic-ray baseline tests/mutation.toml
+	$(MUTATION_VENV)/bin/cosmic-ray exec tests/mutation.toml $(MUTATION_DB)
+	$(MUTATION_VENV)/bin/cr-html $(MUTATION_DB) > var/mutation.html
+	$(MUTATION_VENV)/bin/cr-report $(MUTATION_DB) --surviving-only --show-diff | tail -n 60
+
 worker: setup migrate ## Celery worker with beat (real OpenAI/Reddit with their env vars)
 	$(VENV)/bin/celery -A tasks worker --beat -l INFO
 
@@ -76,5 +90,5 @@ api: setup ## Usage HTTP API + dashboard on :8000 (needs TOKENMETER_API_TOKEN; A
 sandbox: setup ## The loopback OpenAI and Reddit sandboxes in the foreground
 	$(VENV)/bin/tokenmeter sandbox
 
-clean: ## Remove the venv and generated data
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+clean: ## Remove the venvs and generated data
+	rm -rf $(VENV) $(MUTATION_VENV) build var .pytest_cache .mypy_cache .ruff_cache

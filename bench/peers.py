@@ -525,15 +525,12 @@ def child(args: argparse.Namespace) -> None:
 
 # -- the comparison (parent) ---------------------------------------------------------------------
 def truth_of(base_url: str, request_ids: list[str]) -> dict[str, Any]:
-    from bench.reconcile import truth_cost
-    from tokenmeter.pricing import PriceTable
-
     wanted = set(request_ids)
     rows = [r for r in _ledger(base_url) if r.request_id in wanted]
 
-    prices = PriceTable.load()
     out: dict[str, Any] = {c: sum(getattr(r, c) for r in rows) for c in CATEGORIES}
-    out["cost_usd"] = sum((truth_cost(r, prices) or Decimal(0) for r in rows), Decimal(0))
+    # what the provider charged: the sandbox's own price list, not tokenmeter's
+    out["cost_usd"] = sum((r.cost_usd or Decimal(0) for r in rows), Decimal(0))
     out["requests"] = len(rows)
     return out
 

@@ -56,42 +56,20 @@ from sqlalchemy import create_engine, func, select  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
+from bench.env import subprocess_env  # noqa: E402
 from bench.pg import create_database, drop_database  # noqa: E402
+from bench.redisdb import claimed_databases  # noqa: E402
 from models import migrate  # noqa: E402
 from models.tables import AgentScannedPost, PipelineRunUsage  # noqa: E402
-from tasks.commission import run_usage_rollup  # noqa: E402
-from tasks.promotion import Post, post_rollup  # noqa: E402
 from tokenmeter import OpenAICall  # noqa: E402
-from tokenmeter.context import CallRecord  # noqa: E402
-from tokenmeter.pricing import PriceTable  # noqa: E402
-from tokenmeter.rollups import TableRollup  # noqa: E402
 from tokenmeter.sandbox.ground_truth import TOKEN_FIELDS, BilledRequest  # noqa: E402
 from tokenmeter.sandbox.runner import SandboxServers  # noqa: E402
 
-_ANY_POST = Post(id="", subreddit="", title="", body="", score=0)
-
 CATEGORIES = (*TOKEN_FIELDS, "cost_usd")
-BROKER_DB, BACKEND_DB, CONTROL_DB = 10, 11, 12
+BROKER_DB, BACKEND_DB, CONTROL_DB = 0, 1, 2  # indexes into the run's claimed databases
 
 
 # -- the comparison ------------------------------------------------------------------------------
-def truth_cost(row: BilledRequest, prices: PriceTable) -> Decimal | None:
-    """What ``row`` costs at the built-in prices (what the ledger's cost must equal)."""
-    call = CallRecord(
-        operation=row.operation,
-        response_model=row.model,
-        input_tokens=row.input_tokens,
-        cached_input_tokens=row.cached_input_tokens,
-        input_image_tokens=row.input_image_tokens,
-        output_tokens=row.output_tokens,
-        reasoning_tokens=row.reasoning_tokens,
-        image_count=row.image_count,
-        image_size=row.image_size,
-        image_quality=row.image_quality,
-    )
-    return prices.cost_of(call)[0]
-
-
 @dataclass
 class Reconciliation:
     """The ledger against the ground truth.  ``ok`` only if every list is empty."""
@@ -113,18 +91,32 @@ class Reconciliation:
         return totals_equal and not (self.missing or self.extra or self.mismatched or self.rollups)
 
 
-def _rollup_columns(rollup: TableRollup) -> dict[str, str]:
-    """Column -> ledger category, as the application binds the rollup (so the check follows
-    any change to it).  Categories the ledger has no column for (image_tokens) are skipped."""
-    columns = {c: cat for c, cat in rollup.sums.items() if cat in TOKEN_FIELDS}
-    if rollup.cost_column:
-        columns[rollup.cost_column] = "cost_usd"
-    return columns
+#: What each rollup column must equal, stated here rather than read from the application's own
+#: rollup definitions (a wrong mapping there must not be checked against itself).
+#: image_tokens = input image tokens + output tokens of image generation calls.
+RUN_USAGE_COLUMNS = {
+    "prompt_tokens": "input_tokens",
+    "completion_tokens": "output_tokens",
+    "cached_prompt_tokens": "cached_input_tokens",
+    "reasoning_tokens": "reasoning_tokens",
+    "image_count": "image_count",
+    "image_tokens": "image_tokens",
+    "total_cost_usd": "cost_usd",
+}
+POST_COLUMNS = {
+    "prompt_tokens": "input_tokens",
+    "completion_tokens": "output_tokens",
+    "total_cost_usd": "cost_usd",
+}
+
+
+def _image_tokens(call: OpenAICall) -> int:
+    """Tokens of image generation: the input image tokens plus, for image calls, the output."""
+    return call.input_image_tokens + (call.output_tokens if call.operation == "image" else 0)
 
 
 def reconcile(session: Session, truth_rows: Iterable[BilledRequest]) -> Reconciliation:
     """Compare ``openai_calls`` (and the rollup tables) with what the provider billed."""
-    prices = PriceTable.load()
     result = Reconciliation()
     truth = {r.request_id: r for r in truth_rows}
     calls = list(session.scalars(select(OpenAICall)))
@@ -133,8 +125,8 @@ def reconcile(session: Session, truth_rows: Iterable[BilledRequest]) -> Reconcil
 
     totals_truth: dict[str, int | Decimal] = dict.fromkeys(CATEGORIES, 0)
     for request_id, row in truth.items():
-        cost = truth_cost(row, prices) or Decimal(0)
-        totals_truth["cost_usd"] += cost
+        cost = row.cost_usd  # what the provider charged, from the sandbox's own price list
+        totals_truth["cost_usd"] += cost or Decimal(0)
         for name in TOKEN_FIELDS:
             totals_truth[name] += getattr(row, name)
         call = by_id.get(request_id)
@@ -146,8 +138,10 @@ def reconcile(session: Session, truth_rows: Iterable[BilledRequest]) -> Reconcil
                 result.mismatched.append(
                     f"{request_id}: {name} {getattr(row, name)} != {getattr(call, name)}"
                 )
-        if call.cost_usd != cost:
-            result.mismatched.append(f"{request_id}: cost_usd {cost} != {call.cost_usd}")
+        if cost is None or call.cost_usd != cost:
+            result.mismatched.append(
+                f"{request_id} ({row.model}): cost_usd charged {cost} != ledger {call.cost_usd}"
+            )
 
     totals_ledger: dict[str, int | Decimal] = dict.fromkeys(CATEGORIES, 0)
     for call in calls:
@@ -172,17 +166,12 @@ def _check_rollups(session: Session, calls: list[OpenAICall], result: Reconcilia
         acc = sums[(call.scope_kind, call.scope_ref)]
         for name in (*TOKEN_FIELDS, "cost_usd"):
             acc[name] += getattr(call, name) or 0
-    tables: list[tuple[Any, str, Callable[[Any], str], TableRollup]] = [
-        (
-            PipelineRunUsage,
-            "pipeline_run",
-            lambda r: str(r.pipeline_run_id),
-            run_usage_rollup(0, "", ""),
-        ),
-        (AgentScannedPost, "scanned_post", lambda r: r.post_id, post_rollup(_ANY_POST, "")),
+        acc["image_tokens"] += _image_tokens(call)
+    tables: list[tuple[Any, str, Callable[[Any], str], dict[str, str]]] = [
+        (PipelineRunUsage, "pipeline_run", lambda r: str(r.pipeline_run_id), RUN_USAGE_COLUMNS),
+        (AgentScannedPost, "scanned_post", lambda r: r.post_id, POST_COLUMNS),
     ]
-    for table, kind, key_of, rollup in tables:
-        columns = _rollup_columns(rollup)
+    for table, kind, key_of, columns in tables:
         rows: list[Any] = list(session.scalars(select(table)))
         result.rollup_rows[table.__tablename__] = len(rows)
         for row in rows:
@@ -264,6 +253,11 @@ def _failure(result: AsyncResult) -> str:
     return type(result.result).__name__
 
 
+APP_TASKS = ("tasks.commission", "tasks.promotion_scan")
+#: failures that mean "the application did not ride out the database outage"
+DATABASE_FAILURES = {"DatabaseUnavailable", "OperationalError", "sqlalchemy.exc.OperationalError"}
+
+
 # -- the load ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Job:
@@ -310,18 +304,22 @@ class Run:
         self.args, self.console = args, console
         self.workdir = Path(tempfile.mkdtemp(prefix="tokenmeter-reconcile-"))
         self.db_url = ""
-        self.redis_url = args.redis_url.rstrip("/")
-        self.control = redis.Redis.from_url(f"{self.redis_url}/{CONTROL_DB}")
-        self.broker_redis = redis.Redis.from_url(f"{self.redis_url}/{BROKER_DB}")  # spool, WAL
+        # three empty Redis databases claimed for this run: broker, results, control
+        self._claim = claimed_databases(args.redis_url, 3)
+        self.dbs = self._claim.__enter__()
+        self.redis_urls = [db.url for db in self.dbs]
+        self.control = redis.Redis.from_url(self.redis_urls[CONTROL_DB])
+        self.broker_redis = redis.Redis.from_url(self.redis_urls[BROKER_DB])  # spool, WAL
         self.sandbox = SandboxServers()
         self.worker: subprocess.Popen[bytes] | None = None
         self.pg_stopped = False
+        self.app_db_failures = 0  # application tasks that gave up on the database
         self.events: list[str] = []
         self.results: list[AsyncResult] = []
         self.client = Celery(
             "reconcile_client",
-            broker=f"{self.redis_url}/{BROKER_DB}",
-            backend=f"{self.redis_url}/{BACKEND_DB}",
+            broker=self.redis_urls[BROKER_DB],
+            backend=self.redis_urls[BACKEND_DB],
         )
         self.client.conf.task_serializer = "json"
         self._engine: Engine | None = None
@@ -332,17 +330,15 @@ class Run:
         self.db_url = create_database(self.args.pg_url, "tokenmeter_reconcile")
         migrate.upgrade(self.db_url)
         self._engine = create_engine(self.db_url, pool_pre_ping=True)
-        for db in (BROKER_DB, BACKEND_DB, CONTROL_DB):
-            redis.Redis.from_url(f"{self.redis_url}/{db}").flushdb()
         self.sandbox.start()
         self.sandbox.openai.faults.set_error_rate(self.args.error_rate, seed=self.args.seed)
         env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "OPENAI_"))},
+            **subprocess_env(),
             "PYTHONPATH": str(ROOT),
             "DATABASE_URL": self.db_url,
-            "CELERY_BROKER_URL": f"{self.redis_url}/{BROKER_DB}",
-            "CELERY_RESULT_BACKEND": f"{self.redis_url}/{BACKEND_DB}",
-            "RECONCILE_CONTROL_URL": f"{self.redis_url}/{CONTROL_DB}",
+            "CELERY_BROKER_URL": self.redis_urls[BROKER_DB],
+            "CELERY_RESULT_BACKEND": self.redis_urls[BACKEND_DB],
+            "RECONCILE_CONTROL_URL": self.redis_urls[CONTROL_DB],
             "OPENAI_BASE_URL": self.sandbox.openai_base_url,
             "OPENAI_API_KEY": "sk-sandbox",
             "REDDIT_SANDBOX_URL": self.sandbox.reddit_base_url,
@@ -354,7 +350,10 @@ class Run:
             "TOKENMETER_SPOOL_DIR": str(self.workdir / "spool"),
             "TOKENMETER_RECOVERY_INTERVAL_S": "2",
             "TOKENMETER_WRITE_AHEAD": "true",
+            "TOKENMETER_DATA_DIR": str(self.workdir),
         }
+        if self.args.prices_file:  # the meter's prices, deliberately changed: must be caught
+            env["TOKENMETER_PRICES_FILE"] = str(Path(self.args.prices_file).resolve())
         log = (self.workdir / "worker.log").open("wb")
         self.worker = subprocess.Popen(
             [
@@ -398,6 +397,9 @@ class Run:
                 self.worker.wait()
         self.sandbox.stop()
         self.client.close()
+        self.control.close()
+        self.broker_redis.close()
+        self._claim.__exit__(None, None, None)
         if self._engine is not None:
             self._engine.dispose()
         if not keep:
@@ -545,16 +547,38 @@ class Run:
 
         self.wait("recovery", settled, 300)
         self.events.append(f"load finished in {time.monotonic() - started:.0f}s")
-        failures = Counter(_failure(r) for r in self.results if r.failed())
-        self.events.append(
-            f"{len(self.results)} tasks; failed: "
-            + (", ".join(f"{n} {name}" for name, n in failures.most_common()) or "none")
-        )
+        self.events.extend(self.outcomes())
         self.events.append("billed: " + coverage(billed.rows()))
         with Session(self.engine) as session:
             if args.faults:
                 self.events.append(victim_line(session))
             return reconcile(session, billed.rows())
+
+    def outcomes(self) -> list[str]:
+        """Task outcomes, the application's apart from the meter's own test load."""
+        lines = []
+        for label, names in (
+            ("application tasks (commission, promotion scan)", APP_TASKS),
+            ("mixed load tasks", ("reconcile.mixed",)),
+        ):
+            jobs = {r.id: self._jobs_by_id.get(r.id) for r in self.results}
+            mine = [r for r in self.results if (job := jobs[r.id]) and job.name in names]
+            failed = Counter(_failure(r) for r in mine if r.failed())
+            on_purpose = sum(
+                1
+                for r in mine
+                if r.failed() and (job := jobs[r.id]) and job.kwargs.get("fail_half_way")
+            )
+            lines.append(
+                f"{label}: {len(mine)}, failed: "
+                + (", ".join(f"{n} {name}" for name, n in failed.most_common()) or "none")
+                + (f" ({on_purpose} on purpose)" if on_purpose else "")
+            )
+            if names == APP_TASKS:
+                self.app_db_failures = sum(
+                    n for name, n in failed.items() if name in DATABASE_FAILURES
+                )
+        return lines
 
     def _send_wave(self, jobs: list[Job]) -> None:
         before = len(self.results)
@@ -577,6 +601,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--timeout-s", type=float, default=900.0)
     parser.add_argument("--keep", action="store_true", help="keep the database and worker log")
+    parser.add_argument(
+        "--prices-file",
+        help="price rows the worker's meter uses over its own (TOKENMETER_PRICES_FILE): a wrong "
+        "price here must make the run fail on cost_usd, priced by the sandbox's own list",
+    )
     parser.add_argument(
         "--pg-url",
         default=os.environ.get(
@@ -626,6 +655,12 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"rollup rows checked against their ledger rows: {rows}")
     for line in (result.missing + result.extra + result.mismatched + result.rollups)[:20]:
         console.print(f"  [red]{line}[/red]")
+    if result.ok and run.app_db_failures:
+        console.print(
+            f"[bold red]{run.app_db_failures} application tasks failed on the database "
+            "outage[/bold red] (the meter lost nothing)"
+        )
+        return 1
     if result.ok:
         console.print("[bold green]difference: 0[/bold green] (every request, category and cent)")
         return 0

@@ -102,10 +102,21 @@ def mixed(self: Any, i: int, fail_half_way: bool = False) -> int:
             model="gpt-image-1", prompt=f"a knitted fox, variant {i}", n=2, quality="low"
         )
         calls += 1
+    if i % 10 == 8:  # an edit: its input images bill image input tokens
+        openai_client().images.edit(
+            model="gpt-image-1",
+            image=[("in.png", TINY_PNG, "image/png")],
+            prompt=f"the same fox in wool, variant {i}",
+            quality="low",
+        )
+        calls += 1
     if i % 9 == 4:
         asyncio.run(_async_calls(prompt))
         calls += 2
     return calls
+
+
+TINY_PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
 
 
 @app.task(

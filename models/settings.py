@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     commission_image_size: str = "1024x1024"
     commission_image_quality: str = "standard"
     commission_max_retries: int = 3
+    app_db_outage_budget_s: float = Field(
+        default=150.0,
+        ge=0,
+        description="How long a task waits out a database outage at one step before failing.",
+    )
     promotion_subreddits: str = Field(
         default="handmade,gifts,crafts", description="Comma-separated subreddits to scan."
     )

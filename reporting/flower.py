@@ -1,13 +1,18 @@
 """Show each task's OpenAI usage in Flower.
 
-The worker side (``instrumentation.celery_signals``) sends a ``task-usage`` event with the
+The worker side (``tokenmeter.celery_signals``) sends a ``task-usage`` event with the
 task's totals when the task finishes, if task events are on (``worker_send_task_events=True``).
 Celery's event state keeps the fields of every event of a task, but Flower's task page and
 ``/api/tasks`` only show the fields named in ``Task._fields``; :func:`register` adds ours.
 
 Run Flower with tokenmeter's config file, which calls :func:`register`::
 
-    celery -A tasks flower --conf="$(python -c 'import reporting.flower as f; print(f.CONF)')"
+    CONF=$(python -c 'import tokenmeter.reporting.flower as f; print(f.CONF)')
+    celery -A tasks flower --basic-auth=meter:change-me --conf="$CONF"
+
+Flower 2.x serves its HTTP API (``/api/tasks``) only to authenticated clients: add
+``--basic-auth=user:password`` (or another of Flower's auth options), or set
+``FLOWER_UNAUTHENTICATED_API=true`` on a trusted machine only.
 """
 
 from __future__ import annotations

@@ -1,15 +1,20 @@
 """What the sandbox billed, request by request: the ground truth every test compares with.
 
 The OpenAI sandbox appends one ``BilledRequest`` per successful request (failed requests bill
-nothing, as with the real API).  Tests read it in-process (``Ledger``) or over HTTP
-(``GET /_sandbox/ledger``, the same fields as JSON).
+nothing, as with the real API).  Each carries the dollars the provider charges for it, from the
+sandbox's own price list (``billing.py``, independent of tokenmeter's).  Tests read it
+in-process (``Ledger``) or over HTTP (``GET /_sandbox/ledger``, the same fields as JSON, money
+as a decimal string).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from decimal import Decimal
+
+from .billing import amount_usd
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,14 +31,24 @@ class BilledRequest:
     image_size: str | None = None
     image_quality: str | None = None
     stream: bool = False
+    cost_usd: Decimal | None = None  # the provider's charge (billing.py); None: not listed
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        out = asdict(self)
+        out["cost_usd"] = None if self.cost_usd is None else str(self.cost_usd)
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> BilledRequest:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})  # type: ignore[arg-type]
+        kwargs = {k: v for k, v in data.items() if k in names}
+        if kwargs.get("cost_usd") is not None:
+            kwargs["cost_usd"] = Decimal(str(kwargs["cost_usd"]))
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    def priced(self) -> BilledRequest:
+        """This request with the provider's charge filled in."""
+        return self if self.cost_usd is not None else replace(self, cost_usd=amount_usd(self))
 
 
 TOKEN_FIELDS = (
@@ -54,6 +69,7 @@ class Ledger:
         self._rows: dict[str, BilledRequest] = {}
 
     def add(self, row: BilledRequest) -> None:
+        row = row.priced()
         with self._lock:
             if row.request_id in self._rows:
                 raise ValueError(f"request id {row.request_id} billed twice")
@@ -68,6 +84,15 @@ class Ledger:
             if request_ids is None:
                 return list(self._rows.values())
             return [self._rows[r] for r in request_ids if r in self._rows]
+
+    def cost(self, request_ids: Iterable[str] | None = None) -> Decimal | None:
+        """What the provider charged for the given (default: all) requests; None if unlisted."""
+        total = Decimal(0)
+        for row in self.rows(request_ids):
+            if row.cost_usd is None:
+                return None
+            total += row.cost_usd
+        return total
 
     def totals(self, request_ids: Iterable[str] | None = None) -> dict[str, int]:
         """Sum of every token/image category over the given (default: all) requests."""

@@ -10,6 +10,8 @@ import contextlib
 import json
 import socket
 import threading
+from email import policy as email_policy
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -78,6 +80,24 @@ class JSONHandler(BaseHTTPRequestHandler):
     def read_json(self) -> Any:
         body = self.read_body()
         return json.loads(body) if body else {}
+
+    def read_form(self) -> tuple[dict[str, str], dict[str, list[bytes]]]:
+        """A ``multipart/form-data`` body: text fields, and file parts by field name."""
+        raw = self.read_body()
+        header = f"Content-Type: {self.headers.get('Content-Type', '')}\r\n\r\n".encode()
+        message = BytesParser(policy=email_policy.HTTP).parsebytes(header + raw)
+        fields: dict[str, str] = {}
+        files: dict[str, list[bytes]] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            payload = part.get_payload(decode=True)
+            if not isinstance(name, str) or not isinstance(payload, bytes):
+                continue
+            if part.get_filename() is not None:
+                files.setdefault(name.removesuffix("[]"), []).append(payload)
+            else:
+                fields[name] = payload.decode()
+        return fields, files
 
     # -- response -----------------------------------------------------------------------------
     def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:

@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /v1/chat/completions`` (plain, streaming, JSON mode, ``n``, tools),
 ``POST /v1/responses`` (plain and streaming), ``POST /v1/embeddings`` (float and base64),
-``POST /v1/images/generations`` (dall-e-2, dall-e-3, gpt-image-1).  Every response carries a
+``POST /v1/images/generations`` (dall-e-2, dall-e-3, gpt-image-1), ``POST /v1/images/edits``
+(gpt-image-1, multipart: the input images bill image input tokens).  Every response carries a
 unique ``x-request-id``; what each successful request billed is kept in a
 :class:`~sandbox.ground_truth.Ledger` (``GET /_sandbox/ledger``).
 
@@ -23,7 +24,9 @@ Token rules (deterministic, no tokenizer; see sandbox/README.md):
 - embeddings: text tokens of each input (token-id lists count their length).
 - images: dall-e bills per image by size and quality; gpt-image-1 bills text input tokens and
   image output tokens per image (1024x1024: low 272, medium 1056, high 4160; 1024x1536 and
-  1536x1024: low 408, medium 1584, high 6240), ``auto`` meaning 1024x1024 / medium.
+  1536x1024: low 408, medium 1584, high 6240), ``auto`` meaning 1024x1024 / medium.  An edit
+  also bills ``IMAGE_INPUT_TOKENS_PER_IMAGE`` (323) image input tokens per input image, counted
+  in ``input_tokens`` and shown in ``input_tokens_details.image_tokens`` as OpenAI reports them.
 
 Faults (header ``X-Sandbox-Fault`` or :class:`FaultPlan`): ``429`` (with ``retry-after``),
 ``500``, ``drop`` (connection cut: before the response, or after two chunks of a stream),
@@ -109,6 +112,7 @@ GPT_IMAGE_OUTPUT_TOKENS = {
     "1024x1536": {"low": 408, "medium": 1584, "high": 6240},
     "1536x1024": {"low": 408, "medium": 1584, "high": 6240},
 }
+IMAGE_INPUT_TOKENS_PER_IMAGE = 323
 DALLE_SIZES = {
     "dall-e-2": ("256x256", "512x512", "1024x1024"),
     "dall-e-3": ("1024x1024", "1792x1024", "1024x1792"),
@@ -431,7 +435,12 @@ class OpenAIHandler(JSONHandler):
         }
         route = routes.get(path)
         try:
-            body = self.read_json()
+            if path == "/v1/images/edits":
+                fields, files = self.read_form()
+                route = self._images
+                body: dict[str, Any] = {**fields, "_input_images": len(files.get("image", []))}
+            else:
+                body = self.read_json()
         except json.JSONDecodeError:
             self._error(
                 400,
@@ -774,6 +783,10 @@ class OpenAIHandler(JSONHandler):
     # -- images ------------------------------------------------------------------------------------
     def _images(self, body: dict[str, Any], request_id: str, fault: str | None) -> None:
         model = body.get("model") or "dall-e-2"
+        if "_input_images" in body and not model.startswith("gpt-image"):
+            raise BadRequest("the sandbox edits images with gpt-image-1 only", "model")
+        if "_input_images" in body and not body["_input_images"]:
+            raise BadRequest("'image' is required", "image")
         prompt = body.get("prompt")
         if not prompt:
             raise BadRequest("'prompt' is required", "prompt")
@@ -791,12 +804,13 @@ class OpenAIHandler(JSONHandler):
             if size not in GPT_IMAGE_OUTPUT_TOKENS or quality not in ("low", "medium", "high"):
                 raise BadRequest(f"invalid size/quality {size}/{quality} for {model}", "size")
             text_in = text_tokens(prompt)
+            image_in = IMAGE_INPUT_TOKENS_PER_IMAGE * int(body.get("_input_images") or 0)
             output = GPT_IMAGE_OUTPUT_TOKENS[size][quality] * n
             usage = {
-                "input_tokens": text_in,
-                "input_tokens_details": {"text_tokens": text_in, "image_tokens": 0},
+                "input_tokens": text_in + image_in,
+                "input_tokens_details": {"text_tokens": text_in, "image_tokens": image_in},
                 "output_tokens": output,
-                "total_tokens": text_in + output,
+                "total_tokens": text_in + image_in + output,
             }
             shown = _usage_json(usage, fault)
             if shown is not None:
@@ -807,7 +821,8 @@ class OpenAIHandler(JSONHandler):
                 request_id=request_id,
                 operation="image",
                 model=model,
-                input_tokens=text_in,
+                input_tokens=text_in + image_in,
+                input_image_tokens=image_in,
                 output_tokens=output,
                 image_count=n,
                 image_size=size,

@@ -1,7 +1,8 @@
 """pytest fixtures for the sandbox servers (loaded by tests/conftest.py).
 
-The servers are started once per test session; tests compare by request id, so the session
-ledger is never cleared between tests.
+The servers are started once per test session; each test that uses them starts from a clean
+provider state (no billed requests, no planned faults, an empty prompt cache), so what one test
+sent never changes what another sees, whatever the order.
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ SANDBOX_KEY = "sk-sandbox"
 
 
 @pytest.fixture(scope="session")
-def sandbox() -> Iterator[SandboxServers]:
+def sandbox_servers() -> Iterator[SandboxServers]:
     with SandboxServers() as servers:
         yield servers
+
+
+@pytest.fixture
+def sandbox(sandbox_servers: SandboxServers) -> SandboxServers:
+    """The session's servers, reset for this test (ledger, faults, prompt cache)."""
+    sandbox_servers.openai.reset()
+    return sandbox_servers
 
 
 @pytest.fixture

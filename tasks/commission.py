@@ -23,6 +23,7 @@ from models.settings import get_settings
 from models.tables import PipelineRun, PipelineRunUsage
 from tasks.app import app
 from tasks.clients import openai_client
+from tasks.dbretry import db_step
 from tokenmeter import TableRollup, usage_scope
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def commission(self: Any, donation: dict[str, Any]) -> dict[str, Any]:
     d = Donation.model_validate(donation)  # bad input fails at once, no retry
     settings = get_settings()
     idea_model, image_model = settings.openai_idea_model, settings.openai_image_model
-    run_id, status = _run_for(d)
+    run_id, status = db_step("finding the donation's pipeline run", lambda: _run_for(d))
     if status == "completed":  # a redelivered message: the work is done, spend nothing
         return {"pipeline_run_id": run_id, "status": "completed", "redelivered": True}
     with usage_scope("pipeline_run", run_id) as scope:
@@ -168,17 +169,20 @@ def commission(self: Any, donation: dict[str, Any]) -> dict[str, Any]:
             ]
         except RETRYABLE as exc:
             if self.request.retries >= self.max_retries:
-                _finish(
-                    run_id,
-                    "failed",
-                    f"gave up after {self.request.retries + 1} attempts: {type(exc).__name__}",
-                )
+                reason = f"gave up after {self.request.retries + 1} attempts: {type(exc).__name__}"
+                db_step("recording the failure", lambda: _finish(run_id, "failed", reason))
             raise  # autoretry_for: Celery retries with backoff
         except Exception as exc:
-            _finish(run_id, "failed", f"{type(exc).__name__}: {exc}")
+            reason = f"{type(exc).__name__}: {exc}"
+            db_step("recording the failure", lambda: _finish(run_id, "failed", reason))
             raise
     summary = f"{len(ideas.ideas)} ideas, {len(products)} illustrated: " + ", ".join(
         str(p["name"]) for p in products
     )
-    _finish(run_id, "completed", summary, {"products": products})
+    # the ideas and images are bought: wait out a database outage here rather than retry the
+    # task and buy them again
+    db_step(
+        "saving the products",
+        lambda: _finish(run_id, "completed", summary, {"products": products}),
+    )
     return {"pipeline_run_id": run_id, "status": "completed", "products": len(products)}

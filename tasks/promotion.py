@@ -14,6 +14,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
@@ -24,6 +25,7 @@ from models.settings import get_settings
 from models.tables import AgentScannedPost
 from tasks.app import app
 from tasks.clients import openai_client, reddit_client
+from tasks.dbretry import db_step
 from tokenmeter import TableRollup, usage_scope
 
 logger = logging.getLogger(__name__)
@@ -100,12 +102,46 @@ def analyse(post: Post, model: str, threshold: int) -> Verdict:
         return Verdict(post, rating.model_dump(), written.choices[0].message.content, None)
 
 
-def _new_posts(reddit: Any, subreddits: list[str], limit: int) -> list[Post]:
-    posts = [
+def _fetch_posts(reddit: Any, subreddits: list[str], limit: int) -> list[Post]:
+    return [
         Post(s.id, str(s.subreddit), s.title, s.selftext or "", int(s.score))
         for sub in subreddits
         for s in reddit.subreddit(sub).new(limit=limit)
     ]
+
+
+def _record_posts(posts: list[Post], dry: bool, model: str) -> None:
+    """The rows exist before any call, for the rollups."""
+    now = datetime.now(UTC)
+    with session_scope() as session:
+        for p in posts:
+            session.add(
+                AgentScannedPost(
+                    post_id=p.id,
+                    subreddit=p.subreddit,
+                    post_title=p.title,
+                    post_score=p.score,
+                    dry_run=dry,
+                    promoted=False,
+                    scanned_at=now,
+                    agent_model=model,
+                )
+            )
+
+
+def _save_verdict(v: Verdict, comment_id: str | None) -> None:
+    with session_scope() as session:
+        row = session.scalars(
+            select(AgentScannedPost).where(AgentScannedPost.post_id == v.post.id)
+        ).one()
+        row.agent_ratings = v.ratings
+        row.promotion_message = v.message
+        row.rejection_reason = v.rejection
+        row.promoted = v.message is not None
+        row.comment_id = comment_id
+
+
+def _unseen(posts: list[Post]) -> list[Post]:
     with session_scope() as session:
         seen = set(
             session.scalars(
@@ -130,22 +166,9 @@ def promotion_scan(
     dry = settings.promotion_dry_run if dry_run is None else dry_run
     model = settings.openai_community_agent_model
     reddit = reddit_client()
-    posts = _new_posts(reddit, subs, limit or settings.promotion_post_limit)
-    now = datetime.now(UTC)
-    with session_scope() as session:  # the rows exist before any call, for the rollups
-        for p in posts:
-            session.add(
-                AgentScannedPost(
-                    post_id=p.id,
-                    subreddit=p.subreddit,
-                    post_title=p.title,
-                    post_score=p.score,
-                    dry_run=dry,
-                    promoted=False,
-                    scanned_at=now,
-                    agent_model=model,
-                )
-            )
+    found = _fetch_posts(reddit, subs, limit or settings.promotion_post_limit)
+    posts = db_step("skipping posts already scanned", lambda: _unseen(found))
+    db_step("recording the posts", lambda: _record_posts(posts, dry, model))
     with ThreadPoolExecutor(max_workers=settings.promotion_concurrency) as pool:
         futures = [
             pool.submit(
@@ -165,14 +188,7 @@ def promotion_scan(
         comment_id = None
         if v.message and not dry:
             comment_id = reddit.submission(id=v.post.id).reply(v.message).id
-        with session_scope() as session:
-            row = session.scalars(
-                select(AgentScannedPost).where(AgentScannedPost.post_id == v.post.id)
-            ).one()
-            row.agent_ratings = v.ratings
-            row.promotion_message = v.message
-            row.rejection_reason = v.rejection
-            row.promoted = v.message is not None
-            row.comment_id = comment_id
+        # the comment is posted: wait out a database outage rather than rescan and repost
+        db_step("saving a verdict", partial(_save_verdict, v, comment_id))
         promoted += v.message is not None
     return {"scanned": len(posts), "promoted": promoted, "dry_run": dry, "subreddits": subs}

@@ -7,6 +7,7 @@ after it.  Under CI (``CI=true``) an unreachable server fails the run instead of
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +15,7 @@ from sqlalchemy import create_engine, text
 
 import tokenmeter
 from bench.pg import create_database, drop_database
+from bench.redisdb import ClaimedDB, claimed_databases
 from models import migrate
 from models.db import dispose_all
 from tests.helpers import clear_settings
@@ -21,7 +23,10 @@ from tests.helpers import clear_settings
 PG_ADMIN_URL = os.environ.get(
     "TOKENMETER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-REDIS_TEST_URL = os.environ.get("TOKENMETER_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# The Redis server of the tests (a db number, if given, is ignored: each run claims empty ones).
+REDIS_SERVER_URL = re.sub(
+    r"/\d*$", "", os.environ.get("TOKENMETER_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+)
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 # The loopback OpenAI/Reddit servers (fixtures `sandbox`, `openai_client`, `async_openai_client`).
@@ -40,7 +45,7 @@ def require_service(name: str, error: Exception) -> None:
 def _restore_installation() -> Iterator[None]:
     """One tokenmeter installation per process: a test that replaces it gets it back after.
 
-    Defined before ``_fresh_settings`` so it is torn down after the test's environment is
+    ``_fresh_settings`` depends on it, so it is torn down after the test's environment is
     restored (the reinstalled integration reads the settings again).
     """
     from tokenmeter.celery_signals import active
@@ -54,7 +59,11 @@ def _restore_installation() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_settings(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):
+def _fresh_settings(
+    _restore_installation: None,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
+):
     """Every test sees settings read from its own environment and an isolated var dir."""
     var = tmp_path_factory.mktemp("var")
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{var / 'default.sqlite'}")
@@ -70,6 +79,26 @@ def _fresh_settings(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Te
 def no_installation() -> None:
     """No tokenmeter installation active (the demo app's, from importing it, is set aside)."""
     tokenmeter.uninstall()
+
+
+@pytest.fixture(scope="session")
+def redis_dbs() -> Iterator[list[ClaimedDB]]:
+    """Four empty Redis databases claimed for this test session (never another run's)."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_SERVER_URL).ping()
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        require_service("Redis", exc)
+    with claimed_databases(REDIS_SERVER_URL, 4) as dbs:
+        yield dbs
+
+
+@pytest.fixture
+def redis_db(redis_dbs: list[ClaimedDB]) -> ClaimedDB:
+    """One of this session's Redis databases, emptied for this test."""
+    redis_dbs[0].reset()
+    return redis_dbs[0]
 
 
 @pytest.fixture(scope="session")

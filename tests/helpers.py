@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from bench.env import subprocess_env
 from tokenmeter.context import CallRecord, UsageScope, set_sink
+
+# re-exported for the tests: one definition, shared with the benches
+__all__ = ["CollectingSink", "clear_settings", "collecting_sink", "subprocess_env"]
 
 
 class CollectingSink:

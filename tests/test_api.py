@@ -18,6 +18,7 @@ import schemathesis
 import uvicorn
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from models import AgentScannedPost, PipelineRun, PipelineRunUsage, migrate, session_scope
@@ -173,11 +174,18 @@ def test_money_is_plain_decimal_text_in_api_and_cli(client: TestClient) -> None:
 
 
 def test_windows_and_groups(client: TestClient) -> None:
-    day = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
+    with session_scope() as s:
+        seeded = list(s.scalars(select(OpenAICall.created_at)))
+    assert len(seeded) == 4
+    day = (datetime.now(UTC) - timedelta(days=1)).date()
     one_day = client.get(
-        "/api/usage/summary", headers=AUTH, params={"start_date": day, "end_date": day}
+        "/api/usage/summary",
+        headers=AUTH,
+        params={"start_date": day.isoformat(), "end_date": day.isoformat()},
     ).json()
-    assert one_day["total"]["calls"] >= 1  # a bare end date includes that day
+    # a bare end date includes that day, and only that day
+    expected = sum(1 for t in seeded if t.astimezone(UTC).date() == day)
+    assert one_day["total"]["calls"] == expected < 4
     by_kind = client.get("/api/usage/summary", headers=AUTH, params={"group_by": "kind"}).json()
     assert {g["key"] for g in by_kind["groups"]} == {"pipeline_run", "scanned_post", "none"}
     by_day = client.get("/api/usage/summary", headers=AUTH, params={"group_by": "day"}).json()

@@ -32,7 +32,7 @@ from tokenmeter.context import (
     usage_scope,
 )
 from tokenmeter.rollups import TableRollup
-from tokenmeter.sink import DatabaseSink, FileSpool
+from tokenmeter.sink import DatabaseSink, FileSpool, FlushBatch
 from tokenmeter.wal import OPEN_KEY, WriteAheadLog
 
 COST = Decimal("0.000045")
@@ -137,7 +137,10 @@ def test_redelivered_flush_counts_once(app, metering, redis_client) -> None:
 
     once.apply()
     scope = seen[0]
-    metering.sink.scope_closed(scope)  # a second flush of the same execution
+    # a second flush of the same execution reaches the database (nothing spooled, nothing
+    # dead-lettered) and inserts nothing
+    assert metering.sink.flush(FlushBatch.from_scope(scope)) is True
+    assert len(metering.sink.spool) == 0 and metering.sink.spool.dead_letters() == []
     assert [r.request_id for r in ledger()] == ["req_only"]
 
 
@@ -205,10 +208,12 @@ def test_write_ahead_log_recovers_a_killed_execution_once(db_url, redis_client, 
 def test_live_executions_are_not_recovered(db_url, redis_client, tmp_path) -> None:
     wal = WriteAheadLog(redis_client)
     root, token = open_scope("task", "t-live", task_id="t-live")
-    wal.attach(root)
-    fake_openai_call("live")
-    assert wal.recover(DatabaseSink(spool=FileSpool(tmp_path))) == 0  # our pid is alive
-    close_scope(root, token)
+    try:
+        wal.attach(root)
+        fake_openai_call("live")
+        assert wal.recover(DatabaseSink(spool=FileSpool(tmp_path))) == 0  # our pid is alive
+    finally:
+        close_scope(root, token)
 
 
 def test_task_budget_stops_before_the_call_that_would_exceed_it(

@@ -99,7 +99,9 @@ def test_threads_see_only_their_own_scope(sink: CollectingSink) -> None:
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(results) == list(range(8))  # every thread ran to its end
     for i, s in results.items():
         assert s.totals.calls == 25 and s.totals.input_tokens == 25 * i
 

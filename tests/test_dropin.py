@@ -9,7 +9,6 @@ environment whose only other path is the dependencies' folder; the repository is
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
+from tests.helpers import subprocess_env
 from tokenmeter.sandbox.ground_truth import TOKEN_FIELDS
 from tokenmeter.sandbox.runner import SandboxServers
 
@@ -257,6 +257,7 @@ def test_a_celery_project_with_its_own_models_meters_exactly(
         for billed in truth:
             for name in TOKEN_FIELDS:
                 assert ours[billed.request_id][name] == getattr(billed, name), name
+            assert _money(ours[billed.request_id]["cost_usd"]) == billed.cost_usd
         assert {r["scope_kind"] for r in ours.values()} == {"report"}
         assert version == "u1_reports"  # the user's Alembic history is untouched
 
@@ -369,7 +370,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, **env},
+        env=subprocess_env(**env),
     )
 
 

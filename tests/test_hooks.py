@@ -43,6 +43,8 @@ def assert_matches_ground_truth(scope: UsageScope, sandbox) -> None:
         for name in TOKEN_FIELDS:
             assert getattr(call, name) == getattr(billed, name), (call.operation, name)
         assert call.model == billed.model
+        # what the provider charged, from the sandbox's own price list
+        assert call.cost_usd == billed.cost_usd, (call.model, call.cost_usd, billed.cost_usd)
     truth = sandbox.ledger.totals([c.request_id for c in calls])
     assert truth["input_tokens"] == scope.totals.input_tokens
     assert truth["output_tokens"] == scope.totals.output_tokens
@@ -139,6 +141,35 @@ def test_responses_embeddings_and_images(openai_client: OpenAI, sandbox) -> None
         == (Decimal(gi.usage.input_tokens) * Decimal("5.00") + Decimal(2 * 4160) * Decimal("40.00"))
         / M
     )
+
+
+def test_image_edit_bills_image_input_tokens(openai_client: OpenAI, sandbox) -> None:
+    """gpt-image-1 edits: the input images are image input tokens, priced at their own rate
+    (https://platform.openai.com/docs/pricing, read 2025-08-15: text $5, image $10, output $40
+    per 1M tokens)."""
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+    with usage_scope("task", "edit") as scope:
+        edited = openai_client.images.edit(
+            model="gpt-image-1",
+            image=[("a.png", png, "image/png"), ("b.png", png, "image/png")],
+            prompt="make it knitted",
+            quality="low",
+        )
+    assert_matches_ground_truth(scope, sandbox)
+    (call,) = scope.all_calls()
+    details = edited.usage.input_tokens_details
+    assert call.input_image_tokens == details.image_tokens == 2 * 323
+    assert call.input_tokens == details.text_tokens + details.image_tokens
+    assert (
+        call.cost_usd
+        == (
+            Decimal(details.text_tokens) * Decimal("5.00")
+            + Decimal(details.image_tokens) * Decimal("10.00")
+            + Decimal(272) * Decimal("40.00")
+        )
+        / M
+    )
+    assert call.cost_usd == sandbox.ledger.get(call.request_id).cost_usd
 
 
 def test_raw_and_streaming_response_paths(openai_client: OpenAI, sandbox) -> None:

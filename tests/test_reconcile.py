@@ -17,17 +17,36 @@ from bench.reconcile import reconcile, report_table
 from models import PipelineRun, PipelineRunUsage, session_scope
 from models.db import get_engine
 from tasks.commission import run_usage_rollup
+from tests.helpers import clear_settings
 from tokenmeter import OpenAICall, openai_hooks
 from tokenmeter.context import set_sink, usage_scope
 from tokenmeter.sandbox.runner import SandboxServers
 from tokenmeter.sink import DatabaseSink, FileSpool
 
+LONG_PROMPT = "Shared catalogue of handmade gifts, one per line. " * 120  # cached the 2nd time
+
+
+@pytest.fixture
+def prices_file() -> str | None:
+    """No price override (a test overrides this fixture to misprice on purpose)."""
+    return None
+
 
 @pytest.fixture
 def metered_run(
-    db_url: str, tmp_path, sandbox: SandboxServers, openai_client: Any
+    db_url: str,
+    tmp_path,
+    sandbox: SandboxServers,
+    openai_client: Any,
+    prices_file: str | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[list[str]]:
-    """One pipeline run with chat, stream, embedding and image calls, flushed to ``db_url``."""
+    """One pipeline run with chat (one cached), stream, embedding and image calls, flushed."""
+    if prices_file is not None:
+        path = tmp_path / "prices.toml"
+        path.write_text(prices_file)
+        monkeypatch.setenv("TOKENMETER_PRICES_FILE", str(path))
+        clear_settings()
     previous = set_sink(DatabaseSink(spool=FileSpool(tmp_path / "spool")))
     openai_hooks.instrument()
     try:
@@ -40,6 +59,10 @@ def metered_run(
             scope.bind_rollup(run_usage_rollup(run_id, "gpt-4o-mini", "dall-e-2"))
             msgs = [{"role": "user", "content": "a gift idea"}]
             openai_client.chat.completions.create(model="gpt-4o-mini", messages=msgs)
+            for _ in range(2):
+                openai_client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": LONG_PROMPT}]
+                )
             for _ in openai_client.chat.completions.create(
                 model="o3-mini", messages=msgs, stream=True
             ):
@@ -61,8 +84,9 @@ def _check(sandbox: SandboxServers, ids: list[str]):
 
 def test_a_faithful_ledger_reconciles(sandbox: SandboxServers, metered_run: list[str]) -> None:
     result = _check(sandbox, metered_run)
-    assert len(metered_run) == 4
+    assert len(metered_run) == 6
     assert result.ok, (result.missing, result.extra, result.mismatched, result.rollups)
+    assert result.truth["cached_input_tokens"] > 0
     assert result.truth["image_count"] == result.ledger["image_count"] == 2
     assert result.truth["reasoning_tokens"] > 0
     assert result.truth["cost_usd"] == result.ledger["cost_usd"] > Decimal("0.036")
@@ -81,9 +105,14 @@ def test_a_lost_call_is_caught(sandbox: SandboxServers, metered_run: list[str]) 
 
 def test_a_wrong_token_count_is_caught(sandbox: SandboxServers, metered_run: list[str]) -> None:
     with session_scope() as s:
+        first_chat = s.scalar(
+            select(OpenAICall.id)
+            .where(OpenAICall.operation == "chat", OpenAICall.stream.is_(False))
+            .order_by(OpenAICall.id)
+        )
         s.execute(
             update(OpenAICall)
-            .where(OpenAICall.operation == "chat", OpenAICall.stream.is_(False))
+            .where(OpenAICall.id == first_chat)
             .values(cached_input_tokens=OpenAICall.cached_input_tokens + 1)
         )
     result = _check(sandbox, metered_run)
@@ -117,3 +146,53 @@ def test_a_call_never_billed_is_caught(sandbox: SandboxServers, metered_run: lis
     console = Console(record=True, width=120)
     console.print(report_table(result))
     assert re.search(r"in the ledger, not billed\s*│[\s│]*1\s*│", console.export_text())
+
+
+# A deliberately wrong price in the meter (a user's override file always wins, so it is the
+# meter's price list that is wrong here) must make the reconciliation fail on cost_usd: the
+# ground truth's dollars come from the sandbox's own price list, not from the meter's.
+MISPRICED = {
+    "cached input billed as input": """
+[[price]]
+model = "gpt-4o-mini"
+effective = 2024-07-18
+input = "0.15"
+cached_input = "0.15"
+output = "0.60"
+""",
+    "an image priced at the wrong size": """
+[[price]]
+model = "dall-e-2"
+effective = 2023-11-06
+[price.images]
+"standard/1024x1024" = "0.020"
+"standard/512x512" = "0.020"
+"standard/256x256" = "0.016"
+""",
+    "reasoning model at its family's old price": """
+[[price]]
+model = "o3-mini"
+effective = 2025-01-31
+input = "1.10"
+cached_input = "0.55"
+output = "4.40"
+
+[[price]]
+model = "o3-mini"
+effective = 2025-02-01
+input = "1.10"
+cached_input = "0.55"
+output = "4.50"
+""",
+}
+
+
+@pytest.mark.parametrize("prices_file", MISPRICED.values(), ids=MISPRICED.keys())
+def test_a_wrong_price_is_caught(sandbox: SandboxServers, metered_run: list[str]) -> None:
+    result = _check(sandbox, metered_run)
+    assert not result.ok
+    assert result.truth["cost_usd"] != result.ledger["cost_usd"]
+    assert {m.split(": ")[1].split()[0] for m in result.mismatched} == {"cost_usd"}
+    console = Console(record=True, width=120)
+    console.print(report_table(result))
+    assert re.search(r"cost_usd\s*│[^\n]*│\s*[+-]0\.\d*[1-9]", console.export_text())

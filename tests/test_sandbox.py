@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -39,7 +40,11 @@ def test_chat_usage_headers_and_ground_truth(openai_client, sandbox) -> None:
         model="gpt-4o-mini-2024-07-18",
         input_tokens=u.prompt_tokens,
         output_tokens=u.completion_tokens,
+        # the provider's charge at its own list price ($0.15 / $0.60 per 1M, gpt-4o-mini)
+        cost_usd=(Decimal("0.15") * u.prompt_tokens + Decimal("0.60") * u.completion_tokens)
+        / 1_000_000,
     )
+    assert sandbox.ledger.cost([rid]) == billed.cost_usd
 
 
 def test_request_ids_are_unique(openai_client) -> None:

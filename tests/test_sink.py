@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 
 import fakeredis
 import pytest
@@ -228,27 +229,22 @@ def test_rollup_refuses_unknown_columns_and_fields() -> None:
 
 
 @pytest.mark.redis
-def test_recovery_replays_a_real_redis_spool(db_url: str, captured: CollectingSink) -> None:
-    import redis
-
-    from tests.conftest import REDIS_TEST_URL, require_service
+def test_recovery_replays_a_real_redis_spool(
+    db_url: str, captured: CollectingSink, redis_db: Any
+) -> None:
     from tokenmeter.recovery import Recovery
 
-    client = redis.Redis.from_url(REDIS_TEST_URL)
-    try:
-        client.flushdb()
-    except redis.ConnectionError as exc:
-        require_service("Redis", exc)
+    url = redis_db.url
+    client = redis_db.client()
     run_id = make_run()
     batch = commission_attempt(run_id, 0, "r", captured)
-    down = Recovery.connect(REDIS_TEST_URL, database_url=UNREACHABLE_PG)
+    down = Recovery.connect(url, database_url=UNREACHABLE_PG)
     assert down.sink.flush(batch) is False
     assert client.llen("tokenmeter:spool") == 1
     assert down.run_once().still_spooled == 1
 
-    report = Recovery.connect(REDIS_TEST_URL).run_once()
+    report = Recovery.connect(url).run_once()
     assert (report.replayed, report.still_spooled) == (1, 0)
     with session_scope() as s:
         usage = s.scalars(select(PipelineRunUsage)).one()
     assert usage.prompt_tokens == 1000 and usage.total_cost_usd == Decimal("0.08027")
-    client.flushdb()

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from celeryconfig import filesystem_transport_options
 from models import AgentScannedPost, PipelineRun, PipelineRunUsage, migrate
+from tests.helpers import subprocess_env
 from tokenmeter import OpenAICall
 from tokenmeter.sandbox.runner import SandboxServers
 
@@ -90,35 +91,47 @@ class App:
         return Session(create_engine(self.db_url))
 
     def wait_flushed(self, n_calls: int, timeout: float = 30) -> list[OpenAICall]:
-        """The flush runs after the result is stored: poll the ledger with a deadline."""
+        """The flush runs after the result is stored: poll the ledger with a deadline.
+
+        Fails at the deadline; each row's cost must equal what the provider charged for it
+        (the sandbox's own price list, not the meter's).
+        """
         deadline = time.monotonic() + timeout
         while True:
             with self.session() as s:
                 rows = list(s.scalars(select(OpenAICall)))
-            if len(rows) >= n_calls or time.monotonic() > deadline:
-                return rows
+            if len(rows) >= n_calls:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(rows)} of {n_calls} calls flushed in {timeout}s")
             time.sleep(0.1)
+        for row in rows:
+            billed = self.sandbox.ledger.get(row.request_id) if row.request_id else None
+            if billed is not None:
+                assert row.cost_usd == billed.cost_usd, (row.model, row.cost_usd, billed)
+        return rows
 
 
-@pytest.fixture
-def app(tmp_path: Path) -> Iterator[App]:
+@contextmanager
+def running_app(tmp_path: Path, db_url: str, worker_db_url: str | None = None) -> Iterator[App]:
+    """The application with its sandboxes; the worker reaches the database at
+    ``worker_db_url`` (a proxy the test can cut), the test at ``db_url``."""
     var = tmp_path / "var"
-    db_url = f"sqlite:///{var / 'tokenmeter.sqlite'}"
     migrate.upgrade(db_url)
     with SandboxServers() as sandbox:
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "TOKENMETER_VAR_DIR": str(var),
-            "DATABASE_URL": db_url,
-            "OPENAI_BASE_URL": sandbox.openai_base_url,
-            "OPENAI_API_KEY": "sk-sandbox",
-            "REDDIT_SANDBOX_URL": sandbox.reddit_base_url,
-            "TOKENMETER_SPOOL_DIR": str(var / "spool"),
-            "COMMISSION_MAX_RETRIES": "1",
-        }
-        env.pop("CELERY_BROKER_URL", None)
-        env.pop("CELERY_RESULT_BACKEND", None)
+        env = subprocess_env(
+            **{
+                "PYTHONPATH": str(ROOT),
+                "TOKENMETER_VAR_DIR": str(var),
+                "DATABASE_URL": worker_db_url or db_url,
+                "OPENAI_BASE_URL": sandbox.openai_base_url,
+                "OPENAI_API_KEY": "sk-sandbox",
+                "REDDIT_SANDBOX_URL": sandbox.reddit_base_url,
+                "TOKENMETER_SPOOL_DIR": str(var / "spool"),
+                "TOKENMETER_DATA_DIR": str(var),
+                "COMMISSION_MAX_RETRIES": "1",
+            }
+        )
         client = Celery("test_client", broker="filesystem://", backend=f"file://{var / 'results'}")
         client.conf.broker_transport_options = filesystem_transport_options(var)
         (var / "results").mkdir(parents=True, exist_ok=True)
@@ -127,6 +140,12 @@ def app(tmp_path: Path) -> Iterator[App]:
             yield a
         finally:
             a.stop_worker()
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[App]:
+    with running_app(tmp_path, f"sqlite:///{tmp_path / 'var' / 'tokenmeter.sqlite'}") as a:
+        yield a
 
 
 def ground_truth(app: App, rows: list[OpenAICall]) -> dict[str, int]:
@@ -181,7 +200,15 @@ def test_rate_limited_commission_retries_and_keeps_each_attempt(app: App) -> Non
     assert app.run("tasks.commission", DONATION, timeout=120).get(timeout=5)["status"] == (
         "completed"
     )
-    rows = app.wait_flushed(6)
+    # attempt 0: ideas + the image call refused with 429; attempt 1: ideas + 2 images
+    rows = app.wait_flushed(5)
+    assert [(r.attempt, r.operation, r.status) for r in sorted(rows, key=lambda r: r.id)] == [
+        (0, "chat", "ok"),
+        (0, "image", "error"),
+        (1, "chat", "ok"),
+        (1, "image", "ok"),
+        (1, "image", "ok"),
+    ]
     attempts = sorted({r.attempt for r in rows})
     assert attempts == [0, 1]
     with app.session() as s:
@@ -244,8 +271,80 @@ def test_beat_schedule_and_reliability_settings_from_config() -> None:
     openai_hooks.uninstrument()
 
     entry = celeryconfig.beat_schedule["promotion-scan"]
-    assert entry["task"] == "tasks.promotion_scan" == celery_app.tasks[entry["task"]].name
+    assert entry["task"] == "tasks.promotion_scan"
+    assert entry["task"] in celery_app.tasks  # the schedule names a task the app registered
     assert entry["schedule"] == 900.0  # PROMOTION_INTERVAL_S default
     assert celery_app.conf.task_acks_late and celery_app.conf.task_reject_on_worker_lost
     assert celery_app.conf.accept_content == ["json"]
     assert celery_app.conf.worker_send_task_events
+
+
+# -- a database outage -------------------------------------------------------------------------
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+    return value
+
+
+@pytest.mark.postgres
+def test_commissions_and_a_scan_ride_out_a_database_outage(pg_url: str, tmp_path: Path) -> None:
+    """PostgreSQL unreachable for 20 s while they run: every task ends SUCCESS, one run per
+    donation, no comment twice, and every billed call is in the ledger once."""
+    from sqlalchemy.engine import make_url
+
+    from tests.tcp_proxy import TcpProxy
+
+    pg = make_url(pg_url)
+    proxy = TcpProxy(pg.host or "127.0.0.1", pg.port or 5432).start()
+    worker_url = pg.set(port=proxy.port).render_as_string(hide_password=False)
+    try:
+        with running_app(tmp_path, pg_url, worker_url) as app:
+            app.sandbox.openai.faults.set_error_rate(0.0)
+            app.start_worker(TOKENMETER_RECOVERY_INTERVAL_S="1")
+            donations = [
+                {"id": f"don-{i}", "amount_usd": "10", "message": f"gift {i}"} for i in range(6)
+            ]
+            results = [app.client.send_task("tasks.commission", args=(d,)) for d in donations]
+            scan = app.client.send_task(
+                "tasks.promotion_scan",
+                kwargs={"subreddits": ["handmade", "gifts"], "limit": 8, "dry_run": False},
+            )
+            wait_for(lambda: len(app.sandbox.ledger) >= 2, 60, "the work to start")
+            proxy.stop()  # PostgreSQL "goes down" for the worker, mid-work
+            time.sleep(20)  # the outage itself (what is being survived), not a synchronisation
+            proxy.start()
+            for result in [*results, scan]:
+                wait_for(result.ready, 180, f"task {result.id}")
+            assert [r.state for r in [*results, scan]] == ["SUCCESS"] * 7, [
+                str(r.result) for r in [*results, scan]
+            ]
+
+            with app.session() as s:
+                runs = list(s.scalars(select(PipelineRun)))
+                posts = list(s.scalars(select(AgentScannedPost)))
+            assert sorted(r.config["donation_id"] for r in runs) == [d["id"] for d in donations]
+            assert {r.status for r in runs} == {"completed"}
+            comments = [c.parent_fullname for c in app.sandbox.reddit.comments]
+            assert len(comments) == len(set(comments)) == sum(p.promoted for p in posts) > 0
+
+            billed = {b.request_id: b for b in app.sandbox.ledger.rows()}
+
+            def ledger() -> dict[str, OpenAICall]:
+                with app.session() as s:
+                    rows = s.scalars(select(OpenAICall).where(OpenAICall.status == "ok"))
+                    return {r.request_id: r for r in rows if r.request_id}
+
+            wait_for(lambda: len(ledger()) >= len(billed), 60, "the spooled usage to land")
+            ours = ledger()
+            assert set(ours) == set(billed)
+            for rid, b in billed.items():
+                assert (ours[rid].input_tokens, ours[rid].output_tokens, ours[rid].cost_usd) == (
+                    b.input_tokens,
+                    b.output_tokens,
+                    b.cost_usd,
+                ), rid
+    finally:
+        proxy.stop()

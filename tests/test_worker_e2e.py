@@ -22,8 +22,9 @@ from celery import Celery
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from bench.redisdb import ClaimedDB
 from models import migrate
-from tests.conftest import REDIS_TEST_URL, require_service
+from tests.helpers import subprocess_env
 from tests.tcp_proxy import TcpProxy
 from tokenmeter.sandbox.ground_truth import TOKEN_FIELDS
 from tokenmeter.sandbox.runner import SandboxServers
@@ -31,7 +32,7 @@ from tokenmeter.sandbox.runner import SandboxServers
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 ROOT = Path(__file__).resolve().parent.parent
-BROKER_DB, BACKEND_DB, CONTROL_DB = 13, 12, 11
+BROKER_DB, BACKEND_DB, CONTROL_DB = 1, 2, 3  # indexes into the session's claimed dbs
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
@@ -43,11 +44,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(every)
-
-
-def _redis_url(db: int) -> str:
-    """The test Redis server, database ``db`` (REDIS_TEST_URL names server and a db)."""
-    return f"{REDIS_TEST_URL.rsplit('/', 1)[0]}/{db}"
 
 
 @dataclass
@@ -137,35 +133,39 @@ class Stack:
             for name in TOKEN_FIELDS:
                 assert ours[rid][name] == getattr(billed, name), (rid, name)
             assert ours[rid]["model"] == billed.model
+            # the provider's charge, from the sandbox's own price list
+            assert billed.cost_usd is not None and ours[rid]["cost_usd"] == billed.cost_usd, rid
         totals = {name: sum(getattr(b, name) for b in truth.values()) for name in TOKEN_FIELDS}
         assert totals == {name: sum(r[name] for r in ours.values()) for name in TOKEN_FIELDS}
         return totals
 
 
 @pytest.fixture
-def stack(pg_url: str, tmp_path: Path) -> Iterator[Stack]:
-    try:
-        redis.Redis.from_url(_redis_url(CONTROL_DB)).ping()
-    except Exception as exc:
-        require_service("Redis", exc)
+def stack(pg_url: str, tmp_path: Path, redis_dbs: list[ClaimedDB]) -> Iterator[Stack]:
     for db in (BROKER_DB, BACKEND_DB, CONTROL_DB):
-        redis.Redis.from_url(_redis_url(db)).flushdb()
+        redis_dbs[db].reset()
+
+    def _redis_url(db: int) -> str:
+        return redis_dbs[db].url
+
     migrate.upgrade(pg_url)
     pg = make_url(pg_url)
     proxy = TcpProxy(pg.host or "127.0.0.1", pg.port or 5432).start()
     sandbox = SandboxServers().start()
-    env = {
-        **os.environ,
-        "DATABASE_URL": pg.set(port=proxy.port).render_as_string(hide_password=False),
-        "CELERY_BROKER_URL": _redis_url(BROKER_DB),
-        "CELERY_RESULT_BACKEND": _redis_url(BACKEND_DB),
-        "E2E_CONTROL_REDIS_URL": _redis_url(CONTROL_DB),
-        "OPENAI_BASE_URL": sandbox.openai_base_url,
-        "OPENAI_API_KEY": "sk-sandbox",
-        "TOKENMETER_RECOVERY_INTERVAL_S": "0.5",
-        "TOKENMETER_SPOOL_DIR": str(tmp_path / "spool"),
-        "PYTHONPATH": str(ROOT),
-    }
+    env = subprocess_env(
+        **{
+            "DATABASE_URL": pg.set(port=proxy.port).render_as_string(hide_password=False),
+            "CELERY_BROKER_URL": _redis_url(BROKER_DB),
+            "CELERY_RESULT_BACKEND": _redis_url(BACKEND_DB),
+            "E2E_CONTROL_REDIS_URL": _redis_url(CONTROL_DB),
+            "OPENAI_BASE_URL": sandbox.openai_base_url,
+            "OPENAI_API_KEY": "sk-sandbox",
+            "TOKENMETER_RECOVERY_INTERVAL_S": "0.5",
+            "TOKENMETER_SPOOL_DIR": str(tmp_path / "spool"),
+            "TOKENMETER_DATA_DIR": str(tmp_path / "data"),
+            "PYTHONPATH": str(ROOT),
+        }
+    )
     app = Celery(
         "e2e_client", broker=env["CELERY_BROKER_URL"], backend=env["CELERY_RESULT_BACKEND"]
     )

@@ -1,0 +1,122 @@
+"""What the sandbox charges for a request, from its OWN price list (the provider's invoice).
+
+Written apart from tokenmeter's pricing on purpose: it imports nothing of it and does not use a
+price package, so a mistake in the meter's prices shows up as a difference instead of agreeing
+with itself.  One row per model name exactly as the sandbox bills it (the served snapshot), with
+the page and day the figure was read.  Where this list and the meter disagree, that is a finding
+to investigate, not a number to copy.
+
+How OpenAI bills (standard tier, https://platform.openai.com/docs/pricing):
+- text models: uncached input, cached input and output tokens, each at its own rate per 1M
+  tokens; reasoning tokens are part of the output tokens and billed as output.
+- embeddings: input tokens.
+- gpt-image-1: text input, image input and output (image) tokens, each at its own rate.
+- dall-e-2 / dall-e-3: a price per image by quality and size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Protocol
+
+PRICING_PAGE = "https://platform.openai.com/docs/pricing"
+MILLION = Decimal(1_000_000)
+
+
+@dataclass(frozen=True)
+class TokenRates:
+    """USD per 1M tokens."""
+
+    input: Decimal
+    output: Decimal = Decimal(0)
+    cached_input: Decimal | None = None  # None: the model has no cached-input discount
+    image_input: Decimal | None = None
+    source: str = PRICING_PAGE
+    read_on: str = "2025-08-15"
+
+
+def _rates(
+    input: str, output: str = "0", cached: str | None = None, image_input: str | None = None
+) -> TokenRates:
+    return TokenRates(
+        Decimal(input),
+        Decimal(output),
+        None if cached is None else Decimal(cached),
+        None if image_input is None else Decimal(image_input),
+    )
+
+
+#: Every name the sandbox bills under.  Snapshots are listed one by one: no family guessing.
+TOKEN_PRICES: dict[str, TokenRates] = {
+    "gpt-4o-mini-2024-07-18": _rates("0.15", "0.60", "0.075"),
+    "gpt-4o-2024-08-06": _rates("2.50", "10.00", "1.25"),
+    "gpt-4o-2024-05-13": _rates("5.00", "15.00"),
+    "gpt-4.1-2025-04-14": _rates("2.00", "8.00", "0.50"),
+    "gpt-4.1-mini-2025-04-14": _rates("0.40", "1.60", "0.10"),
+    "gpt-4.1-nano-2025-04-14": _rates("0.10", "0.40", "0.025"),
+    "gpt-4-turbo-2024-04-09": _rates("10.00", "30.00"),
+    "gpt-4-0613": _rates("30.00", "60.00"),
+    "gpt-3.5-turbo-0125": _rates("0.50", "1.50"),
+    "o1-2024-12-17": _rates("15.00", "60.00", "7.50"),
+    "o1-mini-2024-09-12": _rates("1.10", "4.40", "0.55"),
+    "o3-2025-04-16": _rates("2.00", "8.00", "0.50"),
+    "o3-mini-2025-01-31": _rates("1.10", "4.40", "0.55"),
+    "o4-mini-2025-04-16": _rates("1.10", "4.40", "0.275"),
+    "text-embedding-3-small": _rates("0.02"),
+    "text-embedding-3-large": _rates("0.13"),
+    "text-embedding-ada-002": _rates("0.10"),
+    "gpt-image-1": _rates("5.00", "40.00", "1.25", image_input="10.00"),
+}
+
+#: (model, quality, size) -> USD per image.
+IMAGE_PRICES: dict[tuple[str, str, str], Decimal] = {
+    ("dall-e-3", "standard", "1024x1024"): Decimal("0.040"),
+    ("dall-e-3", "standard", "1024x1792"): Decimal("0.080"),
+    ("dall-e-3", "standard", "1792x1024"): Decimal("0.080"),
+    ("dall-e-3", "hd", "1024x1024"): Decimal("0.080"),
+    ("dall-e-3", "hd", "1024x1792"): Decimal("0.120"),
+    ("dall-e-3", "hd", "1792x1024"): Decimal("0.120"),
+    ("dall-e-2", "standard", "1024x1024"): Decimal("0.020"),
+    ("dall-e-2", "standard", "512x512"): Decimal("0.018"),
+    ("dall-e-2", "standard", "256x256"): Decimal("0.016"),
+}
+
+
+class Billable(Protocol):
+    @property
+    def model(self) -> str: ...
+    @property
+    def input_tokens(self) -> int: ...
+    @property
+    def cached_input_tokens(self) -> int: ...
+    @property
+    def input_image_tokens(self) -> int: ...
+    @property
+    def output_tokens(self) -> int: ...
+    @property
+    def image_count(self) -> int: ...
+    @property
+    def image_size(self) -> str | None: ...
+    @property
+    def image_quality(self) -> str | None: ...
+
+
+def amount_usd(row: Billable) -> Decimal | None:
+    """The exact dollars the provider charges for ``row``; None if the model is not listed."""
+    per_image = IMAGE_PRICES.get((row.model, row.image_quality or "", row.image_size or ""))
+    if per_image is not None:
+        return per_image * row.image_count
+    rates = TOKEN_PRICES.get(row.model)
+    if rates is None:
+        return None
+    # input_tokens counts every input token; cached and image tokens are parts of it.
+    cached = row.cached_input_tokens if rates.cached_input is not None else 0
+    image = row.input_image_tokens if rates.image_input is not None else 0
+    plain = row.input_tokens - cached - image
+    dollars = plain * rates.input + row.output_tokens * rates.output
+    if rates.cached_input is not None:
+        dollars += cached * rates.cached_input
+    if rates.image_input is not None:
+        dollars += image * rates.image_input
+    return dollars / MILLION
