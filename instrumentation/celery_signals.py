@@ -97,6 +97,8 @@ class CeleryMetering:
         self.budgets: Budgets | None = None
         self.recovery_interval_s = 0.0
         self.metrics_port: int | None = None
+        self._data_dir: Path | None = None
+        self._metrics_ready = False
         self._metrics: Any = None
         self._metrics_server: Any = None
         self._patched_openai = False
@@ -185,6 +187,21 @@ class CeleryMetering:
         except Exception:
             logger.debug("could not send the task-usage event", exc_info=True)
 
+    def on_worker_init(self, **_: Any) -> None:
+        """In the worker's main process, before the pool starts: the metrics folder."""
+        if not self.metrics_port:
+            return
+        from .metrics import prepare_multiprocess
+
+        assert self._data_dir is not None
+        self._metrics_ready = prepare_multiprocess(self._data_dir) is not None
+
+    def on_process_shutdown(self, pid: int | None = None, **_: Any) -> None:
+        if self.metrics_port and self._metrics is not None:
+            from .metrics import mark_process_dead
+
+            mark_process_dead(pid or os.getpid())
+
     def on_process_init(self, **_: Any) -> None:
         dispose_after_fork()
         if self.instrument_openai:  # idempotent: a forked child already has the patch
@@ -193,7 +210,7 @@ class CeleryMetering:
             openai_hooks.instrument()
 
     def on_worker_ready(self, **_: Any) -> None:
-        if self.metrics_port:
+        if self.metrics_port and self._metrics_ready:
             from .metrics import serve
 
             self._metrics_server = serve(self.metrics_port)
@@ -223,7 +240,9 @@ class CeleryMetering:
     _SIGNALS = (
         (signals.task_prerun, "on_prerun"),
         (signals.task_postrun, "on_postrun"),
+        (signals.worker_init, "on_worker_init"),
         (signals.worker_process_init, "on_process_init"),
+        (signals.worker_process_shutdown, "on_process_shutdown"),
         (signals.worker_ready, "on_worker_ready"),
         (signals.worker_shutdown, "on_worker_shutdown"),
     )
@@ -260,11 +279,7 @@ class CeleryMetering:
             else self._options_recovery_interval_s
         )
         self.metrics_port = settings.tokenmeter_metrics_port
-        if self.metrics_port:
-            # prefork children write samples here; the main process serves them (metrics.py)
-            default_dir = settings.tokenmeter_data_dir / "prometheus"
-            os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(default_dir))
-            Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
+        self._data_dir = settings.tokenmeter_data_dir
 
     def install(self) -> CeleryMetering:
         global _active

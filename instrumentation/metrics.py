@@ -4,15 +4,25 @@ Labels: model, operation, task, status.  Cost is exported as a float counter bec
 what Prometheus stores; the ledger stays the exact record (Decimal), metrics are for graphs
 and alerts.
 
-Prefork workers: set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory before the worker
-starts (``install()`` does it when ``TOKENMETER_METRICS_PORT`` is set and the variable is not);
-each child then writes its samples there and the main process serves all of them on
-``TOKENMETER_METRICS_PORT`` (prometheus_client's multiprocess mode).
+With ``TOKENMETER_METRICS_PORT`` set, a worker runs prometheus_client's multiprocess mode
+whatever its pool: every process that records (each prefork child, or the worker itself with
+the threads, solo and gevent pools) writes its samples to files in one folder, and the main
+process serves all of them on that port.  :func:`prepare_multiprocess` picks the folder at
+``worker_init``, before the pool starts: ``PROMETHEUS_MULTIPROC_DIR`` if the user set it (theirs
+to manage), else ``prometheus/worker-<pid>`` in tokenmeter's data dir, new for each worker run
+(a restart starts from zero; folders of workers no longer running are removed).
+
+prometheus_client chooses its value class when it is first imported, and ``celery worker``
+imports it before the application: so the choice is made again here, before any metric
+exists.  Where that is not possible the worker says so in one warning with the fix.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -25,6 +35,9 @@ from prometheus_client import (
 )
 
 from .context import CallRecord, UsageScope
+
+logger = logging.getLogger("tokenmeter.metrics")
+ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 TOKEN_CATEGORIES = {
     "input": "input_tokens",
@@ -98,3 +111,51 @@ def serve(port: int, registry: CollectorRegistry | None = None) -> Any:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     return start_http_server(port, addr="127.0.0.1", registry=registry or REGISTRY)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prepare_multiprocess(data_dir: Path) -> Path | None:
+    """Turn multiprocess mode on for this worker and the processes it forks.
+
+    Returns the samples folder, or None (with one warning) when the mode cannot work.
+    """
+    if os.environ.get(ENV):
+        folder = Path(os.environ[ENV])
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        root = data_dir / "prometheus"
+        for old in root.glob("worker-*"):  # a worker that is gone: its samples are stale
+            pid = old.name.removeprefix("worker-")
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+        folder = root / f"worker-{os.getpid()}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        os.environ[ENV] = str(folder)
+    from prometheus_client import values
+
+    if not hasattr(values, "ValueClass") or not hasattr(values, "MultiProcessValue"):
+        logger.warning(
+            "metrics: this prometheus_client cannot switch to multiprocess mode after import; "
+            "set %s to an empty folder before starting the worker",
+            ENV,
+        )
+        return None
+    if values.ValueClass is values.MutexValue:  # imported before the variable was set
+        values.ValueClass = values.MultiProcessValue()
+    return folder
+
+
+def mark_process_dead(pid: int) -> None:
+    """A recording process ends: drop its live gauges (counters stay, they are sums)."""
+    if os.environ.get(ENV):
+        multiprocess.mark_process_dead(pid)

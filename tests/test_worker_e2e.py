@@ -325,18 +325,18 @@ def test_flower_shows_each_tasks_usage(stack: Stack) -> None:
         flower.wait(timeout=30)
 
 
-def test_prefork_worker_exports_exact_metrics(stack: Stack, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("pool", "concurrency"), [("prefork", 4), ("threads", 4)])
+def test_metrics_with_only_the_port_set_equal_ground_truth(
+    stack: Stack, tmp_path: Path, pool: str, concurrency: int
+) -> None:
+    """The README's path: TOKENMETER_METRICS_PORT alone (no PROMETHEUS_MULTIPROC_DIR)."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    assert "PROMETHEUS_MULTIPROC_DIR" not in stack.env
     port = _free_port()
     stack.env["TOKENMETER_METRICS_PORT"] = str(port)
-    stack.env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prom")
-    (tmp_path / "prom").mkdir()
-    stack.start_worker("prefork", 4)
-    run_mixed(stack, 20)
-    truth = stack.assert_ledger_matches_ground_truth()
 
-    def scraped() -> dict[str, float] | None:
+    def scrape() -> dict[str, float]:
         import httpx
 
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
@@ -345,10 +345,31 @@ def test_prefork_worker_exports_exact_metrics(stack: Stack, tmp_path: Path) -> N
             for sample in family.samples:
                 key = sample.name + ":" + sample.labels.get("category", "")
                 sums[key] = sums.get(key, 0) + sample.value
+        return sums
+
+    def covered() -> dict[str, float] | None:
+        sums = scrape()
         calls = sums.get("tokenmeter_openai_calls_total:", 0)
         return sums if calls == len(stack.sandbox.ledger) else None
 
-    sums = wait_for(scraped, 30, "metrics to cover every call")
+    stack.start_worker(pool, concurrency)
+    run_mixed(stack, 20)
+    truth = stack.assert_ledger_matches_ground_truth()
+    sums = wait_for(covered, 30, "metrics to cover every call")
     assert sums["tokenmeter_openai_tokens_total:input"] == truth["input_tokens"]
     assert sums["tokenmeter_openai_tokens_total:output"] == truth["output_tokens"]
+    assert (
+        sums.get("tokenmeter_openai_tokens_total:cached_input", 0) == truth["cached_input_tokens"]
+    )
     assert sums["tokenmeter_openai_images_total:"] == truth["image_count"]
+    billed = stack.sandbox.ledger.cost()
+    assert billed is not None
+    assert abs(sums["tokenmeter_openai_cost_usd_total:"] - float(billed)) < 1e-9
+
+    # a restart starts from zero: no stale counters from the previous run are served
+    stack.stop_workers()
+    stack.sandbox.openai.reset()
+    stack.start_worker(pool, concurrency)
+    assert scrape().get("tokenmeter_openai_calls_total:", 0) == 0  # served, and fresh
+    run_mixed(stack, 3)
+    wait_for(covered, 30, "metrics of the new run only")
