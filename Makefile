@@ -9,7 +9,7 @@ RECONCILE_ARGS ?=
 export TOKENMETER_DATA_DIR ?= $(CURDIR)/var
 
 .DEFAULT_GOAL := help
-.PHONY: help setup chromium demo test lint migrate check-usage bench reconcile mutation worker beat api sandbox clean
+.PHONY: help setup chromium demo test lint migrate check-usage bench reconcile compat compat-lowest mutation worker beat api sandbox clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -64,6 +64,12 @@ bench: setup ## Side by side with peers (overhead, accuracy) and throughput -> b
 reconcile: setup ## Mixed load on 4 worker processes, ledger vs ground truth; RECONCILE_ARGS="--faults"
 	$(PY) bench/reconcile.py $(RECONCILE_ARGS)
 
+compat: setup ## The lowest and latest versions every declared range allows (nox sessions)
+	$(VENV)/bin/nox
+
+compat-lowest: setup ## Only the lowest versions (unit and capture tests)
+	$(VENV)/bin/nox -s lowest
+
 MUTATION_VENV := .venv-mutation
 MUTATION_DB := var/mutation.sqlite
 mutation: setup ## Mutation testing of pricing and flush (cosmic-ray, about 40 min) -> var/mutation.html
@@ -91,4 +97,4 @@ sandbox: setup ## The loopback OpenAI and Reddit sandboxes in the foreground
 	$(VENV)/bin/tokenmeter sandbox
 
 clean: ## Remove the venvs and generated data
-	rm -rf $(VENV) $(MUTATION_VENV) build var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MUTATION_VENV) .nox build var .pytest_cache .mypy_cache .ruff_cache

@@ -169,7 +169,7 @@ class Tokenmeter(Adapter):
                 records.append(call)
 
         set_sink(MemorySink())
-        self.enable = openai_hooks.instrument  # type: ignore[method-assign]
+        self.enable = openai_hooks.instrument  # type: ignore[method-assign,assignment]
         self.disable = openai_hooks.uninstrument  # type: ignore[method-assign]
         self.enable()
         super().__init__(base_url)

@@ -355,8 +355,7 @@ def _instrument_openai() -> bool:
 
     if openai_hooks.is_instrumented():
         return False
-    openai_hooks.instrument()
-    return True
+    return openai_hooks.instrument()
 
 
 def _uninstrument_openai() -> None:

@@ -31,10 +31,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
+import openai
 from openai import APIStatusError, AsyncStream, Stream
-from openai._base_client import AsyncAPIClient, SyncAPIClient
-from openai._legacy_response import LegacyAPIResponse
-from openai._response import APIResponse, AsyncAPIResponse
+
+try:  # private parts of the SDK the capture relies on; checked again by sdk_problems()
+    from openai._base_client import AsyncAPIClient, SyncAPIClient
+    from openai._legacy_response import LegacyAPIResponse
+    from openai._response import APIResponse, AsyncAPIResponse
+
+    _IMPORT_PROBLEM: str | None = None
+except ImportError as _exc:  # pragma: no cover - an SDK whose layout changed
+    _IMPORT_PROBLEM = str(_exc)
 
 from .context import (
     CallRecord,
@@ -391,20 +398,65 @@ def _wrap_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaita
     return request
 
 
+SUPPORTED = ">=3.0,<4"
+
+
+def sdk_problems() -> list[str]:
+    """What of the SDK's private parts the capture relies on is missing or changed (none: ok)."""
+    if _IMPORT_PROBLEM is not None:
+        return [_IMPORT_PROBLEM]
+    problems = []
+    for cls in (SyncAPIClient, AsyncAPIClient):
+        try:
+            params = list(inspect.signature(cls.request).parameters)[:3]
+        except (AttributeError, TypeError, ValueError):
+            params = []
+        if params != ["self", "cast_to", "options"]:
+            problems.append(f"{cls.__name__}.request(self, cast_to, options, ...) changed")
+    for stream in (Stream, AsyncStream):
+        if "_iterator" not in getattr(stream.__init__, "__code__", None).co_names:  # type: ignore[union-attr]
+            problems.append(f"{stream.__name__} no longer keeps its _iterator")
+    fields = getattr(getattr(openai, "_models", None), "FinalRequestOptions", None)
+    names = getattr(fields, "model_fields", {})
+    if not {"json_data", "url", "method"} <= set(names):
+        problems.append("FinalRequestOptions lost json_data / url / method")
+    for response in (LegacyAPIResponse, APIResponse, AsyncAPIResponse):
+        if not all(hasattr(response, a) for a in ("parse", "request_id")):
+            problems.append(f"{response.__name__} lost parse / request_id")
+    return problems
+
+
 def is_instrumented() -> bool:
-    return hasattr(SyncAPIClient.request, _ORIGINAL_ATTR)
+    return _IMPORT_PROBLEM is None and hasattr(SyncAPIClient.request, _ORIGINAL_ATTR)
 
 
-def instrument() -> None:
-    """Capture every openai call in this process.  Idempotent and cheap to call again."""
-    if not is_instrumented():
-        SyncAPIClient.request = _wrap_sync(SyncAPIClient.request)  # type: ignore[method-assign]
-    if not hasattr(AsyncAPIClient.request, _ORIGINAL_ATTR):
-        AsyncAPIClient.request = _wrap_async(AsyncAPIClient.request)  # type: ignore[method-assign,assignment]
+def instrument() -> bool:
+    """Capture every openai call in this process.  Idempotent and cheap to call again.
+
+    Returns False, with one warning and the client left as it is (calls work, unmetered), when
+    the installed SDK's private parts differ from what the capture relies on.
+    """
+    if is_instrumented():
+        return True
+    problems = sdk_problems()
+    if problems:
+        logger.warning(
+            "tokenmeter does not capture calls with openai %s (supported: openai%s): %s; "
+            "OpenAI calls will work but are NOT metered",
+            getattr(openai, "__version__", "?"),
+            SUPPORTED,
+            "; ".join(problems),
+        )
+        return False
+    SyncAPIClient.request = _wrap_sync(SyncAPIClient.request)  # type: ignore[method-assign]
+    AsyncAPIClient.request = _wrap_async(AsyncAPIClient.request)  # type: ignore[method-assign,assignment]
+    return True
 
 
 def uninstrument() -> None:
     """Restore the client exactly as it was."""
+    if _IMPORT_PROBLEM is not None:
+        return
     for cls in (SyncAPIClient, AsyncAPIClient):
         original = getattr(cls.request, _ORIGINAL_ATTR, None)
         if original is not None:

@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import openai
 
 from bench.env import subprocess_env
 from tokenmeter.context import CallRecord, UsageScope, set_sink
 
+#: What a stream cut mid-way raises in the caller: openai wraps it in APIConnectionError in
+#: its later 3.x releases; openai 3.0 lets the transport's own error through.
+STREAM_DROPPED: tuple[type[BaseException], ...] = (
+    openai.APIConnectionError,
+    ConnectionError,
+    *(
+        importlib.import_module(m).TransportError
+        for m in ("httpx", "httpx2")
+        if importlib.util.find_spec(m) is not None
+    ),
+)
+
 # re-exported for the tests: one definition, shared with the benches
-__all__ = ["CollectingSink", "clear_settings", "collecting_sink", "subprocess_env"]
+__all__ = [
+    "STREAM_DROPPED",
+    "CollectingSink",
+    "clear_settings",
+    "collecting_sink",
+    "subprocess_env",
+]
 
 
 class CollectingSink:

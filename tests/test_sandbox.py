@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from tests.helpers import STREAM_DROPPED
 from tokenmeter.sandbox.ground_truth import BilledRequest
 from tokenmeter.sandbox.openai_server import text_tokens
 from tokenmeter.sandbox.runner import SandboxServers
@@ -234,7 +235,7 @@ def test_failures_raise_the_clients_error_and_bill_nothing(
 def test_dropped_stream_fails_mid_way_and_bills_nothing(openai_client, sandbox) -> None:
     before = len(sandbox.ledger)
     seen = []
-    with pytest.raises(openai.APIConnectionError):
+    with pytest.raises(STREAM_DROPPED):
         for chunk in openai_client.chat.completions.create(
             model="gpt-4o-mini",
             messages=HI,
