@@ -71,18 +71,21 @@ compat-lowest: setup ## Only the lowest versions (unit and capture tests)
 	$(VENV)/bin/nox -s lowest
 
 MUTATION_VENV := .venv-mutation
-MUTATION_DB := var/mutation.sqlite
-mutation: setup ## Mutation testing of pricing and flush (cosmic-ray, about 40 min) -> var/mutation.html
+MUTATION_TARGETS ?= pricing sink
+mutation: setup ## Mutation testing of pricing and flush (cosmic-ray, about an hour) -> var/mutation-*.html
 	@test -x $(MUTATION_VENV)/bin/cosmic-ray || { $(PYTHON) -m venv $(MUTATION_VENV) && \
 	  $(MUTATION_VENV)/bin/pip install --quiet "cosmic-ray>=8.4,<9"; }
 	@mkdir -p var
-	$(MUTATION_VENV)/bin/cosmic-ray init tests/mutation.toml $(MUTATION_DB) --force
-	$(MUTATION_VENV)/bin/cr-filter-operators $(MUTATION_DB) tests/mutation.toml
-	$(MUTATION_VENV)/bin/cr-filter-pragma $(MUTATION_DB)
-	$(MUTATION_VENV)/bin/cosmic-ray baseline tests/mutation.toml
-	$(MUTATION_VENV)/bin/cosmic-ray exec tests/mutation.toml $(MUTATION_DB)
-	$(MUTATION_VENV)/bin/cr-html $(MUTATION_DB) > var/mutation.html
-	$(MUTATION_VENV)/bin/cr-report $(MUTATION_DB) --surviving-only --show-diff | tail -n 60
+	@for target in $(MUTATION_TARGETS); do \
+	  cfg=tests/mutation-$$target.toml; db=var/mutation-$$target.sqlite; \
+	  $(MUTATION_VENV)/bin/cosmic-ray init $$cfg $$db --force && \
+	  $(MUTATION_VENV)/bin/cr-filter-operators $$db $$cfg && \
+	  $(MUTATION_VENV)/bin/cr-filter-pragma $$db && \
+	  $(MUTATION_VENV)/bin/cosmic-ray baseline $$cfg && \
+	  $(MUTATION_VENV)/bin/cosmic-ray exec $$cfg $$db && \
+	  $(MUTATION_VENV)/bin/cr-html $$db > var/mutation-$$target.html && \
+	  $(MUTATION_VENV)/bin/cr-report $$db --surviving-only --show-diff | tail -n 60 || exit 1; \
+	done
 
 worker: setup migrate ## Celery worker with beat (real OpenAI/Reddit with their env vars)
 	$(VENV)/bin/celery -A tasks worker --beat -l INFO
