@@ -12,6 +12,13 @@ spent plus the largest cost this process has seen for a call to the same model. 
 would exceed the cap, the call is not made: :class:`BudgetExceeded` is raised from the client
 call and the refusal is recorded in the ledger (status ``blocked``), so "we stopped here" is
 auditable.
+
+When Redis cannot be reached the daily cap cannot be checked: by default the call goes ahead
+and an error is logged (``TOKENMETER_BUDGET_FAIL_OPEN=false`` refuses it instead); metering
+never fails a task because Redis is down.  A malformed per-task budget (``"$5"``) is logged
+with what is wrong and the task runs without that cap.  A call whose price is unknown counts
+$0 toward both caps (its cost is unknown, shown as NULL in the ledger, never guessed): a
+budget bounds what tokenmeter can price.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from .context import (
     CallRecord,
     UsageScope,
     add_call_guard,
+    is_interrupt,
     record_call,
     remove_call_guard,
 )
@@ -77,10 +85,14 @@ class Budgets:
         task_budget_usd: Decimal | None = None,
         daily_budget_usd: Decimal | None = None,
         redis_client: Any | None = None,
+        *,
+        fail_open: bool = True,
     ) -> None:
         self.task_budget_usd = task_budget_usd
         self.daily_budget_usd = daily_budget_usd
         self.redis = redis_client
+        self.fail_open = fail_open
+        self.unchecked = 0  # daily-budget checks or updates that could not reach Redis
         # Largest cost seen per model: the projection of the next call (bounded by #models).
         self._max_cost: dict[str, Decimal] = {}
         if daily_budget_usd is not None and redis_client is None:
@@ -95,7 +107,23 @@ class Budgets:
             if cap is not None and spent + next_cost > cap:
                 self._refuse("task", cap, spent, spent + next_cost, operation, model)
         if self.daily_budget_usd is not None:
-            spent = _from_units(int(self.redis.get(self._daily_key()) or 0))  # type: ignore[union-attr]
+            try:
+                spent = _from_units(int(self.redis.get(self._daily_key()) or 0))  # type: ignore[union-attr]
+            except Exception as exc:
+                if is_interrupt(exc):
+                    raise
+                self.unchecked += 1
+                logger.error(
+                    "daily budget not checked (%s: %s); %s",
+                    type(exc).__name__,
+                    exc,
+                    "the call goes ahead (TOKENMETER_BUDGET_FAIL_OPEN)"
+                    if self.fail_open
+                    else "the call is refused (TOKENMETER_BUDGET_FAIL_OPEN=false)",
+                )
+                if self.fail_open:
+                    return
+                raise BudgetExceeded("daily (unchecked)", self.daily_budget_usd, "0", "0") from exc
             if spent + next_cost > self.daily_budget_usd:
                 self._refuse(
                     "daily", self.daily_budget_usd, spent, spent + next_cost, operation, model
@@ -111,10 +139,16 @@ class Budgets:
         if self.daily_budget_usd is None:
             return
         key = self._daily_key()
-        pipe = self.redis.pipeline(transaction=False)  # type: ignore[union-attr]
-        pipe.incrby(key, _units(call.cost_usd))
-        pipe.expire(key, 3 * 86400)
-        pipe.execute()
+        try:
+            pipe = self.redis.pipeline(transaction=False)  # type: ignore[union-attr]
+            pipe.incrby(key, _units(call.cost_usd))
+            pipe.expire(key, 3 * 86400)
+            pipe.execute()
+        except Exception as exc:
+            if is_interrupt(exc):
+                raise
+            self.unchecked += 1
+            logger.error("daily budget counter not updated (%s: %s)", type(exc).__name__, exc)
 
     def spent_today(self) -> Decimal:
         if self.redis is None:
@@ -156,3 +190,18 @@ class Budgets:
 
     def uninstall(self) -> None:
         remove_call_guard(self)
+
+
+def parse_budget(value: object) -> Decimal:
+    """A budget in dollars: ``5``, ``"0.25"``; ValueError with what is wrong otherwise."""
+    if isinstance(value, float):
+        value = repr(value)
+    try:
+        amount = Decimal(str(value).strip())
+    except ArithmeticError:
+        raise ValueError(
+            f"tokenmeter_budget_usd={value!r} is not an amount of dollars (write 5 or '0.25')"
+        ) from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"tokenmeter_budget_usd={value!r} must be a non-negative amount")
+    return amount

@@ -33,12 +33,13 @@ from typing import Any
 
 from celery import Celery, Task, signals
 
-from .budgets import BUDGET_LABEL, Budgets
+from .budgets import BUDGET_LABEL, Budgets, parse_budget
 from .context import (
     CallRecord,
     UsageScope,
     close_scope,
     get_sink,
+    is_interrupt,
     open_scope,
     set_sink,
 )
@@ -128,7 +129,12 @@ class CeleryMetering:
         if budget is None and isinstance(request.headers, dict):
             budget = request.headers.get(_BUDGET_OPTION)
         if budget is not None:
-            labels[BUDGET_LABEL] = str(budget)
+            try:
+                labels[BUDGET_LABEL] = str(parse_budget(budget))
+            except ValueError as exc:
+                logger.error(
+                    "task %s (%s): %s; it runs without a task budget", task_id, task.name, exc
+                )
         scope, token = open_scope(
             "task",
             task_id,
@@ -138,16 +144,23 @@ class CeleryMetering:
             hostname=request.hostname,
             labels=labels,
         )
+        setattr(request, _REQUEST_ATTR, (scope, token))
+        if scope.parent is not None:
+            # a task run eagerly inside another (``.apply()``): its calls are the outer task's
+            # execution, whose listeners are already there; adding them again would count
+            # every later call twice in the write-ahead log, the budget and the metrics
+            return
         if self.wal is not None:
             try:
                 self.wal.attach(scope)
-            except Exception:
+            except Exception as exc:
+                if is_interrupt(exc):
+                    raise
                 logger.warning("write-ahead log unavailable for task %s", task_id, exc_info=True)
         if self.budgets is not None:
             scope.listeners.append(self.budgets.on_call)
         if self.metrics_port:
             scope.listeners.append(self._metrics_listener)
-        setattr(request, _REQUEST_ATTR, (scope, token))
 
     def _metrics_listener(self, scope: UsageScope, call: CallRecord) -> None:
         if self._metrics is None:  # created in the process that records (after fork)
@@ -272,6 +285,7 @@ class CeleryMetering:
                 settings.tokenmeter_task_budget_usd,
                 settings.tokenmeter_daily_budget_usd,
                 self.redis,
+                fail_open=settings.tokenmeter_budget_fail_open,
             )
         self.recovery_interval_s = (
             settings.tokenmeter_recovery_interval_s

@@ -32,6 +32,19 @@ _current: contextvars.ContextVar[UsageScope | None] = contextvars.ContextVar(
 )
 
 
+#: Exceptions a worker raises *into* running code to stop it (Celery/billiard's soft time
+#: limit, termination).  They derive from Exception, so a broad ``except Exception`` in metering
+#: code would swallow them and the task would run on: metering re-raises them instead.
+INTERRUPTS = frozenset({"SoftTimeLimitExceeded", "TimeLimitExceeded", "Terminated"})
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """True for an exception meant to stop the task, which metering must never swallow."""
+    if not isinstance(exc, Exception):
+        return True  # KeyboardInterrupt, SystemExit, GeneratorExit...
+    return any(cls.__name__ in INTERRUPTS for cls in type(exc).__mro__)
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -262,7 +275,9 @@ class UsageScope:
         for listener in self.listeners:
             try:
                 listener(self, call)
-            except Exception:  # a metering add-on must never break the caller
+            except Exception as exc:  # a metering add-on must never break the caller
+                if is_interrupt(exc):
+                    raise
                 logger.exception("usage listener failed")
         return call
 
@@ -273,7 +288,9 @@ class UsageScope:
         for listener in self.rollup_listeners:
             try:
                 listener(self, rollup)
-            except Exception:
+            except Exception as exc:
+                if is_interrupt(exc):
+                    raise
                 logger.exception("rollup listener failed")
 
     def __repr__(self) -> str:
@@ -353,7 +370,9 @@ def record_call(call: CallRecord, scope: UsageScope | object | None = _CURRENT) 
         call.execution_id = uuid.uuid4().hex  # an unscoped call is an execution of its own
     try:
         _sink.unscoped_call(call)
-    except Exception:
+    except Exception as exc:
+        if is_interrupt(exc):
+            raise
         logger.exception("sink failed to record an unscoped call")
     return call
 
@@ -392,7 +411,9 @@ def close_scope(
     if scope.parent is None:
         try:
             _sink.scope_closed(scope)
-        except Exception:
+        except Exception as exc:
+            if is_interrupt(exc):
+                raise
             logger.exception("sink failed to take scope %r", scope)
 
 

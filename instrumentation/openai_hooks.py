@@ -48,6 +48,7 @@ from .context import (
     UsageScope,
     before_call,
     current_scope,
+    is_interrupt,
     record_call,
 )
 from .pricing import cost_of
@@ -136,7 +137,9 @@ def _begin(options: Any) -> tuple[_Pending | None, Any]:
                 options = options.model_copy(update={"json_data": body})
                 injected = True
         pending = _Pending(operation, model, stream, injected, current_scope(), body)
-    except Exception:
+    except Exception as exc:
+        if is_interrupt(exc):
+            raise
         logger.exception("tokenmeter could not inspect an openai request; not metered")
         return None, options
     before_call(operation, model)  # BudgetExceeded propagates: it is meant to stop the call
@@ -309,7 +312,9 @@ T = TypeVar("T")
 def _safe(fn: Callable[..., T], *args: Any, default: Any = None) -> T:
     try:
         return fn(*args)
-    except Exception:
+    except Exception as exc:
+        if is_interrupt(exc):  # a soft time limit must reach the task
+            raise
         logger.exception("tokenmeter failed to record an openai call")
         return cast(T, default)
 

@@ -61,6 +61,10 @@ class TokenmeterSettings(BaseSettings):
     )
     tokenmeter_daily_budget_usd: Decimal | None = None
     tokenmeter_task_budget_usd: Decimal | None = None
+    tokenmeter_budget_fail_open: bool = Field(
+        default=True,
+        description="When Redis is unreachable, let calls go ahead (true) or refuse them.",
+    )
 
     tokenmeter_api_token: str | None = Field(
         default=None,

@@ -15,6 +15,7 @@ caller's task never sees a metering failure.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,11 +28,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Insert, Table
+from sqlalchemy import Connection, Insert, String, Table
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .context import CallRecord, UsageScope, UsageTotals
+from .context import CallRecord, UsageScope, UsageTotals, is_interrupt
 from .db import get_engine
 from .ledger import OpenAICall
 from .rollups import TableRollup
@@ -41,6 +42,22 @@ logger = logging.getLogger("tokenmeter.sink")
 
 _LEDGER: Table = OpenAICall.__table__  # type: ignore[assignment]
 _LEDGER_COLUMNS = frozenset(c.name for c in _LEDGER.columns) - {"id"}
+#: Bounded text columns of the ledger and their lengths: labels a user controls (scope refs,
+#: task names, model names, a price file's version) are fitted to them at write time.
+_TEXT_LIMITS = {
+    c.name: c.type.length
+    for c in _LEDGER.columns
+    if isinstance(c.type, String) and c.type.length is not None
+}
+
+
+def fit(value: str, limit: int) -> str:
+    """``value`` if it fits, else its head plus a hash of the whole (distinct values stay
+    distinct): a label never makes a batch unwritable, and the call is never dropped for it."""
+    if len(value) <= limit:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{value[: limit - len(digest) - 1]}~{digest}"
 
 
 # -- (de)serialisation ------------------------------------------------------------------------
@@ -154,6 +171,10 @@ def insert_ignore(conn: Any, table: Table) -> Insert:
 def _ledger_row(call: CallRecord) -> dict[str, Any]:
     row = {name: getattr(call, name) for name in _LEDGER_COLUMNS if name != "model"}
     row["model"] = call.model
+    for name, limit in _TEXT_LIMITS.items():
+        value = row.get(name)
+        if isinstance(value, str) and len(value) > limit:
+            row[name] = fit(value, limit)
     return row
 
 
@@ -395,6 +416,8 @@ class DatabaseSink:
         except Exception as exc:
             if self._spool(batch, exc):
                 self._run_hooks(batch, [])
+            if is_interrupt(exc):  # spooled, nothing lost; the interrupt goes on to the task
+                raise
             return False
         totals = batch.totals
         logger.info(
@@ -446,7 +469,9 @@ class DatabaseSink:
         for hook in self.after_flush:
             try:
                 hook(batch, new_calls)
-            except Exception:
+            except Exception as exc:
+                if is_interrupt(exc):
+                    raise
                 logger.exception("after-flush hook failed")
 
     def replay(self, limit: int | None = None) -> int:

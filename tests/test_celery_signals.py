@@ -275,3 +275,114 @@ def test_daily_budget_is_shared_across_tasks(app, db_url, redis_client, tmp_path
         handle.uninstall()
     assert [o.successful() for o in outcomes] == [True] * 4 + [False] * 2
     assert budgets.spent_today() == 4 * COST  # exact integer counter, no float drift
+
+
+# -- loss paths: eager subtasks, interrupts, budgets that cannot be checked -------------------
+def test_an_eager_subtask_does_not_register_the_listeners_again(app, metering, monkeypatch) -> None:
+    """``.apply()`` inside a task: every call once in the write-ahead log, listeners unchanged."""
+    assert metering.wal is not None
+    pushed: list[str] = []
+    original_push = metering.wal._push
+
+    def counting_push(scope, entry):
+        pushed.append(scope.execution_id)
+        return original_push(scope, entry)
+
+    monkeypatch.setattr(metering.wal, "_push", counting_push)
+
+    @app.task(name="demo.eager_inner")
+    def inner() -> None:
+        fake_openai_call("inner")
+
+    @app.task(name="demo.eager_outer")
+    def outer() -> list[int]:
+        fake_openai_call("outer-1")
+        sizes = [len(current_scope().root.listeners)]
+        inner.apply()
+        sizes.append(len(current_scope().root.listeners))
+        fake_openai_call("outer-2")
+        return sizes
+
+    before, after = outer.apply().get()
+    assert before == after
+    assert len(pushed) == 3  # one write-ahead entry per call, not one per listener copy
+    assert sorted(r.request_id for r in ledger()) == ["req_inner", "req_outer-1", "req_outer-2"]
+
+
+def test_a_soft_time_limit_reaches_the_task_through_metering(db_url, tmp_path) -> None:
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    def listener(scope, call) -> None:
+        raise SoftTimeLimitExceeded()
+
+    root, token = open_scope("task", "t-limit", task_id="t-limit")
+    try:
+        root.listeners.append(listener)
+        with pytest.raises(SoftTimeLimitExceeded):
+            fake_openai_call("limited")
+    finally:
+        root.listeners.remove(listener)
+        close_scope(root, token)
+
+    class InterruptedSink(DatabaseSink):
+        def write(self, batch):
+            raise SoftTimeLimitExceeded()
+
+    sink = InterruptedSink(spool=FileSpool(tmp_path / "spool"))
+    with pytest.raises(SoftTimeLimitExceeded):
+        sink.flush(FlushBatch(calls=[CallRecord(operation="chat", request_id="req_x")]))
+    assert len(sink.spool) == 1  # spooled first: nothing lost
+
+
+class _RedisDown:
+    def get(self, *_):
+        raise ConnectionError("redis unreachable")
+
+    def pipeline(self, *_, **__):
+        raise ConnectionError("redis unreachable")
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+def test_a_daily_budget_that_cannot_be_checked_follows_its_setting(
+    db_url, tmp_path, fail_open: bool, caplog
+) -> None:
+    budgets = Budgets(daily_budget_usd=Decimal("1"), redis_client=_RedisDown(), fail_open=fail_open)
+    budgets.install()
+    try:
+        with usage_scope("task", "redis-down"):
+            if fail_open:
+                fake_openai_call("goes-ahead")
+            else:
+                with pytest.raises(BudgetExceeded):
+                    fake_openai_call("refused")
+    finally:
+        budgets.uninstall()
+    assert budgets.unchecked >= 1
+    assert any("daily budget not checked" in r.getMessage() for r in caplog.records)
+
+
+def test_a_malformed_task_budget_is_reported_and_does_not_fail_the_task(
+    app, metering, caplog
+) -> None:
+    @app.task(name="demo.bad_budget", tokenmeter_budget_usd="$5")
+    def spend() -> int:
+        for i in range(3):
+            fake_openai_call(f"b{i}")
+        return 3
+
+    assert spend.apply().get() == 3
+    assert any("is not an amount of dollars" in r.getMessage() for r in caplog.records)
+    assert len(ledger()) == 3
+
+
+def test_calls_of_unknown_price_count_zero_toward_a_budget(db_url) -> None:
+    budgets = Budgets(task_budget_usd=Decimal("0.000001"))
+    budgets.install()
+    try:
+        with usage_scope("task", "unpriced") as scope:
+            for i in range(3):
+                before_call("chat", "mystery")
+                record_call(CallRecord(operation="chat", request_id=f"u{i}", cost_usd=None))
+    finally:
+        budgets.uninstall()
+    assert scope.totals.calls == 3 and scope.totals.cost_usd is None

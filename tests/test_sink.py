@@ -248,3 +248,26 @@ def test_recovery_replays_a_real_redis_spool(
     with session_scope() as s:
         usage = s.scalars(select(PipelineRunUsage)).one()
     assert usage.prompt_tokens == 1000 and usage.total_cost_usd == Decimal("0.08027")
+
+
+def test_long_labels_never_make_a_batch_unwritable(db_url: str, tmp_path) -> None:
+    """A 300-character scope ref, a 71-character price version, a 200-character task name:
+    the calls land (labels fitted, distinct ones kept distinct), nothing is spooled."""
+    sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))
+    long_ref = "r" * 300
+    calls = []
+    for i, ref in enumerate((long_ref, long_ref + "x")):
+        call = chat(10, 2, "0.000003", rid=f"req_long_{i}")
+        call.scope_kind, call.scope_ref = "k" * 80, ref
+        call.task_name, call.price_version = "t" * 200, "v" * 71
+        call.requested_model = "m" * 300
+        call.execution_id, call.seq = "e-long", i
+        calls.append(call)
+    assert sink.flush(FlushBatch(calls=calls, execution_id=calls[0].execution_id)) is True
+    assert len(sink.spool) == 0
+    with session_scope() as s:
+        rows = list(s.scalars(select(OpenAICall).order_by(OpenAICall.request_id)))
+    assert [r.request_id for r in rows] == ["req_long_0", "req_long_1"]
+    assert rows[0].scope_ref != rows[1].scope_ref  # the fitted labels stay distinct
+    assert all(r.scope_ref.startswith("r" * 200) and len(r.scope_ref) == 255 for r in rows)
+    assert len(rows[0].price_version) == 64 and rows[0].input_tokens == 10
