@@ -7,7 +7,7 @@ public ``TableRollup`` exactly as any other application would bind its own table
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -25,24 +25,12 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from tokenmeter import Money
-
-NAMING_CONVENTION = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-# A BIGINT primary key that still auto-increments on SQLite (which only does so for INTEGER).
-BigId = BigInteger().with_variant(Integer(), "sqlite")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+from tokenmeter.ledger import NAMING_CONVENTION, utcnow
 
 
 class Base(DeclarativeBase):
+    """The application's tables (tokenmeter's ledger has its own metadata)."""
+
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import openai
 
@@ -31,6 +33,7 @@ __all__ = [
     "clear_settings",
     "collecting_sink",
     "subprocess_env",
+    "wait_for",
 ]
 
 
@@ -66,3 +69,15 @@ def clear_settings() -> None:
 
     get_settings.cache_clear()
     get_app_settings.cache_clear()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)

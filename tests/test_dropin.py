@@ -14,9 +14,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import time
 import zipfile
-from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.helpers import subprocess_env
+from tests.helpers import subprocess_env, wait_for
 from tokenmeter.sandbox.ground_truth import TOKEN_FIELDS
 from tokenmeter.sandbox.runner import SandboxServers
 
@@ -32,17 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 USER_PROJECT = Path(__file__).resolve().parent / "userproject"
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from celeryconfig import filesystem_transport_options
 from models import AgentScannedPost, PipelineRun, PipelineRunUsage, migrate
-from tests.helpers import subprocess_env
+from tests.helpers import subprocess_env, wait_for
 from tokenmeter import OpenAICall
 from tokenmeter.sandbox.runner import SandboxServers
 
@@ -280,13 +280,6 @@ def test_beat_schedule_and_reliability_settings_from_config() -> None:
 
 
 # -- a database outage -------------------------------------------------------------------------
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
-    return value
 
 
 @pytest.mark.postgres

@@ -10,8 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from sqlalchemy.engine import make_url
 
 from bench.redisdb import ClaimedDB
 from models import migrate
-from tests.helpers import subprocess_env
+from tests.helpers import subprocess_env, wait_for
 from tests.tcp_proxy import TcpProxy
 from tokenmeter.sandbox.ground_truth import TOKEN_FIELDS
 from tokenmeter.sandbox.runner import SandboxServers
@@ -33,17 +32,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER_DB, BACKEND_DB, CONTROL_DB = 1, 2, 3  # indexes into the session's claimed dbs
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 @dataclass
