@@ -271,3 +271,37 @@ def test_long_labels_never_make_a_batch_unwritable(db_url: str, tmp_path) -> Non
     assert rows[0].scope_ref != rows[1].scope_ref  # the fitted labels stay distinct
     assert all(r.scope_ref.startswith("r" * 200) and len(r.scope_ref) == 255 for r in rows)
     assert len(rows[0].price_version) == 64 and rows[0].input_tokens == 10
+
+
+def test_a_label_that_fits_is_stored_unchanged() -> None:
+    from tokenmeter.sink import fit
+
+    assert fit("x" * 255, 255) == "x" * 255  # exactly the column's length: untouched
+    fitted = fit("x" * 256, 255)
+    assert len(fitted) == 255 and fitted != "x" * 255 and fitted.startswith("x" * 240)
+
+
+def test_after_flush_hooks_never_break_the_caller_but_interrupts_go_through(
+    db_url: str, tmp_path
+) -> None:
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    def broken(batch, new_calls) -> None:
+        raise ValueError("a hook's own bug")
+
+    def interrupted(batch, new_calls) -> None:
+        raise SoftTimeLimitExceeded()
+
+    def batch_of(n: int) -> FlushBatch:
+        call = chat(1, 1, "0.000001", rid=f"req_hook_{n}")
+        call.execution_id = f"e-h{n}"
+        return FlushBatch(calls=[call], execution_id=call.execution_id)
+
+    sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"), after_flush=[broken])
+    assert sink.flush(batch_of(0)) is True  # the hook's bug is logged, not raised
+    sink.after_flush = [interrupted]
+    batch = batch_of(1)
+    with pytest.raises(SoftTimeLimitExceeded):
+        sink.flush(batch)
+    with session_scope() as s:
+        assert sorted(s.scalars(select(OpenAICall.request_id))) == ["req_hook_0", "req_hook_1"]
