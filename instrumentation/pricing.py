@@ -128,7 +128,8 @@ class PriceTable:
             rows = self._rows[family]
             index = bisect_right([r.effective for r in rows], day) - 1
             row = rows[index] if index >= 0 else None
-        if len(self._memo) > 10_000:
+        # The memo's memory bound: no price depends on it (its mutants are equivalent).
+        if len(self._memo) > 10_000:  # pragma: no mutate
             self._memo.clear()
         self._memo[key] = row
         return row
