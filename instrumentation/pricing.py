@@ -170,18 +170,19 @@ def _cost(row: PriceRow, call: CallRecord) -> Decimal | None:
         key = f"{call.image_quality or 'standard'}/{call.image_size or '1024x1024'}"
         per_image = row.images.get(key)
         return None if per_image is None else per_image * call.image_count
-    input_price = row.input or Decimal(0)
+    # A category the call used but the row has no price for makes the cost unknown: pricing
+    # it at $0 would be a guess.
+    if (call.input_tokens and row.input is None) or (call.output_tokens and row.output is None):
+        return None
+    input_price = row.input if row.input is not None else Decimal(0)
     cached_price = row.cached_input if row.cached_input is not None else input_price
     image_input_price = row.image_input if row.image_input is not None else input_price
     cached = min(call.cached_input_tokens, call.input_tokens)
     image_in = call.input_image_tokens
     text_in = call.input_tokens - cached - image_in
-    total = (
-        text_in * input_price
-        + cached * cached_price
-        + image_in * image_input_price
-        + call.output_tokens * (row.output or Decimal(0))
-    )
+    total = text_in * input_price + cached * cached_price + image_in * image_input_price
+    if row.output is not None:  # (output tokens without an output price returned above)
+        total += call.output_tokens * row.output
     return total / PER_MILLION
 
 

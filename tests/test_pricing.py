@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tokenmeter.context import CallRecord
-from tokenmeter.pricing import PriceError, PriceTable
+from tokenmeter.pricing import PriceError, PriceRow, PriceTable
 
 M = Decimal(1_000_000)
 
@@ -131,6 +131,20 @@ def test_unknown_model_costs_none_and_warns_once(table, caplog) -> None:
             assert table.cost_of(chat("mystery-model-9", 10, 10)) == (None, None)
     warnings = [r for r in caplog.records if "mystery-model-9" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_a_category_without_a_price_is_unknown_not_free() -> None:
+    """An embedding row has no output price: output tokens on it are not priced at $0."""
+    table = PriceTable(
+        [
+            PriceRow(model="embed-x", effective=date(2024, 1, 1), input=Decimal("0.02")),
+            PriceRow(model="out-only", effective=date(2024, 1, 1), output=Decimal("1.00")),
+        ]
+    )
+    assert table.cost_of(chat("embed-x", 1_000_000, 0))[0] == Decimal("0.02")
+    assert table.cost_of(chat("embed-x", 1_000, 10)) == (None, None)
+    assert table.cost_of(chat("out-only", 0, 1_000_000))[0] == Decimal("1.00")
+    assert table.cost_of(chat("out-only", 10, 1_000)) == (None, None)
 
 
 def test_failed_calls_cost_zero_and_unknown_usage_costs_none(table) -> None:
