@@ -259,14 +259,18 @@ class UsageScope:
         return sorted(calls, key=lambda c: c.seq)
 
     # -- recording --------------------------------------------------------------------------
-    def record(self, call: CallRecord) -> CallRecord:
-        """Attribute ``call`` to this scope and roll its numbers up to every ancestor."""
+    def record(self, call: CallRecord) -> CallRecord | None:
+        """Attribute ``call`` to this scope and roll its numbers up to every ancestor.
+
+        None when the root has already been flushed (a thread that outlived its task): the
+        caller then records the call in a flush of its own.
+        """
         with self._lock:
+            if self.root.closed:
+                return None
             call.seq = next(self._seq)
             call.execution_id = self.execution_id
-            call.task_id, call.task_name = self.task_id, self.task_name
-            call.attempt, call.hostname = self.attempt, self.hostname
-            call.scope_kind, call.scope_ref = self.kind, self.ref
+            self._attribute(call)
             self.calls.append(call)
             scope: UsageScope | None = self
             while scope is not None:
@@ -280,6 +284,11 @@ class UsageScope:
                     raise
                 logger.exception("usage listener failed")
         return call
+
+    def _attribute(self, call: CallRecord) -> None:
+        call.task_id, call.task_name = self.task_id, self.task_name
+        call.attempt, call.hostname = self.attempt, self.hostname
+        call.scope_kind, call.scope_ref = self.kind, self.ref
 
     def bind_rollup(self, rollup: Rollup) -> None:
         """Keep an application row equal to this scope's totals when the tree is flushed."""
@@ -362,10 +371,16 @@ def record_call(call: CallRecord, scope: UsageScope | object | None = _CURRENT) 
     if scope is _CURRENT:
         scope = _current.get()
     assert scope is None or isinstance(scope, UsageScope)
-    if scope is not None and not scope.closed:
-        return scope.record(call)
     if scope is not None:
-        logger.warning("call recorded after its scope %r closed; recording it unscoped", scope)
+        if scope.record(call) is not None:
+            return call
+        # Its task's root scope has been flushed already (a thread that outlived the task):
+        # the call keeps its task and scope, and is flushed as an execution of its own.
+        logger.warning(
+            "call in scope %r recorded after its task was flushed; flushing it on its own", scope
+        )
+        scope._attribute(call)
+        call.execution_id = ""
     if not call.execution_id:
         call.execution_id = uuid.uuid4().hex  # an unscoped call is an execution of its own
     try:
@@ -399,7 +414,8 @@ def close_scope(
     """Close ``scope``; a root scope goes to the sink.  Never raises because of the sink."""
     if scope.closed:
         return
-    scope.closed = True
+    with scope._lock:  # a call recorded from now on sees the root closed (record())
+        scope.closed = True
     scope.error = error
     if token is not None:
         try:

@@ -14,7 +14,9 @@ from tests.helpers import CollectingSink, collecting_sink
 from tokenmeter.context import (
     CallRecord,
     UsageScope,
+    close_scope,
     current_scope,
+    open_scope,
     record_call,
     run_in_scope_thread,
     usage_scope,
@@ -123,3 +125,30 @@ async def test_asyncio_tasks_each_in_own_scope(sink: CollectingSink) -> None:
     scopes = await asyncio.gather(*(work(i) for i in range(50)))
     assert all(s.totals.input_tokens == 4 * i for i, s in enumerate(scopes))
     assert current_scope() is None
+
+
+def test_a_thread_that_outlives_its_task_is_flushed_on_its_own(sink: CollectingSink) -> None:
+    """A call made after the task's root scope was flushed keeps its task and scope and goes
+    to the sink as an execution of its own: never dropped, never counted in the old flush."""
+    release = threading.Event()
+
+    def late_work() -> None:
+        release.wait(10)
+        with usage_scope("post", "p-late"):
+            record_call(call(7, 3))
+
+    root, token = open_scope("task", "t-late", task_id="t-late", task_name="demo.late")
+    try:
+        record_call(call(1, 1))
+        thread = run_in_scope_thread(late_work)
+    finally:
+        close_scope(root, token)
+    release.set()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    [flushed] = sink.scopes
+    assert [c.input_tokens for c in flushed.all_calls()] == [1]  # the flush it missed
+    [late] = sink.unscoped
+    assert (late.input_tokens, late.task_id, late.task_name) == (7, "t-late", "demo.late")
+    assert (late.scope_kind, late.scope_ref) == ("post", "p-late")
+    assert late.execution_id and late.execution_id != root.execution_id
