@@ -183,19 +183,31 @@ def write_batch(conn: Connection, batch: FlushBatch) -> list[CallRecord]:
 
     Returns the calls that were new to the ledger (a replay returns none and changes nothing).
     """
-    new_calls: list[CallRecord] = []
-    if batch.calls:
+    return write_batches(conn, [batch])[0]
+
+
+def write_batches(conn: Connection, batches: list[FlushBatch]) -> list[list[CallRecord]]:
+    """:func:`write_batch` for several batches: one multi-row insert, then each batch's rollups.
+
+    Returns, per batch, its calls that were new to the ledger.
+    """
+    calls = [c for b in batches for c in b.calls]
+    inserted: set[tuple[str, int]] = set()
+    if calls:
         stmt = insert_ignore(conn, _LEDGER).returning(_LEDGER.c.execution_id, _LEDGER.c.seq)
         inserted = {
             (row.execution_id, row.seq)
-            for row in conn.execute(stmt, [_ledger_row(c) for c in batch.calls])
+            for row in conn.execute(stmt, [_ledger_row(c) for c in calls])
         }
+    new_per_batch = []
+    for batch in batches:
         new_calls = [c for c in batch.calls if (c.execution_id, c.seq) in inserted]
-    by_seq = {c.seq: c for c in new_calls}
-    for bound in batch.rollups:
-        subtree = [by_seq[s] for s in bound.seqs if s in by_seq]
-        TableRollup.from_json(bound.rollup).apply(conn, subtree)
-    return new_calls
+        by_seq = {c.seq: c for c in new_calls}
+        for bound in batch.rollups:
+            subtree = [by_seq[s] for s in bound.seqs if s in by_seq]
+            TableRollup.from_json(bound.rollup).apply(conn, subtree)
+        new_per_batch.append(new_calls)
+    return new_per_batch
 
 
 def is_connectivity_error(exc: BaseException) -> bool:
@@ -220,6 +232,8 @@ class Spool(Protocol):
 
     def peek(self) -> str | None: ...
 
+    def peek_many(self, n: int) -> list[str]: ...
+
     def remove(self, payload: str) -> None: ...
 
     def dead_letter(self, payload: str, error: str) -> None: ...
@@ -228,11 +242,17 @@ class Spool(Protocol):
 
 
 class FileSpool:
-    """One file per batch in a directory; safe for several processes (writes are idempotent)."""
+    """One file per batch in a directory; safe for several processes (writes are idempotent).
+
+    Replay is linear: the folder is listed once into a queue, and the batch just peeked is
+    removed by its path (not by reading every file to find its payload).
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.dead_dir = self.directory / "dead"
+        self._queue: list[Path] = []  # pending files, oldest first (a snapshot of the folder)
+        self._peeked: dict[str, Path] = {}  # payloads handed out by peek(), by path
 
     def _files(self) -> list[Path]:
         if not self.directory.exists():
@@ -249,15 +269,35 @@ class FileSpool:
         tmp.rename(self.directory / f"{name}.json")
 
     def peek(self) -> str | None:
-        for path in self._files():
+        found = self.peek_many(1)
+        return found[0] if found else None
+
+    def peek_many(self, n: int) -> list[str]:
+        """The ``n`` oldest batches (fewer if the spool has fewer), without removing them."""
+        if not self._queue:
+            self._queue = self._files()
+            self._queue.reverse()  # pop() from the end: the oldest first
+        out: list[str] = []
+        self._peeked = {}
+        for path in reversed(self._queue):
+            if len(out) == n:
+                break
             try:
-                return path.read_text(encoding="utf-8")
+                payload = path.read_text(encoding="utf-8")
             except FileNotFoundError:  # taken by another replayer
                 continue
-        return None
+            self._peeked[payload] = path
+            out.append(payload)
+        return out
 
     def remove(self, payload: str) -> None:
-        for path in self._files():
+        path = self._peeked.pop(payload, None)
+        if path is not None:  # handed out by peek: remove it by its path
+            path.unlink(missing_ok=True)
+            while self._queue and not self._queue[-1].exists():
+                self._queue.pop()
+            return
+        for path in self._files():  # not the batch just peeked: look for it
             try:
                 if path.read_text(encoding="utf-8") == payload:
                     path.unlink(missing_ok=True)
@@ -294,6 +334,10 @@ class RedisSpool:
     def peek(self) -> str | None:
         value = self.client.lindex(self.key, 0)
         return value.decode() if isinstance(value, bytes) else value
+
+    def peek_many(self, n: int) -> list[str]:
+        values = self.client.lrange(self.key, 0, n - 1)
+        return [v.decode() if isinstance(v, bytes) else v for v in values]
 
     def remove(self, payload: str) -> None:
         self.client.lrem(self.key, 1, payload)
@@ -338,6 +382,17 @@ class FallbackSpool:
             if value is not None:
                 return value
         return None
+
+    def peek_many(self, n: int) -> list[str]:
+        out: list[str] = []
+        for spool in self._spools():
+            try:
+                out.extend(spool.peek_many(n - len(out)))
+            except Exception:
+                continue
+            if len(out) >= n:
+                break
+        return out
 
     def remove(self, payload: str) -> None:
         for spool in self._spools():
@@ -474,28 +529,57 @@ class DatabaseSink:
                     raise
                 logger.exception("after-flush hook failed")
 
-    def replay(self, limit: int | None = None) -> int:
+    def replay(self, limit: int | None = None, chunk: int = 200) -> int:
         """Write spooled batches, oldest first, until the spool is empty or the DB fails again.
 
-        Returns how many batches were written.  Idempotent: safe while another process replays.
+        Batches are written ``chunk`` at a time in one transaction (linear, and one commit per
+        chunk rather than per batch); a chunk that fails for another reason than the database
+        being down is retried one batch at a time, so only a bad batch goes to the dead
+        letters.  Returns how many batches were written.  Idempotent: safe while another
+        process replays.
         """
         done = 0
         while limit is None or done < limit:
-            payload = self.spool.peek()
-            if payload is None:
+            want = chunk if limit is None else min(chunk, limit - done)
+            payloads = self.spool.peek_many(want)
+            if not payloads:
                 break
             try:
-                batch = FlushBatch.from_json(payload)
-                self.write(batch)
+                with get_engine(self.database_url).begin() as conn:
+                    write_batches(conn, [FlushBatch.from_json(p) for p in payloads])
             except Exception as exc:
+                if is_interrupt(exc):
+                    raise
                 if is_connectivity_error(exc):
                     logger.info("replay paused: database still unavailable (%s)", exc)
                     break
+                written, stop = self._replay_one_by_one(payloads)
+                done += written
+                if stop:
+                    break
+                continue
+            for payload in payloads:
+                self.spool.remove(payload)
+            done += len(payloads)
+        if done:
+            logger.info("replayed %d spooled usage batches", done)
+        return done
+
+    def _replay_one_by_one(self, payloads: list[str]) -> tuple[int, bool]:
+        """Write each batch alone; dead-letter the bad ones.  (written, database down?)"""
+        written = 0
+        for payload in payloads:
+            try:
+                self.write(FlushBatch.from_json(payload))
+            except Exception as exc:
+                if is_interrupt(exc):
+                    raise
+                if is_connectivity_error(exc):
+                    logger.info("replay paused: database still unavailable (%s)", exc)
+                    return written, True
                 logger.error("spooled batch failed (%s); moved to dead letters", exc)
                 self.spool.dead_letter(payload, f"{type(exc).__name__}: {exc}")
                 continue
             self.spool.remove(payload)
-            done += 1
-        if done:
-            logger.info("replayed %d spooled usage batches", done)
-        return done
+            written += 1
+        return written, False
