@@ -22,6 +22,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
@@ -460,8 +461,18 @@ class DatabaseSink:
         self.flush(FlushBatch(calls=[call], execution_id=call.execution_id))
 
     def write(self, batch: FlushBatch) -> list[CallRecord]:
-        with get_engine(self.database_url).begin() as conn:
+        with self._transaction() as conn:
             return write_batch(conn, batch)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """A transaction whose every statement is bounded (DATABASE_TIMEOUT_S), so a stuck
+        database spools the batch instead of holding the task; the connect is bounded too."""
+        with get_engine(self.database_url).begin() as conn:
+            if conn.dialect.name == "postgresql":
+                ms = int(get_settings().database_timeout_s * 1000)
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
+            yield conn
 
     def flush(self, batch: FlushBatch) -> bool:
         """Write ``batch`` now, or spool it.  True when it reached the database.  Never raises."""
@@ -545,7 +556,7 @@ class DatabaseSink:
             if not payloads:
                 break
             try:
-                with get_engine(self.database_url).begin() as conn:
+                with self._transaction() as conn:
                     write_batches(conn, [FlushBatch.from_json(p) for p in payloads])
             except Exception as exc:
                 if is_interrupt(exc):

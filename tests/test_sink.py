@@ -305,3 +305,49 @@ def test_after_flush_hooks_never_break_the_caller_but_interrupts_go_through(
         sink.flush(batch)
     with session_scope() as s:
         assert sorted(s.scalars(select(OpenAICall.request_id))) == ["req_hook_0", "req_hook_1"]
+
+
+def test_a_blackholed_database_spools_within_the_timeout(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host that accepts the connection and never answers: the flush gives up at
+    DATABASE_TIMEOUT_S and spools the batch, instead of hanging the task's postrun."""
+    import socket
+    import threading
+    import time
+
+    from tests.helpers import clear_settings
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def hold() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    threading.Thread(target=hold, daemon=True).start()
+    monkeypatch.setenv("DATABASE_TIMEOUT_S", "1")
+    clear_settings()
+    port = listener.getsockname()[1]
+    sink = DatabaseSink(
+        f"postgresql+psycopg://nobody@127.0.0.1:{port}/ledger",
+        spool=FileSpool(tmp_path / "spool"),
+    )
+    call = chat(5, 1, "0.000001", rid="req_blackholed")
+    started = time.monotonic()
+    try:
+        assert sink.flush(FlushBatch(calls=[call], execution_id="e-bh")) is False
+    finally:
+        stop.set()
+        for conn in held:
+            conn.close()
+        listener.close()
+    assert time.monotonic() - started < 10
+    assert len(sink.spool) == 1
