@@ -12,7 +12,7 @@ export TOKENMETER_DATA_DIR ?= $(CURDIR)/var
 .PHONY: help setup chromium demo test lint migrate check-usage bench reconcile compat compat-lowest mutation worker beat api sandbox clean
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 # Editable install in setuptools' "strict" mode: a link tree laid out exactly as the wheel
 # (instrumentation/ -> tokenmeter/, ...), which mypy and pytest see like any installed package.
@@ -55,11 +55,12 @@ migrate: setup ## Create/upgrade the demo app's database (tokenmeter's ledger + 
 check-usage: setup ## Usage of the last 7 days by model (ARGS="--by task --since 30d")
 	$(VENV)/bin/tokenmeter check-usage $(ARGS)
 
-bench: setup ## Side by side with peers (overhead, accuracy) and throughput -> bench/RESULTS.md
+bench: setup ## Peers side by side, throughput, spool replay -> bench/RESULTS.md
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	$(PY) bench/peers.py --results bench/RESULTS.md
 	$(PY) bench/throughput.py --results bench/RESULTS.md
 	$(PY) bench/throughput.py --latency-ms 200 --tasks 60 --rounds 2 --results bench/RESULTS.md
+	$(PY) bench/spool_replay.py --results bench/RESULTS.md
 
 reconcile: setup ## Mixed load on 4 worker processes, ledger vs ground truth; RECONCILE_ARGS="--faults"
 	$(PY) bench/reconcile.py $(RECONCILE_ARGS)
