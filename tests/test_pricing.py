@@ -198,3 +198,18 @@ def test_prices_command_shows_the_table_as_json(monkeypatch, tmp_path) -> None:
     clear_settings()
     missing = CliRunner().invoke(app, ["prices"])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_a_failed_call_that_reports_tokens_is_priced(table) -> None:
+    """Only a failure with no tokens at all costs $0; one that reports input is billed."""
+    failed = chat("gpt-4o-mini", 1_000_000, 0, status="error")
+    assert table.cost_of(failed)[0] == Decimal("0.15")
+
+
+def test_price_rows_are_immutable(table) -> None:
+    from pydantic import ValidationError
+
+    row = table.price_for("gpt-4o-mini")
+    assert row is not None
+    with pytest.raises(ValidationError):
+        row.input = Decimal(0)  # type: ignore[misc]
