@@ -351,3 +351,39 @@ def test_a_blackholed_database_spools_within_the_timeout(
         listener.close()
     assert time.monotonic() - started < 10
     assert len(sink.spool) == 1
+
+
+class _BrokenSpool(FileSpool):
+    def push(self, payload: str) -> None:
+        raise OSError("disk full")
+
+
+def test_after_flush_hooks_run_only_once_the_batch_is_durable(tmp_path) -> None:
+    """A batch neither written nor spooled must keep its write-ahead entries: the hooks that
+    forget them run only when it is in the database or in the spool."""
+    ran: list[int] = []
+    unreachable = DatabaseSink(UNREACHABLE_PG, spool=FileSpool(tmp_path / "ok"))
+    unreachable.after_flush = [lambda batch, new: ran.append(len(new))]
+    call = chat(1, 1, "0.000001", rid="req_durable")
+    call.execution_id = "e-durable"
+    assert unreachable.flush(FlushBatch(calls=[call], execution_id="e-durable")) is False
+    assert ran == [0]  # spooled: durable, the hook ran
+
+    lost = DatabaseSink(UNREACHABLE_PG, spool=_BrokenSpool(tmp_path / "broken"))
+    lost.after_flush = [lambda batch, new: ran.append(-1)]
+    assert lost.flush(FlushBatch(calls=[call], execution_id="e-durable")) is False
+    assert ran == [0]  # not durable anywhere: the hook must not run
+
+
+def test_redis_spool_lists_every_dead_letter() -> None:
+    import fakeredis
+
+    from tokenmeter.sink import RedisSpool
+
+    spool = RedisSpool(fakeredis.FakeRedis(), key="tokenmeter:test-spool")
+    payloads = [FlushBatch(calls=[], execution_id=f"e{i}").to_json() for i in range(3)]
+    for payload in payloads:
+        spool.push(payload)
+        spool.dead_letter(payload, "boom")
+    assert [d["batch"]["execution_id"] for d in spool.dead_letters()] == ["e0", "e1", "e2"]
+    assert len(spool) == 0
