@@ -387,3 +387,46 @@ def test_redis_spool_lists_every_dead_letter() -> None:
         spool.dead_letter(payload, "boom")
     assert [d["batch"]["execution_id"] for d in spool.dead_letters()] == ["e0", "e1", "e2"]
     assert len(spool) == 0
+
+
+def test_two_replayers_on_one_file_spool_write_each_batch_once(db_url: str, tmp_path) -> None:
+    """A batch taken by another replayer between listing and reading is skipped, not a stop."""
+    folder = tmp_path / "spool"
+    pusher = FileSpool(folder)
+    for i in range(5):
+        call = chat(1, 1, "0.000001", rid=f"req_two_{i}")
+        call.execution_id = f"e-two-{i}"
+        pusher.push(FlushBatch(calls=[call], execution_id=call.execution_id).to_json())
+    first, second = FileSpool(folder), FileSpool(folder)
+    assert len(first.peek_many(5)) == 5  # first lists all five...
+    taken = second.peek_many(2)  # ...then another replayer takes the two oldest
+    for payload in taken:
+        second.remove(payload)
+    remaining = first.peek_many(5)
+    assert len(remaining) == 3 and not set(remaining) & set(taken)
+    sink = DatabaseSink(spool=first)
+    assert sink.replay() == 3 and len(first) == 0
+    first.remove("a payload nobody spooled")  # not there: nothing happens
+
+
+def test_fallback_spool_keeps_working_while_redis_is_down(tmp_path) -> None:
+    from tokenmeter.sink import FallbackSpool
+
+    class DownRedisSpool:
+        def __getattr__(self, name):
+            def down(*_, **__):
+                raise ConnectionError("redis unreachable")
+
+            return down
+
+        def __len__(self) -> int:
+            raise ConnectionError("redis unreachable")
+
+    local = FileSpool(tmp_path / "local")
+    spool = FallbackSpool(DownRedisSpool(), local)  # type: ignore[arg-type]
+    payload = FlushBatch(calls=[], execution_id="e-fallback").to_json()
+    spool.push(payload)  # Redis down: lands in the local file spool
+    assert len(local) == 1 and len(spool) == 1
+    assert spool.peek() == payload and spool.peek_many(5) == [payload]
+    spool.dead_letter(payload, "boom")  # Redis down: dead-lettered locally
+    assert len(spool) == 0 and [d["error"] for d in local.dead_letters()] == ["boom"]
