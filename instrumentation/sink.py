@@ -173,9 +173,8 @@ def _ledger_row(call: CallRecord) -> dict[str, Any]:
     row = {name: getattr(call, name) for name in _LEDGER_COLUMNS if name != "model"}
     row["model"] = call.model
     for name, limit in _TEXT_LIMITS.items():
-        value = row.get(name)
-        if isinstance(value, str) and len(value) > limit:
-            row[name] = fit(value, limit)
+        if isinstance(row.get(name), str):
+            row[name] = fit(row[name], limit)
     return row
 
 
@@ -333,8 +332,8 @@ class RedisSpool:
         self.client.rpush(self.key, payload)
 
     def peek(self) -> str | None:
-        value = self.client.lindex(self.key, 0)
-        return value.decode() if isinstance(value, bytes) else value
+        found = self.peek_many(1)
+        return found[0] if found else None
 
     def peek_many(self, n: int) -> list[str]:
         values = self.client.lrange(self.key, 0, n - 1)
@@ -375,14 +374,8 @@ class FallbackSpool:
         yield self.primary
 
     def peek(self) -> str | None:
-        for spool in self._spools():
-            try:
-                value = spool.peek()
-            except Exception:
-                continue
-            if value is not None:
-                return value
-        return None
+        found = self.peek_many(1)
+        return found[0] if found else None
 
     def peek_many(self, n: int) -> list[str]:
         out: list[str] = []
