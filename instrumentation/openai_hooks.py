@@ -419,7 +419,8 @@ def sdk_problems() -> list[str]:
         if params != ["self", "cast_to", "options"]:
             problems.append(f"{cls.__name__}.request(self, cast_to, options, ...) changed")
     for stream in (Stream, AsyncStream):
-        if "_iterator" not in getattr(stream.__init__, "__code__", None).co_names:  # type: ignore[union-attr]
+        code = getattr(stream.__init__, "__code__", None)
+        if code is None or "_iterator" not in code.co_names:
             problems.append(f"{stream.__name__} no longer keeps its _iterator")
     fields = getattr(getattr(openai, "_models", None), "FinalRequestOptions", None)
     names = getattr(fields, "model_fields", {})
