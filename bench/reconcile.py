@@ -82,6 +82,11 @@ class Reconciliation:
     missing: list[str] = field(default_factory=list)  # billed, not in the ledger
     extra: list[str] = field(default_factory=list)  # in the ledger with usage, never billed
     mismatched: list[str] = field(default_factory=list)  # "request: field truth != ledger"
+    #: billed, answer never arrived: matched by client request id to a billed_unknown row
+    unanswered: list[str] = field(default_factory=list)
+    #: billed, the meter saw no usage (a stream left early): matched by request id, cost NULL
+    usage_unknown: list[str] = field(default_factory=list)
+    unmetered_usd: Decimal = Decimal(0)  # what those two cost (the ledger has them at NULL)
     rollups: list[str] = field(default_factory=list)  # "table key: column rollup != ledger"
     rollup_rows: dict[str, int] = field(default_factory=dict)
 
@@ -110,30 +115,63 @@ POST_COLUMNS = {
 }
 
 
+def _billable(call: OpenAICall) -> bool:
+    """Did the provider (maybe) bill it?  An answered error bills nothing (stated here, apart
+    from the meter's own rule)."""
+    return call.status not in ("error", "blocked") or bool(call.input_tokens or call.output_tokens)
+
+
 def _image_tokens(call: OpenAICall) -> int:
     """Tokens of image generation: the input image tokens plus, for image calls, the output."""
     return call.input_image_tokens + (call.output_tokens if call.operation == "image" else 0)
 
 
 def reconcile(session: Session, truth_rows: Iterable[BilledRequest]) -> Reconciliation:
-    """Compare ``openai_calls`` (and the rollup tables) with what the provider billed."""
+    """Compare ``openai_calls`` (and the rollup tables) with what the provider billed.
+
+    A billed request is found by its request id, else (an answer that never arrived) by the
+    client request id its attempt carried, which must be a ``billed_unknown`` row.  A row whose
+    usage the meter never saw must have cost NULL, never $0; its tokens are left out of the
+    category totals (on both sides) and counted apart, with the dollars the provider charged.
+    """
     result = Reconciliation()
     truth = {r.request_id: r for r in truth_rows}
     calls = list(session.scalars(select(OpenAICall)))
     by_id = {c.request_id: c for c in calls if c.request_id}
+    unanswered_rows = {
+        c.client_request_id: c
+        for c in calls
+        if c.status == "billed_unknown" and c.client_request_id and not c.request_id
+    }
     result.billed_requests, result.ledger_rows = len(truth), len(calls)
+    unknown: set[int] = set()  # ledger rows that stand for a billed request of unknown usage
 
     totals_truth: dict[str, int | Decimal] = dict.fromkeys(CATEGORIES, 0)
     for request_id, row in truth.items():
         cost = row.cost_usd  # what the provider charged, from the sandbox's own price list
+        call = by_id.get(request_id)
+        lost = call is None and row.client_request_id in unanswered_rows
+        if lost and row.client_request_id is not None:
+            call = unanswered_rows[row.client_request_id]
+        if call is None:
+            result.missing.append(request_id)
+            totals_truth["cost_usd"] += cost or Decimal(0)
+            for name in TOKEN_FIELDS:
+                totals_truth[name] += getattr(row, name)
+            continue
+        if lost or not call.usage_reported:
+            unknown.add(call.id)
+            (result.unanswered if lost else result.usage_unknown).append(request_id)
+            result.unmetered_usd += cost or Decimal(0)
+            if call.cost_usd is not None or any(getattr(call, n) for n in TOKEN_FIELDS):
+                result.mismatched.append(
+                    f"{request_id} ({call.status}): usage unknown to the meter, but the ledger "
+                    f"says cost {call.cost_usd}"
+                )
+            continue
         totals_truth["cost_usd"] += cost or Decimal(0)
         for name in TOKEN_FIELDS:
             totals_truth[name] += getattr(row, name)
-        call = by_id.get(request_id)
-        if call is None:
-            result.missing.append(request_id)
-            continue
-        for name in TOKEN_FIELDS:
             if getattr(call, name) != getattr(row, name):
                 result.mismatched.append(
                     f"{request_id}: {name} {getattr(row, name)} != {getattr(call, name)}"
@@ -148,11 +186,12 @@ def reconcile(session: Session, truth_rows: Iterable[BilledRequest]) -> Reconcil
         for name in TOKEN_FIELDS:
             totals_ledger[name] += getattr(call, name)
         totals_ledger["cost_usd"] += call.cost_usd or Decimal(0)
-        billed = call.request_id in truth
-        if not billed:
+        if call.request_id not in truth and call.id not in unknown:
             result.error_rows += call.status != "ok"
             if call.status == "ok" or any(getattr(call, n) for n in TOKEN_FIELDS):
                 result.extra.append(f"{call.request_id or f'row {call.id}'} ({call.status})")
+            elif call.status == "billed_unknown" and call.cost_usd is not None:
+                result.mismatched.append(f"row {call.id} (billed_unknown) priced {call.cost_usd}")
     result.truth, result.ledger = totals_truth, totals_ledger
     _check_rollups(session, calls, result)
     return result
@@ -167,6 +206,8 @@ def _check_rollups(session: Session, calls: list[OpenAICall], result: Reconcilia
         for name in (*TOKEN_FIELDS, "cost_usd"):
             acc[name] += getattr(call, name) or 0
         acc["image_tokens"] += _image_tokens(call)
+        # a billable call of unknown price makes the rolled-up cost unknown (NULL), never a sum
+        acc["uncosted"] += call.cost_usd is None and _billable(call)
     tables: list[tuple[Any, str, Callable[[Any], str], dict[str, str]]] = [
         (PipelineRunUsage, "pipeline_run", lambda r: str(r.pipeline_run_id), RUN_USAGE_COLUMNS),
         (AgentScannedPost, "scanned_post", lambda r: r.post_id, POST_COLUMNS),
@@ -177,8 +218,12 @@ def _check_rollups(session: Session, calls: list[OpenAICall], result: Reconcilia
         for row in rows:
             acc = sums.get((kind, key_of(row)), {})
             for column, category in columns.items():
-                have = getattr(row, column) or 0
-                want = acc.get(category, 0)
+                have = getattr(row, column)
+                want: int | Decimal | None = acc.get(category, 0)
+                if category == "cost_usd" and acc.get("uncosted"):
+                    want = None
+                elif have is None:
+                    have = 0
                 if have != want:
                     result.rollups.append(
                         f"{table.__tablename__} {key_of(row)}: {column} {have} != ledger {want}"
@@ -205,6 +250,19 @@ def report_table(result: Reconciliation) -> Table:
     table.add_section()
     table.add_row("requests", f"{result.billed_requests:,}", f"{result.ledger_rows:,}", "")
     table.add_row("  of which failed (not billed)", "", f"{result.error_rows:,}", "")
+    table.add_row(
+        "never answered (cost NULL)",
+        f"{len(result.unanswered):,}",
+        f"{len(result.unanswered):,}",
+        "",
+    )
+    table.add_row(
+        "stream left early (cost NULL)",
+        f"{len(result.usage_unknown):,}",
+        f"{len(result.usage_unknown):,}",
+        "",
+    )
+    table.add_row("  charged for those two", f"${result.unmetered_usd:,.10f}", "", "")
     for label, items in (
         ("billed, not in the ledger", result.missing),
         ("in the ledger, not billed", result.extra),
@@ -331,7 +389,11 @@ class Run:
         migrate.upgrade(self.db_url)
         self._engine = create_engine(self.db_url, pool_pre_ping=True)
         self.sandbox.start()
-        self.sandbox.openai.faults.set_error_rate(self.args.error_rate, seed=self.args.seed)
+        # 429 and 500 answer with an error (billed nothing); "lost" completes and bills the
+        # request, then cuts the connection before the answer leaves
+        self.sandbox.openai.faults.set_error_rate(
+            self.args.error_rate, seed=self.args.seed, faults=("429", "500", "lost")
+        )
         env = {
             **subprocess_env(),
             "PYTHONPATH": str(ROOT),

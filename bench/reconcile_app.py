@@ -15,11 +15,12 @@ Nothing here knows tokenmeter beyond what ``tasks.app`` installs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from typing import Any
 
 import redis
-from openai import AsyncOpenAI
+from openai import APITimeoutError, AsyncOpenAI
 
 from tasks.app import app
 from tasks.clients import openai_client
@@ -113,6 +114,20 @@ def mixed(self: Any, i: int, fail_half_way: bool = False) -> int:
     if i % 9 == 4:
         asyncio.run(_async_calls(prompt))
         calls += 2
+    if i % 13 == 6:  # a caller that gives up waiting: the provider still completes and bills
+        impatient = openai_client().with_options(timeout=0.25, max_retries=0)
+        with contextlib.suppress(APITimeoutError):
+            impatient.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": prompt}],
+                extra_headers={"X-Sandbox-Fault": "slow=600"},
+            )
+        calls += 1
+    if i % 7 == 2:  # a caller that stops reading at finish_reason, without closing
+        for chunk in _chat(prompt, stream=True):
+            if chunk.choices and chunk.choices[0].finish_reason:
+                break
+        calls += 1
     return calls
 
 

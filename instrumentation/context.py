@@ -61,6 +61,7 @@ class CallRecord:
     requested_model: str | None = None
     response_model: str | None = None
     request_id: str | None = None
+    client_request_id: str | None = None  # the X-Client-Request-Id the request carried
     input_tokens: int = 0
     cached_input_tokens: int = 0
     input_image_tokens: int = 0
@@ -74,7 +75,10 @@ class CallRecord:
     cost_usd: Decimal | None = None
     price_version: str | None = None
     latency_ms: float | None = None
-    status: str = "ok"  # "ok" | "error"
+    #: "ok" | "error" (answered with an error: billed nothing) | "incomplete" (a stream closed
+    #: early: usage unknown) | "billed_unknown" (sent, never answered: the provider may have
+    #: billed it) | "blocked" (refused by a budget before it was sent)
+    status: str = "ok"
     error_type: str | None = None
     http_status: int | None = None
     created_at: datetime = field(default_factory=_utcnow)
@@ -198,6 +202,7 @@ class UsageScope:
         self.totals = UsageTotals()  # this scope and all its descendants
         self.rollups: list[Rollup] = []
         self.closed = False
+        self._on_close: dict[object, Callable[[], None]] = {}
         self.error: BaseException | None = None
         self.opened_at = _utcnow()
         if parent is None:
@@ -289,6 +294,28 @@ class UsageScope:
         call.task_id, call.task_name = self.task_id, self.task_name
         call.attempt, call.hostname = self.attempt, self.hostname
         call.scope_kind, call.scope_ref = self.kind, self.ref
+
+    def on_close(self, key: object, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when this scope closes, before it is flushed (an open stream
+        records itself there); ``discard_on_close(key)`` takes it back."""
+        with self._lock:
+            self._on_close[key] = callback
+
+    def discard_on_close(self, key: object) -> None:
+        with self._lock:
+            self._on_close.pop(key, None)
+
+    def _run_on_close(self) -> None:
+        with self._lock:
+            callbacks = list(self._on_close.values())
+            self._on_close.clear()
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception as exc:
+                if is_interrupt(exc):
+                    raise
+                logger.exception("a closing callback of scope %r failed", self)
 
     def bind_rollup(self, rollup: Rollup) -> None:
         """Keep an application row equal to this scope's totals when the tree is flushed."""
@@ -414,6 +441,7 @@ def close_scope(
     """Close ``scope``; a root scope goes to the sink.  Never raises because of the sink."""
     if scope.closed:
         return
+    scope._run_on_close()  # what is still open in it (a stream) records itself in it first
     with scope._lock:  # a call recorded from now on sees the root closed (record())
         scope.closed = True
     scope.error = error

@@ -66,10 +66,16 @@ class OpenAICall(LedgerBase):
         Index("ix_openai_calls_model", "model"),
         Index("ix_openai_calls_task_id", "task_id"),
         Index("ix_openai_calls_scope", "scope_kind", "scope_ref"),
+        Index("ix_openai_calls_client_request_id", "client_request_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     request_id: Mapped[str | None] = mapped_column(String(128), unique=True)
+    client_request_id: Mapped[str | None] = mapped_column(
+        String(512),
+        doc="the X-Client-Request-Id the request carried (OpenAI logs it): identifies a call "
+        "that was never answered, which has no request id",
+    )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     # where the call was made

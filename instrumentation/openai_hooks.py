@@ -2,8 +2,11 @@
 
 ``instrument()`` wraps ``SyncAPIClient.request`` and ``AsyncAPIClient.request``, the one door
 every endpoint of every client (module-level, ``OpenAI``, ``AsyncOpenAI``, Azure, created before
-or after) goes through.  One logical call is one record: the SDK's own retries happen inside the
-door, and failed attempts bill nothing.  What is captured, per operation:
+or after) goes through, and ``_send_request``, which each HTTP attempt of a call goes through.
+One logical call is one record, plus one ``billed_unknown`` record (cost NULL) for each attempt
+that was sent but never answered (a read timeout, a connection cut while waiting), since the
+provider may have completed and billed it; every attempt carries its own
+``X-Client-Request-Id`` (see ``capture``).  What is captured, per operation:
 
 - chat completions (plain, JSON mode, ``n``, tools, ``parse``), streaming included: when the
   caller did not ask for usage, ``stream_options.include_usage`` is added to the request, the
@@ -11,13 +14,14 @@ door, and failed attempts bill nothing.  What is captured, per operation:
 - responses (plain and streaming: usage from ``response.completed``);
 - embeddings; image generation and edits (images counted from the response, size and quality
   from the response or the request's defaults; gpt-image token usage);
-- ``with_raw_response`` and ``with_streaming_response`` (captured when the body is parsed).
+- ``with_raw_response`` and ``with_streaming_response`` (recorded when the body is parsed or
+  the response closes, however the body was read).
 
-Failures are recorded too (status ``error``, error type, HTTP status, latency, no tokens); a
-stream abandoned before its end is ``incomplete`` with unknown usage.  The request id comes from
-``x-request-id``.  No prompt or output text is read into the record.  A bug in metering is
-logged, never raised into the caller; only ``BudgetExceeded`` from a budget guard is meant to
-stop a call.
+Streams are recorded once whatever the caller does with them (see ``streams``).  Failures are
+recorded too (status ``error``, error type, HTTP status, latency, no tokens).  The request id
+comes from ``x-request-id``.  No prompt or output text is read into the record.  A bug in
+metering is logged, never raised into the caller; only ``BudgetExceeded`` from a budget guard is
+meant to stop a call.
 """
 
 from __future__ import annotations
@@ -27,12 +31,11 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import openai
-from openai import APIStatusError, AsyncStream, Stream
+from openai import AsyncStream, Stream
 
 try:  # private parts of the SDK the capture relies on; checked again by sdk_problems()
     from openai._base_client import AsyncAPIClient, SyncAPIClient
@@ -43,15 +46,9 @@ try:  # private parts of the SDK the capture relies on; checked again by sdk_pro
 except ImportError as _exc:  # pragma: no cover - an SDK whose layout changed
     _IMPORT_PROBLEM = str(_exc)
 
-from .context import (
-    CallRecord,
-    UsageScope,
-    before_call,
-    current_scope,
-    is_interrupt,
-    record_call,
-)
-from .pricing import cost_of
+from .capture import PendingCall, get, record_parsed, safe, tracked
+from .context import before_call, current_scope, is_interrupt
+from .streams import WATCHED, watch_async, watch_async_response, watch_response, watch_sync
 
 logger = logging.getLogger("tokenmeter.openai")
 
@@ -64,59 +61,17 @@ _OPERATIONS = {
     "/images/variations": "image",
     "/completions": "completion",
 }
-_IMAGE_DEFAULTS = {"dall-e-2": ("1024x1024", "standard"), "dall-e-3": ("1024x1024", "standard")}
 _ORIGINAL_ATTR = "__tokenmeter_original__"
-
-# Calls recorded by the hooks inside a @track_openai_call function (to avoid double counting).
-_tracked: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
-    "tokenmeter_tracked", default=None
-)
 
 
 # -- per-call state -------------------------------------------------------------------------------
-@dataclass
-class _Pending:
-    """A call in flight: what we know before the answer."""
-
-    operation: str
-    requested_model: str | None
-    stream: bool
-    injected_usage: bool
-    scope: UsageScope | None
-    body: dict[str, Any]
-    started: float = field(default_factory=time.perf_counter)
-
-    def record(self, **fields: Any) -> None:
-        call = CallRecord(
-            operation=self.operation,
-            requested_model=self.requested_model,
-            stream=self.stream,
-            latency_ms=(time.perf_counter() - self.started) * 1000,
-            **fields,
-        )
-        if call.operation == "image":
-            _image_details(call, self.body)
-        call.cost_usd, call.price_version = cost_of(call)
-        record_call(call, self.scope)
-        counter = _tracked.get()
-        if counter is not None:
-            counter[0] += 1
-
-    def error(self, exc: BaseException, http_status: int | None = None) -> None:
-        status = http_status
-        request_id = None
-        if isinstance(exc, APIStatusError):
-            status, request_id = exc.status_code, exc.request_id
-        self.record(
-            request_id=request_id,
-            status="error",
-            error_type=type(exc).__name__,
-            http_status=status,
-            usage_reported=False,
-        )
+#: The call whose HTTP attempts are being sent in this context (read by the send hook).
+_inflight: contextvars.ContextVar[PendingCall | None] = contextvars.ContextVar(
+    "tokenmeter_inflight", default=None
+)
 
 
-def _begin(options: Any) -> tuple[_Pending | None, Any]:
+def _begin(options: Any) -> tuple[PendingCall | None, Any]:
     """Inspect a request; returns (pending, options to send).  Budget guards may raise."""
     try:
         if str(getattr(options, "method", "")).lower() != "post":
@@ -136,7 +91,7 @@ def _begin(options: Any) -> tuple[_Pending | None, Any]:
                 body = {**body, "stream_options": {**stream_options, "include_usage": True}}
                 options = options.model_copy(update={"json_data": body})
                 injected = True
-        pending = _Pending(operation, model, stream, injected, current_scope(), body)
+        pending = PendingCall(operation, model, stream, injected, current_scope(), body)
     except Exception as exc:
         if is_interrupt(exc):
             raise
@@ -146,225 +101,26 @@ def _begin(options: Any) -> tuple[_Pending | None, Any]:
     return pending, options
 
 
-# -- reading usage ---------------------------------------------------------------------------------
-def _get(obj: Any, *names: str) -> Any:
-    for name in names:
-        if obj is None:
-            return None
-        obj = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-    return obj
-
-
-def _usage_fields(operation: str, usage: Any) -> dict[str, Any]:
-    if usage is None:
-        return {"usage_reported": False}
-    if operation in ("responses", "image"):
-        inp, out = _get(usage, "input_tokens"), _get(usage, "output_tokens")
-        fields = {
-            "input_tokens": inp or 0,
-            "output_tokens": out or 0,
-            "cached_input_tokens": _get(usage, "input_tokens_details", "cached_tokens") or 0,
-            "input_image_tokens": _get(usage, "input_tokens_details", "image_tokens") or 0,
-            "reasoning_tokens": _get(usage, "output_tokens_details", "reasoning_tokens") or 0,
-        }
-    else:
-        inp, out = _get(usage, "prompt_tokens"), _get(usage, "completion_tokens")
-        fields = {
-            "input_tokens": inp or 0,
-            "output_tokens": out or 0,
-            "cached_input_tokens": _get(usage, "prompt_tokens_details", "cached_tokens") or 0,
-            "reasoning_tokens": _get(usage, "completion_tokens_details", "reasoning_tokens") or 0,
-        }
-    fields["usage_reported"] = inp is not None or out is not None
-    return fields
-
-
-def _image_details(call: CallRecord, body: dict[str, Any]) -> None:
-    default_size, default_quality = _IMAGE_DEFAULTS.get(call.requested_model or "", (None, None))
-    size = call.image_size or body.get("size") or default_size
-    quality = call.image_quality or body.get("quality") or default_quality
-    call.image_size = None if size == "auto" else size
-    call.image_quality = None if quality == "auto" else quality
-
-
-def _record_parsed(pending: _Pending, parsed: Any, request_id: str | None) -> None:
-    fields = _usage_fields(pending.operation, _get(parsed, "usage"))
-    if pending.operation == "image":
-        fields["image_count"] = len(_get(parsed, "data") or [])
-        fields["image_size"] = _get(parsed, "size")
-        fields["image_quality"] = _get(parsed, "quality")
-        fields["response_model"] = None
-        if not fields["usage_reported"] and not (pending.requested_model or "").startswith(
-            "gpt-image"
-        ):
-            fields["usage_reported"] = True  # dall-e has no token usage by design
-    else:
-        fields["response_model"] = _get(parsed, "model")
-    pending.record(request_id=request_id or _get(parsed, "_request_id"), **fields)
-
-
-class _StreamWatch:
-    """Reads usage from a stream's items as the caller iterates; records once at the end."""
-
-    def __init__(self, pending: _Pending, request_id: str | None) -> None:
-        self.pending = pending
-        self.request_id = request_id
-        self.usage: Any = None
-        self.model: str | None = None
-        self.done = False
-
-    def see(self, item: Any) -> bool:
-        """Look at one item; False if it is the injected usage chunk to hide from the caller."""
-        if self.pending.operation == "responses":
-            response = _get(item, "response")
-            if (
-                _get(item, "type")
-                in {
-                    "response.completed",
-                    "response.incomplete",
-                    "response.failed",
-                }
-                and response is not None
-            ):
-                self.usage, self.model = _get(response, "usage"), _get(response, "model")
-            return True
-        self.model = _get(item, "model") or self.model
-        usage = _get(item, "usage")
-        if usage is not None:
-            self.usage = usage
-            if self.pending.injected_usage and not _get(item, "choices"):
-                return False
-        elif self.pending.injected_usage:
-            fields_set = getattr(item, "__pydantic_fields_set__", None)
-            if isinstance(fields_set, set):
-                fields_set.discard("usage")  # as if the server had never sent the key
-        return True
-
-    def finish(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        fields = _usage_fields(self.pending.operation, self.usage)
-        self.pending.record(request_id=self.request_id, response_model=self.model, **fields)
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.done:
-            self.done = True
-            self.pending.error(exc, http_status=200)
-
-    def abandon(self) -> None:
-        if not self.done:
-            self.done = True
-            self.pending.record(
-                request_id=self.request_id,
-                response_model=self.model,
-                status="incomplete",
-                error_type="StreamClosedEarly",
-                usage_reported=False,
-            )
-
-
-def _watch_sync(pending: _Pending, stream: Stream[Any]) -> Stream[Any]:
-    watch = _StreamWatch(pending, stream.response.headers.get("x-request-id"))
-    inner = stream._iterator
-
-    def iterate() -> Iterator[Any]:
-        try:
-            for item in inner:
-                if _safe(watch.see, item, default=True):
-                    yield item
-        except GeneratorExit:
-            _safe(watch.abandon)
-            raise
-        except BaseException as exc:
-            _safe(watch.fail, exc)
-            raise
-        _safe(watch.finish)
-
-    stream._iterator = iterate()
-    return stream
-
-
-def _watch_async(pending: _Pending, stream: AsyncStream[Any]) -> AsyncStream[Any]:
-    watch = _StreamWatch(pending, stream.response.headers.get("x-request-id"))
-    inner = stream._iterator
-
-    async def iterate() -> AsyncIterator[Any]:
-        try:
-            async for item in inner:
-                if _safe(watch.see, item, default=True):
-                    yield item
-        except GeneratorExit:
-            _safe(watch.abandon)
-            raise
-        except BaseException as exc:
-            _safe(watch.fail, exc)
-            raise
-        _safe(watch.finish)
-
-    stream._iterator = iterate()
-    return stream
-
-
-T = TypeVar("T")
-
-
-def _safe(fn: Callable[..., T], *args: Any, default: Any = None) -> T:
-    try:
-        return fn(*args)
-    except Exception as exc:
-        if is_interrupt(exc):  # a soft time limit must reach the task
-            raise
-        logger.exception("tokenmeter failed to record an openai call")
-        return cast(T, default)
-
-
-def _observe(pending: _Pending, result: Any) -> Any:
+def _observe(pending: PendingCall, result: Any) -> Any:
     """Record (or arrange to record) ``result``; returns what the caller gets."""
     if isinstance(result, Stream):
-        return _watch_sync(pending, result)
+        return watch_sync(pending, result)
     if isinstance(result, AsyncStream):
-        return _watch_async(pending, result)
+        return watch_async(pending, result)
     if isinstance(result, LegacyAPIResponse):  # .with_raw_response: parse is cached
         parsed = result.parse()
         if isinstance(parsed, Stream):
-            _watch_sync(pending, parsed)
+            watch_sync(pending, parsed)
         elif isinstance(parsed, AsyncStream):
-            _watch_async(pending, parsed)
+            watch_async(pending, parsed)
         else:
-            _record_parsed(pending, parsed, result.request_id)
+            record_parsed(pending, parsed, result.request_id)
         return result
-    if isinstance(result, APIResponse):  # .with_streaming_response: record on parse
-        original_parse = result.parse
-
-        @functools.wraps(original_parse)
-        def parse(*args: Any, **kwargs: Any) -> Any:
-            parsed = original_parse(*args, **kwargs)
-            if isinstance(parsed, Stream):
-                _safe(_watch_sync, pending, parsed)
-            elif not getattr(parse, "done", False):
-                parse.done = True  # type: ignore[attr-defined]
-                _safe(_record_parsed, pending, parsed, result.request_id)
-            return parsed
-
-        result.parse = parse  # type: ignore[method-assign]
-        return result
+    if isinstance(result, APIResponse):  # .with_streaming_response: record on parse or close
+        return watch_response(pending, result)
     if isinstance(result, AsyncAPIResponse):
-        original_aparse = result.parse
-
-        @functools.wraps(original_aparse)
-        async def aparse(*args: Any, **kwargs: Any) -> Any:
-            parsed = await original_aparse(*args, **kwargs)
-            if isinstance(parsed, AsyncStream):
-                _safe(_watch_async, pending, parsed)
-            elif not getattr(aparse, "done", False):
-                aparse.done = True  # type: ignore[attr-defined]
-                _safe(_record_parsed, pending, parsed, result.request_id)
-            return parsed
-
-        result.parse = aparse  # type: ignore[method-assign]
-        return result
-    _record_parsed(pending, result, None)
+        return watch_async_response(pending, result)
+    record_parsed(pending, result, None)
     return result
 
 
@@ -375,12 +131,16 @@ def _wrap_sync(original: Callable[..., Any]) -> Callable[..., Any]:
         pending, options = _begin(options)
         if pending is None:
             return original(self, cast_to, options, *args, **kwargs)
+        token = _inflight.set(pending)
         try:
             result = original(self, cast_to, options, *args, **kwargs)
         except BaseException as exc:
-            _safe(pending.error, exc)
+            safe(pending.failed, exc)
             raise
-        return _safe(_observe, pending, result, default=result)
+        finally:
+            _inflight.reset(token)
+        safe(pending.settle_unanswered, None)
+        return safe(_observe, pending, result, default=result)
 
     setattr(request, _ORIGINAL_ATTR, original)
     return request
@@ -392,15 +152,54 @@ def _wrap_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaita
         pending, options = _begin(options)
         if pending is None:
             return await original(self, cast_to, options, *args, **kwargs)
+        token = _inflight.set(pending)
         try:
             result = await original(self, cast_to, options, *args, **kwargs)
         except BaseException as exc:
-            _safe(pending.error, exc)
+            safe(pending.failed, exc)
             raise
-        return _safe(_observe, pending, result, default=result)
+        finally:
+            _inflight.reset(token)
+        safe(pending.settle_unanswered, None)
+        return safe(_observe, pending, result, default=result)
 
     setattr(request, _ORIGINAL_ATTR, original)
     return request
+
+
+def _wrap_send_sync(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Each HTTP attempt of a metered call: tagged with its client request id, and remembered
+    when it may have been billed without an answer."""
+
+    @functools.wraps(original)
+    def _send_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        pending = _inflight.get()
+        attempt = None if pending is None else safe(pending.start_attempt, request)
+        try:
+            return original(self, request, *args, **kwargs)
+        except BaseException as exc:
+            if attempt is not None:
+                safe(PendingCall.attempt_failed, attempt, exc)
+            raise
+
+    setattr(_send_request, _ORIGINAL_ATTR, original)
+    return _send_request
+
+
+def _wrap_send_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(original)
+    async def _send_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        pending = _inflight.get()
+        attempt = None if pending is None else safe(pending.start_attempt, request)
+        try:
+            return await original(self, request, *args, **kwargs)
+        except BaseException as exc:
+            if attempt is not None:
+                safe(PendingCall.attempt_failed, attempt, exc)
+            raise
+
+    setattr(_send_request, _ORIGINAL_ATTR, original)
+    return _send_request
 
 
 SUPPORTED = ">=3.0,<4"
@@ -418,6 +217,12 @@ def sdk_problems() -> list[str]:
             params = []
         if params != ["self", "cast_to", "options"]:
             problems.append(f"{cls.__name__}.request(self, cast_to, options, ...) changed")
+        try:
+            send = list(inspect.signature(cls._send_request).parameters)[:2]
+        except (AttributeError, TypeError, ValueError):
+            send = []
+        if send != ["self", "request"]:
+            problems.append(f"{cls.__name__}._send_request(self, request, ...) changed")
     for stream in (Stream, AsyncStream):
         code = getattr(stream.__init__, "__code__", None)
         if code is None or "_iterator" not in code.co_names:
@@ -456,6 +261,8 @@ def instrument() -> bool:
         return False
     SyncAPIClient.request = _wrap_sync(SyncAPIClient.request)  # type: ignore[method-assign]
     AsyncAPIClient.request = _wrap_async(AsyncAPIClient.request)  # type: ignore[method-assign,assignment]
+    SyncAPIClient._send_request = _wrap_send_sync(SyncAPIClient._send_request)  # type: ignore[method-assign]
+    AsyncAPIClient._send_request = _wrap_send_async(AsyncAPIClient._send_request)  # type: ignore[method-assign,assignment]
     return True
 
 
@@ -464,9 +271,10 @@ def uninstrument() -> None:
     if _IMPORT_PROBLEM is not None:
         return
     for cls in (SyncAPIClient, AsyncAPIClient):
-        original = getattr(cls.request, _ORIGINAL_ATTR, None)
-        if original is not None:
-            cls.request = original  # type: ignore[method-assign]
+        for name in ("request", "_send_request"):
+            original = getattr(getattr(cls, name), _ORIGINAL_ATTR, None)
+            if original is not None:
+                setattr(cls, name, original)
 
 
 # -- the explicit decorator --------------------------------------------------------------------
@@ -482,42 +290,47 @@ def track_openai_call(*, model: str | None = None, operation: str = "chat") -> C
     """
 
     def decorate(fn: F) -> F:
-        def _after(result: Any, counter: list[int], started: float) -> None:
-            if counter[0] or result is None:
-                return
-            pending = _Pending(
-                operation, model or _get(result, "model"), False, False, current_scope(), {}
+        def _after(result: Any, counter: list[int], started: float) -> Any:
+            if counter[0] or result is None or getattr(result, WATCHED, False):
+                return result  # the hooks recorded it (a stream: they record it when read)
+            pending = PendingCall(
+                operation, model or get(result, "model"), False, False, current_scope(), {}
             )
             pending.started = started
-            _record_parsed(pending, result, _get(result, "_request_id"))
+            if isinstance(result, Stream):
+                pending.stream = True
+                return watch_sync(pending, result)
+            if isinstance(result, AsyncStream):
+                pending.stream = True
+                return watch_async(pending, result)
+            record_parsed(pending, result, get(result, "_request_id"))
+            return result
 
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 counter = [0]
-                token = _tracked.set(counter)
+                token = tracked.set(counter)
                 started = time.perf_counter()
                 try:
                     result = await fn(*args, **kwargs)
                 finally:
-                    _tracked.reset(token)
-                _safe(_after, result, counter, started)
-                return result
+                    tracked.reset(token)
+                return safe(_after, result, counter, started, default=result)
 
             return cast(F, async_wrapper)
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             counter = [0]
-            token = _tracked.set(counter)
+            token = tracked.set(counter)
             started = time.perf_counter()
             try:
                 result = fn(*args, **kwargs)
             finally:
-                _tracked.reset(token)
-            _safe(_after, result, counter, started)
-            return result
+                tracked.reset(token)
+            return safe(_after, result, counter, started, default=result)
 
         return cast(F, wrapper)
 

@@ -148,6 +148,8 @@ class PriceTable:
 
     def cost_of(self, call: CallRecord) -> tuple[Decimal | None, str | None]:
         """Exact cost of ``call`` and the price version used; (None, None) if unknown."""
+        if call.status == "billed_unknown":
+            return None, None  # sent, never answered: what the provider billed is unknown
         if call.status in ("error", "blocked") and not (call.input_tokens or call.output_tokens):
             return Decimal(0), None  # a failed or refused request bills nothing
         row = self.price_for(call.model, call.created_at)

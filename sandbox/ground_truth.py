@@ -32,6 +32,7 @@ class BilledRequest:
     image_quality: str | None = None
     stream: bool = False
     cost_usd: Decimal | None = None  # the provider's charge (billing.py); None: not listed
+    client_request_id: str | None = None  # the caller's X-Client-Request-Id, as logged
 
     def to_json(self) -> dict[str, object]:
         out = asdict(self)
@@ -78,6 +79,14 @@ class Ledger:
     def get(self, request_id: str) -> BilledRequest | None:
         with self._lock:
             return self._rows.get(request_id)
+
+    def by_client_request_id(self, client_request_id: str) -> BilledRequest | None:
+        """The request billed under the caller's ``X-Client-Request-Id``, if any."""
+        with self._lock:
+            for row in self._rows.values():
+                if row.client_request_id == client_request_id:
+                    return row
+        return None
 
     def rows(self, request_ids: Iterable[str] | None = None) -> list[BilledRequest]:
         with self._lock:

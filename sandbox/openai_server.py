@@ -46,7 +46,8 @@ import struct
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .ground_truth import BilledRequest, Ledger
@@ -124,7 +125,16 @@ TINY_PNG = base64.b64encode(
         "1f15c4890000000d49444154789c6300010000050001a5f645400000000049454e44ae426082"
     )
 ).decode()
-FAULTS = ("429", "500", "drop", "no-usage", "null-usage", "bad-json")
+FAULTS = ("429", "500", "drop", "lost", "no-usage", "null-usage", "bad-json")
+#: OpenAI's header for a caller's own id of a request (ASCII, at most 512 characters; another
+#: value is refused with a 400): logged with the request, so a call whose answer never arrived
+#: can still be traced to what was billed.
+CLIENT_REQUEST_ID = "X-Client-Request-Id"
+CLIENT_REQUEST_ID_MAX = 512
+
+
+class AnswerLost(ConnectionError):
+    """The ``lost`` fault: the request was completed and billed, the answer never left."""
 
 
 def text_tokens(text: str) -> int:
@@ -211,6 +221,10 @@ class FaultPlan:
             if self._rate and self._rng.random() < self._rate:
                 return self._rng.choice(self._rate_faults)
         return None
+
+
+def _valid_client_request_id(value: str) -> bool:
+    return value.isascii() and 0 < len(value) <= CLIENT_REQUEST_ID_MAX
 
 
 def _parse_fault(value: str | None) -> tuple[str | None, float]:
@@ -457,7 +471,20 @@ class OpenAIHandler(JSONHandler):
         except ValueError as exc:
             self._error(400, str(exc), "invalid_request_error", request_id)
             return
-        fault = fault or self.sandbox.faults.take(path, body.get("model"))
+        self.client_request_id = self.headers.get(CLIENT_REQUEST_ID)
+        if self.client_request_id is not None and not _valid_client_request_id(
+            self.client_request_id
+        ):
+            self._error(
+                400,
+                f"{CLIENT_REQUEST_ID} must be ASCII and at most {CLIENT_REQUEST_ID_MAX} characters",
+                "invalid_request_error",
+                request_id,
+            )
+            return
+        if fault is None:  # a programmatic fault (it may be slow=<ms> too)
+            planned, planned_delay = _parse_fault(self.sandbox.faults.take(path, body.get("model")))
+            fault, delay = planned, delay or planned_delay
         if delay:
             time.sleep(delay)
         self.sandbox.requests_served += 1
@@ -482,12 +509,49 @@ class OpenAIHandler(JSONHandler):
         if fault == "drop" and not body.get("stream"):
             self.drop_connection()
             return
+        self.lose_answer = fault == "lost"
         try:
             route(body, request_id, fault)
         except BadRequest as exc:
+            self.lose_answer = False
             self._error(400, str(exc), "invalid_request_error", request_id, param=exc.param)
-        except DroppedConnection:
+        except (DroppedConnection, AnswerLost):
             self.drop_connection()
+        finally:
+            self.lose_answer = False
+
+    # -- billing and delivery ----------------------------------------------------------------------
+    client_request_id: str | None = None
+    lose_answer = False
+
+    def _bill(self, billed: BilledRequest) -> None:
+        """Bill a completed request, once, with the caller's own id if it sent one."""
+        if self.sandbox.ledger.get(billed.request_id) is None:
+            self.sandbox.ledger.add(replace(billed, client_request_id=self.client_request_id))
+
+    def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        if self.lose_answer and status == 200:
+            raise AnswerLost("the answer never left the server (fault 'lost')")
+        super().send_json(status, payload, headers)
+
+    def start_sse(self, headers: dict[str, str] | None = None) -> None:
+        if self.lose_answer:
+            raise AnswerLost("the stream never left the server (fault 'lost')")
+        super().start_sse(headers)
+
+    def _deliver_stream(self, billed: BilledRequest, send: Callable[[], None]) -> None:
+        """Send a stream; a client that went away (timed out, gave up, or the answer was lost)
+        does not stop the generation: it runs to its end and is billed, as OpenAI bills it.
+        An upstream crash (the ``drop`` fault) bills nothing."""
+        try:
+            send()
+        except DroppedConnection:
+            raise
+        except OSError as exc:
+            self._bill(billed)
+            if isinstance(exc, AnswerLost):
+                raise
+            self.close_connection = True
 
     def _error(
         self,
@@ -565,7 +629,7 @@ class OpenAIHandler(JSONHandler):
         shown = _usage_json(usage, fault)
         if shown is not None:
             payload["usage"] = shown
-        self.sandbox.ledger.add(billed)
+        self._bill(billed)
         self.send_json(200, payload, {"x-request-id": request_id})
 
     def _chat_stream(
@@ -598,30 +662,33 @@ class OpenAIHandler(JSONHandler):
                 out["usage"] = None
             return out
 
-        self.start_sse({"x-request-id": billed.request_id})
-        sent = 0
-        for index, choice in enumerate(choices):
-            pieces: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
-            if choice.tool_calls:
-                pieces.append({"tool_calls": [{"index": 0, **choice.tool_calls[0]}]})
-            else:
-                words = (choice.content or "").split(" ")
-                pieces += [
-                    {"content": (" " if i else "") + " ".join(words[i : i + 4])}
-                    for i in range(0, len(words), 4)
-                ]
-            for delta in pieces:
-                if fault == "drop" and sent == 2:
-                    raise DroppedConnection
-                self.send_sse(chunk(index, delta))
-                sent += 1
-            self.send_sse(chunk(index, {}, choice.finish_reason))
-        if include_usage:
-            shown = _usage_json(usage, fault)
-            self.send_sse({**base, "choices": [], "usage": shown})
-        self.sandbox.ledger.add(billed)  # billed once the whole answer was delivered
-        self.send_sse("[DONE]")
-        self.end_chunks()
+        def send() -> None:
+            self.start_sse({"x-request-id": billed.request_id})
+            sent = 0
+            for index, choice in enumerate(choices):
+                pieces: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+                if choice.tool_calls:
+                    pieces.append({"tool_calls": [{"index": 0, **choice.tool_calls[0]}]})
+                else:
+                    words = (choice.content or "").split(" ")
+                    pieces += [
+                        {"content": (" " if i else "") + " ".join(words[i : i + 4])}
+                        for i in range(0, len(words), 4)
+                    ]
+                for delta in pieces:
+                    if fault == "drop" and sent == 2:
+                        raise DroppedConnection
+                    self.send_sse(chunk(index, delta))
+                    sent += 1
+                self.send_sse(chunk(index, {}, choice.finish_reason))
+            if include_usage:
+                shown = _usage_json(usage, fault)
+                self.send_sse({**base, "choices": [], "usage": shown})
+            self._bill(billed)
+            self.send_sse("[DONE]")
+            self.end_chunks()
+
+        self._deliver_stream(billed, send)
 
     # -- responses -------------------------------------------------------------------------------
     def _responses(self, body: dict[str, Any], request_id: str, fault: str | None) -> None:
@@ -698,58 +765,62 @@ class OpenAIHandler(JSONHandler):
             return obj
 
         if not body.get("stream"):
-            self.sandbox.ledger.add(billed)
+            self._bill(billed)
             self.send_json(200, response_obj("completed", True), {"x-request-id": request_id})
             return
-        self.start_sse({"x-request-id": request_id})
-        seq = iter(range(10**6))
 
-        def event(kind: str, **fields: Any) -> None:
-            self.send_sse({"type": kind, "sequence_number": next(seq), **fields}, event=kind)
+        def send() -> None:
+            self.start_sse({"x-request-id": request_id})
+            seq = iter(range(10**6))
 
-        event("response.created", response=response_obj("in_progress", False))
-        event("response.in_progress", response=response_obj("in_progress", False))
-        item = {
-            "type": "message",
-            "id": message_id,
-            "status": "in_progress",
-            "role": "assistant",
-            "content": [],
-        }
-        event("response.output_item.added", output_index=0, item=item)
-        event(
-            "response.content_part.added",
-            item_id=message_id,
-            output_index=0,
-            content_index=0,
-            part={"type": "output_text", "text": "", "annotations": []},
-        )
-        words = text.split(" ")
-        for n, i in enumerate(range(0, len(words), 4)):
-            if fault == "drop" and n == 1:
-                raise DroppedConnection
-            delta = (" " if i else "") + " ".join(words[i : i + 4])
+            def event(kind: str, **fields: Any) -> None:
+                self.send_sse({"type": kind, "sequence_number": next(seq), **fields}, event=kind)
+
+            event("response.created", response=response_obj("in_progress", False))
+            event("response.in_progress", response=response_obj("in_progress", False))
+            item = {
+                "type": "message",
+                "id": message_id,
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+            event("response.output_item.added", output_index=0, item=item)
             event(
-                "response.output_text.delta",
+                "response.content_part.added",
                 item_id=message_id,
                 output_index=0,
                 content_index=0,
-                delta=delta,
+                part={"type": "output_text", "text": "", "annotations": []},
+            )
+            words = text.split(" ")
+            for n, i in enumerate(range(0, len(words), 4)):
+                if fault == "drop" and n == 1:
+                    raise DroppedConnection
+                delta = (" " if i else "") + " ".join(words[i : i + 4])
+                event(
+                    "response.output_text.delta",
+                    item_id=message_id,
+                    output_index=0,
+                    content_index=0,
+                    delta=delta,
+                    logprobs=[],
+                )
+            event(
+                "response.output_text.done",
+                item_id=message_id,
+                output_index=0,
+                content_index=0,
+                text=text,
                 logprobs=[],
             )
-        event(
-            "response.output_text.done",
-            item_id=message_id,
-            output_index=0,
-            content_index=0,
-            text=text,
-            logprobs=[],
-        )
-        final = response_obj("completed", True)
-        event("response.output_item.done", output_index=0, item=final["output"][0])
-        self.sandbox.ledger.add(billed)
-        event("response.completed", response=final)
-        self.end_chunks()
+            final = response_obj("completed", True)
+            event("response.output_item.done", output_index=0, item=final["output"][0])
+            self._bill(billed)
+            event("response.completed", response=final)
+            self.end_chunks()
+
+        self._deliver_stream(billed, send)
 
     # -- embeddings --------------------------------------------------------------------------------
     def _embeddings(self, body: dict[str, Any], request_id: str, fault: str | None) -> None:
@@ -773,7 +844,7 @@ class OpenAIHandler(JSONHandler):
         shown = _usage_json({"prompt_tokens": tokens, "total_tokens": tokens}, fault)
         if shown is not None:
             payload["usage"] = shown
-        self.sandbox.ledger.add(
+        self._bill(
             BilledRequest(
                 request_id=request_id, operation="embedding", model=model, input_tokens=tokens
             )
@@ -856,7 +927,7 @@ class OpenAIHandler(JSONHandler):
             )
         else:
             raise BadRequest(f"The model {model} does not exist", "model")
-        self.sandbox.ledger.add(billed)
+        self._bill(billed)
         self.send_json(200, payload, {"x-request-id": request_id})
 
 

@@ -86,6 +86,7 @@ def test_ledger_chain_leaves_a_users_alembic_history_alone(empty_db_url: str) ->
 def test_a_ledger_created_by_the_old_application_chain_is_adopted(empty_db_url: str) -> None:
     """Before the ledger had its own chain, the app's 0003 created it: its rows are kept."""
     migrate.upgrade(empty_db_url)
+    ledger.downgrade(empty_db_url, "tm0001_openai_calls")  # the table as 0003 created it
     engine = create_engine(empty_db_url)
     with engine.begin() as conn:  # what such a database looks like: no tokenmeter version
         conn.execute(text("DROP TABLE tokenmeter_alembic_version"))

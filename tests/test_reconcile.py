@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+import openai
 import pytest
 from rich.console import Console
 from sqlalchemy import select, update
@@ -196,3 +197,34 @@ def test_a_wrong_price_is_caught(sandbox: SandboxServers, metered_run: list[str]
     console = Console(record=True, width=120)
     console.print(report_table(result))
     assert re.search(r"cost_usd\s*│[^\n]*│\s*[+-]0\.\d*[1-9]", console.export_text())
+
+
+def test_an_unanswered_call_reconciles_as_unknown_and_never_as_zero(
+    sandbox: SandboxServers, metered_run: list[str], openai_client: Any
+) -> None:
+    sandbox.openai.faults.add("lost", times=1)  # completed and billed, the answer never sent
+    with usage_scope("task", "lost"), pytest.raises(openai.APIConnectionError):
+        openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hello?"}]
+        )
+    result = _check_all(sandbox)
+    assert result.ok, (result.missing, result.extra, result.mismatched, result.rollups)
+    assert len(result.unanswered) == 1 and result.unmetered_usd > 0
+    assert result.truth["cost_usd"] == result.ledger["cost_usd"]  # the answered ones agree
+
+    with session_scope() as s:  # a meter that priced it at $0 is caught
+        s.execute(
+            update(OpenAICall).where(OpenAICall.status == "billed_unknown").values(cost_usd=0)
+        )
+    result = _check_all(sandbox)
+    assert not result.ok and len(result.mismatched) == 1 and "usage unknown" in result.mismatched[0]
+
+    with session_scope() as s:  # a meter that never recorded it is caught
+        s.delete(s.scalars(select(OpenAICall).where(OpenAICall.status == "billed_unknown")).one())
+    result = _check_all(sandbox)
+    assert not result.ok and len(result.missing) == 1 and not result.unanswered
+
+
+def _check_all(sandbox: SandboxServers):
+    with Session(get_engine()) as s:
+        return reconcile(s, sandbox.ledger.rows())

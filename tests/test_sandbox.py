@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import STREAM_DROPPED
+from tests.helpers import STREAM_DROPPED, wait_for
 from tokenmeter.sandbox.ground_truth import BilledRequest
 from tokenmeter.sandbox.openai_server import text_tokens
 from tokenmeter.sandbox.runner import SandboxServers
@@ -366,3 +366,31 @@ def test_tokenmeter_sandbox_command_serves_and_stops_on_sigterm(tmp_path: Path) 
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_stream_the_client_left_is_billed_in_full(openai_client, sandbox) -> None:
+    stream = openai_client.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True)
+    next(iter(stream))
+    stream.close()
+    request_id = stream.response.headers["x-request-id"]
+    row = wait_for(lambda: sandbox.ledger.get(request_id), 10, "the stream billed")
+    assert row.stream and row.output_tokens > 0 and row.cost_usd > 0
+
+
+def test_lost_answers_are_billed_under_the_callers_request_id(openai_client, sandbox) -> None:
+    with pytest.raises(openai.APIConnectionError):
+        openai_client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=HI,
+            extra_headers={"X-Sandbox-Fault": "lost", "X-Client-Request-Id": "mine-1"},
+        )
+    row = sandbox.ledger.by_client_request_id("mine-1")
+    assert row is not None and row.input_tokens > 0 and row.cost_usd > 0
+
+
+def test_a_client_request_id_over_512_characters_is_refused(openai_client, sandbox) -> None:
+    with pytest.raises(openai.BadRequestError, match="X-Client-Request-Id"):
+        openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, extra_headers={"X-Client-Request-Id": "x" * 513}
+        )
+    assert len(sandbox.ledger) == 0

@@ -1,0 +1,254 @@
+"""One OpenAI call in flight: what is known before the answer, each attempt the SDK sends, and
+how the provider's ``usage`` becomes a :class:`CallRecord`.
+
+The SDK retries inside one logical call.  An attempt that failed with an answer (429, 500)
+billed nothing.  An attempt whose request reached the provider but whose answer never came
+back (a read timeout, a connection cut while waiting, a cancelled or interrupted wait) may have
+been completed and billed: the provider does not stop working because the client did.  Each
+such attempt is its own ledger row, status ``billed_unknown``, cost NULL (never an exact $0),
+identified by the ``X-Client-Request-Id`` header the attempt carried, which OpenAI logs with
+the request.  An attempt that never left (connect error, pool timeout, a write that failed)
+billed nothing.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from openai import APIStatusError
+
+from .context import CallRecord, UsageScope, is_interrupt, record_call
+from .pricing import cost_of
+
+logger = logging.getLogger("tokenmeter.openai")
+
+#: OpenAI's header for the caller's own id of a request (ASCII, at most 512 characters).
+CLIENT_REQUEST_ID = "X-Client-Request-Id"
+BILLED_UNKNOWN = "billed_unknown"
+
+#: Transport errors raised before the request was fully sent: the provider cannot have
+#: processed it (names, so that httpx and httpx2 errors both match).
+_NOT_SENT = frozenset(
+    {
+        "ConnectError",
+        "ConnectTimeout",
+        "PoolTimeout",
+        "WriteError",
+        "WriteTimeout",
+        "LocalProtocolError",
+        "UnsupportedProtocol",
+        "ProxyError",
+        "InvalidURL",
+    }
+)
+#: Calls recorded inside a ``@track_openai_call`` function (so that it does not count them again).
+tracked: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "tokenmeter_tracked", default=None
+)
+_IMAGE_DEFAULTS = {"dall-e-2": ("1024x1024", "standard"), "dall-e-3": ("1024x1024", "standard")}
+
+
+def may_have_been_billed(exc: BaseException) -> bool:
+    """True when an attempt that raised ``exc`` may have reached the provider and been billed."""
+    return not any(cls.__name__ in _NOT_SENT for cls in type(exc).__mro__)
+
+
+def new_client_request_id() -> str:
+    return f"tm-{uuid.uuid4().hex}"
+
+
+@dataclass
+class Attempt:
+    """One HTTP request the SDK sent for a call."""
+
+    client_request_id: str | None
+    started: float = field(default_factory=time.perf_counter)
+    error: BaseException | None = None  # set when it may have been billed but got no answer
+
+
+@dataclass
+class PendingCall:
+    """A call in flight: what we know before the answer."""
+
+    operation: str
+    requested_model: str | None
+    stream: bool
+    injected_usage: bool
+    scope: UsageScope | None
+    body: dict[str, Any]
+    started: float = field(default_factory=time.perf_counter)
+    attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def client_request_id(self) -> str | None:
+        """The id the last attempt carried (the one that got the answer)."""
+        return self.attempts[-1].client_request_id if self.attempts else None
+
+    # -- attempts ------------------------------------------------------------------------------
+    def start_attempt(self, request: Any) -> Attempt:
+        """Tag an outgoing request with its own client request id (unless the caller set one)."""
+        headers = request.headers
+        given = headers.get(CLIENT_REQUEST_ID)
+        if given is None:
+            given = new_client_request_id()
+            headers[CLIENT_REQUEST_ID] = given
+        attempt = Attempt(given)
+        self.attempts.append(attempt)
+        return attempt
+
+    @staticmethod
+    def attempt_failed(attempt: Attempt, exc: BaseException) -> None:
+        if may_have_been_billed(exc):
+            attempt.error = exc
+
+    def settle_unanswered(self, final: BaseException | None) -> bool:
+        """Record every attempt that may have been billed without an answer.
+
+        Returns True when ``final`` (the exception the caller gets) is the last such attempt's
+        own failure, which its ``billed_unknown`` row already records.
+        """
+        covered = False
+        for n, attempt in enumerate(self.attempts):
+            if attempt.error is None:
+                continue
+            error_type = type(attempt.error).__name__
+            last = n == len(self.attempts) - 1
+            if last and final is not None and attempt.error in (final, final.__cause__):
+                covered, error_type = True, type(final).__name__
+            self._record(
+                CallRecord(
+                    operation=self.operation,
+                    requested_model=self.requested_model,
+                    stream=self.stream,
+                    latency_ms=(time.perf_counter() - attempt.started) * 1000,
+                    status=BILLED_UNKNOWN,
+                    error_type=error_type,
+                    usage_reported=False,
+                    client_request_id=attempt.client_request_id,
+                )
+            )
+        return covered
+
+    # -- outcomes --------------------------------------------------------------------------------
+    def record(self, **fields: Any) -> None:
+        fields.setdefault("client_request_id", self.client_request_id)
+        self._record(
+            CallRecord(
+                operation=self.operation,
+                requested_model=self.requested_model,
+                stream=self.stream,
+                latency_ms=(time.perf_counter() - self.started) * 1000,
+                **fields,
+            )
+        )
+
+    def _record(self, call: CallRecord) -> None:
+        if call.operation == "image":
+            image_details(call, self.body)
+        call.cost_usd, call.price_version = cost_of(call)
+        record_call(call, self.scope)
+        counter = tracked.get()
+        if counter is not None:
+            counter[0] += 1
+
+    def error(self, exc: BaseException, http_status: int | None = None) -> None:
+        status = http_status
+        request_id = None
+        if isinstance(exc, APIStatusError):
+            status, request_id = exc.status_code, exc.request_id
+        self.record(
+            request_id=request_id,
+            status="error",
+            error_type=type(exc).__name__,
+            http_status=status,
+            usage_reported=False,
+        )
+
+    def failed(self, exc: BaseException) -> None:
+        """The call raised ``exc`` to the caller: record what it billed, or may have."""
+        if not self.settle_unanswered(exc):
+            self.error(exc)
+
+
+# -- reading usage ---------------------------------------------------------------------------------
+def get(obj: Any, *names: str) -> Any:
+    """``obj.a.b`` (or ``obj["a"]["b"]``), None where any step is missing."""
+    for name in names:
+        if obj is None:
+            return None
+        obj = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+    return obj
+
+
+def usage_fields(operation: str, usage: Any) -> dict[str, Any]:
+    if usage is None:
+        return {"usage_reported": False}
+    if operation in ("responses", "image"):
+        inp, out = get(usage, "input_tokens"), get(usage, "output_tokens")
+        fields = {
+            "input_tokens": inp or 0,
+            "output_tokens": out or 0,
+            "cached_input_tokens": get(usage, "input_tokens_details", "cached_tokens") or 0,
+            "input_image_tokens": get(usage, "input_tokens_details", "image_tokens") or 0,
+            "reasoning_tokens": get(usage, "output_tokens_details", "reasoning_tokens") or 0,
+        }
+    else:
+        inp, out = get(usage, "prompt_tokens"), get(usage, "completion_tokens")
+        fields = {
+            "input_tokens": inp or 0,
+            "output_tokens": out or 0,
+            "cached_input_tokens": get(usage, "prompt_tokens_details", "cached_tokens") or 0,
+            "reasoning_tokens": get(usage, "completion_tokens_details", "reasoning_tokens") or 0,
+        }
+    fields["usage_reported"] = inp is not None or out is not None
+    return fields
+
+
+def image_details(call: CallRecord, body: dict[str, Any]) -> None:
+    default_size, default_quality = _IMAGE_DEFAULTS.get(call.requested_model or "", (None, None))
+    size = call.image_size or body.get("size") or default_size
+    quality = call.image_quality or body.get("quality") or default_quality
+    call.image_size = None if size == "auto" else size
+    call.image_quality = None if quality == "auto" else quality
+
+
+def record_parsed(pending: PendingCall, parsed: Any, request_id: str | None) -> None:
+    """Record a complete (non-streamed) answer, an SDK object or its JSON as a dict."""
+    fields = usage_fields(pending.operation, get(parsed, "usage"))
+    if pending.operation == "image":
+        fields["image_count"] = len(get(parsed, "data") or [])
+        fields["image_size"] = get(parsed, "size")
+        fields["image_quality"] = get(parsed, "quality")
+        fields["response_model"] = None
+        if not fields["usage_reported"] and not (pending.requested_model or "").startswith(
+            "gpt-image"
+        ):
+            fields["usage_reported"] = True  # dall-e has no token usage by design
+    else:
+        fields["response_model"] = get(parsed, "model")
+    pending.record(request_id=request_id or get(parsed, "_request_id"), **fields)
+
+
+def safe(fn: Any, *args: Any, default: Any = None) -> Any:
+    """Run a metering step; a bug in it is logged, an interrupt goes on to the task."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        if is_interrupt(exc):  # a soft time limit must reach the task
+            raise
+        logger.exception("tokenmeter failed to record an openai call")
+        return default
+
+
+async def safe_async(fn: Any, *args: Any) -> None:
+    try:
+        await fn(*args)
+    except Exception as exc:
+        if is_interrupt(exc):
+            raise
+        logger.exception("tokenmeter failed to record an openai call")

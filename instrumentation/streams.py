@@ -1,0 +1,479 @@
+"""Streams: usage read from a stream as the caller iterates it, recorded exactly once.
+
+A stream is recorded when it ends, fails, is closed, is garbage-collected, or when the scope it
+was opened in closes, whichever comes first, always in the scope it was opened in:
+
+- read to its end: the usage chunk (``include_usage``, injected when the caller did not ask and
+  hidden from them) or the Responses API's terminal event;
+- the caller stopped reading once the answer was complete (a ``break`` at ``finish_reason``):
+  the few events still on the wire are read (at most :data:`MAX_DRAIN_EVENTS`) for the usage,
+  and handed to the caller if it reads on;
+- closed earlier, or never iterated: ``incomplete``, usage unknown (cost NULL, never $0);
+- cut by a transport error: ``billed_unknown`` (the provider bills what it generated).
+
+``with_streaming_response`` bodies are tapped as the caller reads them (``iter_bytes``,
+``iter_text``, ``iter_lines``, ``read``) and recorded when the response closes; ``parse()`` any
+number of times records once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from openai import AsyncStream, Stream
+
+from .capture import BILLED_UNKNOWN, PendingCall, get, record_parsed, safe, safe_async, usage_fields
+
+#: Events read after the caller stopped, looking for the usage of a complete answer.
+MAX_DRAIN_EVENTS = 8
+WATCHED = "_tokenmeter_watched"
+_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+class StreamWatch:
+    """Reads usage from a stream's items; records the call once."""
+
+    def __init__(self, pending: PendingCall, request_id: str | None) -> None:
+        self.pending = pending
+        self.request_id = request_id
+        self.usage: Any = None
+        self.model: str | None = None
+        self.done = False
+        self.terminal = False  # the Responses API said the answer is complete
+        self.finished: set[int] = set()  # chat choices that reached their finish_reason
+        self.expected = max(1, int(pending.body.get("n") or 1))
+        self.ahead: deque[Any] = deque()  # read while draining, not yet given to the caller
+        self.inner: Iterator[Any] | None = None  # a sync stream's own iterator (for draining)
+        self._lock = threading.Lock()
+        if pending.scope is not None:
+            pending.scope.on_close(self, self.at_scope_end)
+
+    # -- reading -----------------------------------------------------------------------------
+    def see(self, item: Any) -> bool:
+        """Look at one item; False if it is the injected usage chunk to hide from the caller."""
+        if self.pending.operation == "responses":
+            response = get(item, "response")
+            if get(item, "type") in _TERMINAL and response is not None:
+                self.terminal = True
+                self.usage, self.model = get(response, "usage"), get(response, "model")
+            return True
+        self.model = get(item, "model") or self.model
+        for choice in get(item, "choices") or ():
+            if get(choice, "finish_reason"):
+                self.finished.add(get(choice, "index") or 0)
+        usage = get(item, "usage")
+        if usage is not None:
+            self.usage = usage
+            if self.pending.injected_usage and not get(item, "choices"):
+                return False
+        elif self.pending.injected_usage:
+            fields_set = getattr(item, "__pydantic_fields_set__", None)
+            if isinstance(fields_set, set):
+                fields_set.discard("usage")  # as if the server had never sent the key
+        return True
+
+    @property
+    def answer_complete(self) -> bool:
+        if self.pending.operation == "responses":
+            return self.terminal
+        return len(self.finished) >= self.expected
+
+    def _wants_drain(self) -> bool:
+        return not self.done and self.usage is None and self.answer_complete
+
+    def drain(self) -> None:
+        """The caller stopped after a complete answer: read the usage still on the wire."""
+        if self.inner is None or not self._wants_drain():
+            return
+        for _ in range(MAX_DRAIN_EVENTS):
+            try:
+                item = next(self.inner)
+            except StopIteration:
+                return
+            if self.see(item):
+                self.ahead.append(item)
+            if self.usage is not None:
+                return
+
+    async def adrain(self, inner: AsyncIterator[Any]) -> None:
+        if not self._wants_drain():
+            return
+        for _ in range(MAX_DRAIN_EVENTS):
+            try:
+                item = await inner.__anext__()
+            except StopAsyncIteration:
+                return
+            if self.see(item):
+                self.ahead.append(item)
+            if self.usage is not None:
+                return
+
+    # -- recording (once) --------------------------------------------------------------------
+    def _claim(self) -> bool:
+        with self._lock:
+            if self.done:
+                return False
+            self.done = True
+        if self.pending.scope is not None:
+            self.pending.scope.discard_on_close(self)
+        return True
+
+    def finish(self) -> None:
+        if self._claim():
+            fields = usage_fields(self.pending.operation, self.usage)
+            self.pending.record(request_id=self.request_id, response_model=self.model, **fields)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.usage is not None:  # the usage arrived before the failure: keep it
+            self.finish()
+        elif self._claim():
+            self.pending.record(
+                request_id=self.request_id,
+                response_model=self.model,
+                status=BILLED_UNKNOWN,
+                error_type=type(exc).__name__,
+                http_status=200,
+                usage_reported=False,
+            )
+
+    def abandon(self) -> None:
+        if self.usage is not None:  # everything billable was received
+            self.finish()
+        elif self._claim():
+            self.pending.record(
+                request_id=self.request_id,
+                response_model=self.model,
+                status="incomplete",
+                error_type="StreamClosedEarly",
+                usage_reported=False,
+            )
+
+    def at_scope_end(self) -> None:
+        """Its scope closes: record the stream now, in that scope."""
+        self.drain()
+        self.abandon()
+
+
+def watch_sync(pending: PendingCall, stream: Stream[Any]) -> Stream[Any]:
+    if getattr(stream, WATCHED, False):  # parse() again, or a decorated function's result
+        return stream
+    watch = StreamWatch(pending, stream.response.headers.get("x-request-id"))
+    inner = watch.inner = stream._iterator
+
+    def iterate() -> Iterator[Any]:
+        try:
+            while True:
+                if watch.ahead:
+                    yield watch.ahead.popleft()
+                    continue
+                try:
+                    item = next(inner)
+                except StopIteration:
+                    break
+                if safe(watch.see, item, default=True):
+                    yield item
+        except GeneratorExit:  # closed or collected before its end
+            safe(watch.drain)
+            safe(watch.abandon)
+            raise
+        except BaseException as exc:
+            safe(watch.fail, exc)
+            raise
+        safe(watch.finish)
+
+    original_close = stream.close
+
+    def close() -> None:
+        safe(watch.drain)
+        safe(watch.abandon)
+        original_close()
+
+    stream._iterator = iterate()
+    stream.close = close  # type: ignore[method-assign]
+    setattr(stream, WATCHED, True)
+    return stream
+
+
+def watch_async(pending: PendingCall, stream: AsyncStream[Any]) -> AsyncStream[Any]:
+    if getattr(stream, WATCHED, False):
+        return stream
+    watch = StreamWatch(pending, stream.response.headers.get("x-request-id"))
+    inner = stream._iterator
+
+    async def iterate() -> AsyncIterator[Any]:
+        try:
+            while True:
+                if watch.ahead:
+                    yield watch.ahead.popleft()
+                    continue
+                try:
+                    item = await inner.__anext__()
+                except StopAsyncIteration:
+                    break
+                if safe(watch.see, item, default=True):
+                    yield item
+        except GeneratorExit:
+            safe(watch.abandon)
+            raise
+        except BaseException as exc:
+            safe(watch.fail, exc)
+            raise
+        safe(watch.finish)
+
+    original_close = stream.close
+
+    async def close() -> None:
+        await safe_async(watch.adrain, inner)
+        safe(watch.abandon)
+        await original_close()
+
+    stream._iterator = iterate()
+    stream.close = close  # type: ignore[method-assign]
+    setattr(stream, WATCHED, True)
+    return stream
+
+
+# -- with_streaming_response -----------------------------------------------------------------------
+class BodyTap:
+    """Sees a raw response body as the caller reads it; records the call when it closes."""
+
+    def __init__(self, pending: PendingCall, response: Any) -> None:
+        self.pending = pending
+        self.request_id = response.headers.get("x-request-id")
+        self.sse = "text/event-stream" in response.headers.get("content-type", "")
+        self.watch = StreamWatch(pending, self.request_id) if self.sse else None
+        self.parts: list[str] = []
+        self.fed = False
+        self.done = False
+
+    def event(self, text: str) -> bool:
+        """One SSE event (its lines); False if it is the injected usage event to hide."""
+        assert self.watch is not None
+        for line in text.splitlines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                continue
+            try:
+                item = json.loads(data)
+            except ValueError:
+                continue
+            return bool(safe(self.watch.see, item, default=True))
+        return True
+
+    def body(self, text: str) -> None:
+        self.fed = True
+        self.parts.append(text)
+
+    def parsed(self, parsed: Any) -> None:
+        """``parse()`` returned an object (not a stream): record it, once."""
+        if not self.done:
+            self.done = True
+            record_parsed(self.pending, parsed, self.request_id)
+
+    def close(self, content: bytes | None) -> None:
+        if self.done:
+            return
+        if self.watch is not None:
+            self.done = True
+            if content is not None and not self.fed:
+                for event in content.decode("utf-8", "replace").split("\n\n"):
+                    self.event(event)
+            self.watch.finish() if self.watch.answer_complete else self.watch.abandon()
+            return
+        text = "".join(self.parts) if self.fed else None
+        if text is None and content is not None:
+            text = content.decode("utf-8", "replace")
+        try:
+            parsed = json.loads(text) if text else None
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            self.parsed(parsed)
+            return
+        self.done = True
+        self.pending.record(
+            request_id=self.request_id,
+            status="incomplete",
+            error_type="BodyNotRead",
+            usage_reported=False,
+        )
+
+
+def _split_events(buffer: Any, chunk: Any) -> tuple[list[Any], Any]:
+    """Complete SSE events (with their blank line) in ``buffer + chunk``, and the rest."""
+    sep = b"\n\n" if isinstance(chunk, bytes) else "\n\n"
+    buffer += chunk
+    events: list[Any] = []
+    while True:
+        at = buffer.find(sep)
+        if at < 0:
+            return events, buffer
+        events.append(buffer[: at + len(sep)])
+        buffer = buffer[at + len(sep) :]
+
+
+def _text(piece: Any) -> str:
+    return piece.decode("utf-8", "replace") if isinstance(piece, bytes) else str(piece)
+
+
+def _tap_chunks(tap: BodyTap, chunks: Iterator[Any]) -> Iterator[Any]:
+    """``iter_bytes`` / ``iter_text`` as the caller reads them (SSE: whole events, the injected
+    usage event left out)."""
+    if not tap.sse:
+        for chunk in chunks:
+            tap.body(_text(chunk))
+            yield chunk
+        return
+    tap.fed = True
+    buffer: Any = None
+    for chunk in chunks:
+        events, buffer = _split_events(chunk[:0] if buffer is None else buffer, chunk)
+        for event in events:
+            if tap.event(_text(event)):
+                yield event
+    if buffer:
+        tap.event(_text(buffer))
+        yield buffer
+
+
+def _tap_lines(tap: BodyTap, lines: Iterator[str]) -> Iterator[str]:
+    """``iter_lines``: SSE lines, the injected usage event (and its blank line) left out."""
+    if not tap.sse:
+        for line in lines:
+            tap.body(line + "\n")
+            yield line
+        return
+    tap.fed = True
+    held: list[str] = []
+    for line in lines:
+        if line:
+            held.append(line)
+            continue
+        if tap.event("\n".join(held)):
+            yield from held
+            yield line
+        held = []
+    if held and tap.event("\n".join(held)):
+        yield from held
+
+
+def _content(http_response: Any) -> bytes | None:
+    try:
+        return bytes(http_response.content)
+    except Exception:  # not read (httpx's ResponseNotRead)
+        return None
+
+
+def watch_response(pending: PendingCall, response: Any) -> Any:
+    """Tap a ``with_streaming_response`` APIResponse; records on parse() or close()."""
+    if getattr(response, WATCHED, False):
+        return response
+    tap = BodyTap(pending, response)
+    original_parse, original_close = response.parse, response.close
+
+    def parse(*args: Any, **kwargs: Any) -> Any:
+        parsed = original_parse(*args, **kwargs)
+        if isinstance(parsed, Stream):
+            if tap.watch is not None:  # the stream's own watch records it
+                tap.watch._claim()
+            safe(watch_sync, pending, parsed)
+            tap.done = True
+        else:
+            safe(tap.parsed, parsed)
+        return parsed
+
+    def close() -> None:
+        safe(tap.close, _content(response.http_response))
+        original_close()
+
+    _tap_iterators(response, tap)
+    response.parse, response.close = parse, close
+    setattr(response, WATCHED, True)
+    return response
+
+
+def watch_async_response(pending: PendingCall, response: Any) -> Any:
+    if getattr(response, WATCHED, False):
+        return response
+    tap = BodyTap(pending, response)
+    original_parse, original_close = response.parse, response.close
+
+    async def parse(*args: Any, **kwargs: Any) -> Any:
+        parsed = await original_parse(*args, **kwargs)
+        if isinstance(parsed, AsyncStream):
+            if tap.watch is not None:
+                tap.watch._claim()
+            safe(watch_async, pending, parsed)
+            tap.done = True
+        else:
+            safe(tap.parsed, parsed)
+        return parsed
+
+    async def close() -> None:
+        safe(tap.close, _content(response.http_response))
+        await original_close()
+
+    _tap_async_iterators(response, tap)
+    response.parse, response.close = parse, close
+    setattr(response, WATCHED, True)
+    return response
+
+
+def _tap_iterators(response: Any, tap: BodyTap) -> None:
+    for name in ("iter_bytes", "iter_text"):
+        original = getattr(response, name)
+        setattr(response, name, lambda *a, _o=original, **k: _tap_chunks(tap, _o(*a, **k)))
+    original_lines = response.iter_lines
+    response.iter_lines = lambda: _tap_lines(tap, original_lines())
+
+
+def _tap_async_iterators(response: Any, tap: BodyTap) -> None:
+    async def chunks(source: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        # the same rules as the sync tap, fed from an async source
+        pending: deque[Any] = deque()
+        buffer: Any = None
+        async for chunk in source:
+            if not tap.sse:
+                tap.body(_text(chunk))
+                yield chunk
+                continue
+            tap.fed = True
+            events, buffer = _split_events(chunk[:0] if buffer is None else buffer, chunk)
+            pending.extend(e for e in events if tap.event(_text(e)))
+            while pending:
+                yield pending.popleft()
+        if buffer:
+            tap.event(_text(buffer))
+            yield buffer
+
+    async def lines(source: AsyncIterator[str]) -> AsyncIterator[str]:
+        held: list[str] = []
+        async for line in source:
+            if not tap.sse:
+                tap.body(line + "\n")
+                yield line
+                continue
+            tap.fed = True
+            if line:
+                held.append(line)
+                continue
+            if tap.event("\n".join(held)):
+                for h in held:
+                    yield h
+                yield line
+            held = []
+        if held and tap.event("\n".join(held)):
+            for h in held:
+                yield h
+
+    for name in ("iter_bytes", "iter_text"):
+        original = getattr(response, name)
+        setattr(response, name, lambda *a, _o=original, **k: chunks(_o(*a, **k)))
+    original_lines = response.iter_lines
+    response.iter_lines = lambda: lines(original_lines())

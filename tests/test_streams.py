@@ -1,0 +1,202 @@
+"""Streams are recorded once, in their own scope, whatever the caller does with them.
+
+Never iterated, closed early, left at ``finish_reason``, read raw through
+``with_streaming_response``, parsed twice, returned from a ``@track_openai_call`` function: each
+ends as exactly one record, in the scope it was opened in, before that scope is flushed.  The
+sandbox bills a stream in full whatever the client did, so a usage the meter kept is compared
+with what was billed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from tests.helpers import CollectingSink, collecting_sink, wait_for
+from tokenmeter import openai_hooks
+from tokenmeter.context import close_scope, open_scope, usage_scope
+from tokenmeter.openai_hooks import track_openai_call
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(autouse=True)
+def hooks() -> Iterator[CollectingSink]:
+    with collecting_sink() as sink:
+        openai_hooks.instrument()
+        yield sink
+        openai_hooks.uninstrument()
+
+
+def billed(sandbox, request_id: str):
+    return wait_for(lambda: sandbox.ledger.get(request_id), 10, f"{request_id} billed")
+
+
+def assert_exact(call, sandbox) -> None:
+    truth = billed(sandbox, call.request_id)
+    assert call.status == "ok" and call.usage_reported
+    assert (call.input_tokens, call.output_tokens) == (truth.input_tokens, truth.output_tokens)
+    assert call.cost_usd == truth.cost_usd
+
+
+def test_a_stream_never_iterated_is_recorded_when_its_scope_closes(openai_client, hooks) -> None:
+    scope, token = open_scope("task", "t-1", task_id="t-1", task_name="shop.ideas")
+    openai_client.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True)
+    close_scope(scope, token)
+    [flushed] = hooks.scopes
+    [call] = flushed.all_calls()  # recorded before the flush, with its task
+    assert (call.status, call.task_id, call.task_name) == ("incomplete", "t-1", "shop.ideas")
+    assert call.cost_usd is None and flushed.totals.cost_usd is None
+
+
+def test_closing_a_stream_records_it_at_once(openai_client) -> None:
+    with usage_scope("task", "close") as scope:
+        stream = openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, stream=True
+        )
+        stream.close()
+        assert [c.status for c in scope.all_calls()] == ["incomplete"]
+    assert scope.totals.calls == 1  # the scope's end adds nothing
+
+
+@pytest.mark.parametrize("closing", ["close", "with", "scope end"])
+def test_leaving_at_finish_reason_keeps_the_usage(openai_client, sandbox, closing) -> None:
+    with usage_scope("task", "finish") as scope:
+        stream = openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, stream=True, n=2
+        )
+        finished = set()
+        with stream if closing == "with" else _nothing():
+            for chunk in stream:
+                assert chunk.usage is None  # the injected usage chunk stays hidden
+                finished |= {c.index for c in chunk.choices if c.finish_reason}
+                if len(finished) == 2:
+                    break
+        if closing == "close":
+            stream.close()
+    [call] = scope.all_calls()
+    assert_exact(call, sandbox)
+    assert scope.totals.cost_usd == call.cost_usd
+
+
+def test_leaving_mid_answer_is_incomplete_and_billed_in_full(openai_client, sandbox) -> None:
+    with usage_scope("task", "mid") as scope:
+        stream = openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, stream=True
+        )
+        next(iter(stream))
+        stream.close()
+    [call] = scope.all_calls()
+    assert call.status == "incomplete" and call.cost_usd is None
+    assert billed(sandbox, call.request_id).output_tokens > 0  # the provider charged it
+
+
+def test_a_caller_who_reads_on_after_the_scope_gets_every_chunk(openai_client, sandbox) -> None:
+    with usage_scope("task", "outer") as outer:
+        with usage_scope("post", "p1"):
+            stream = openai_client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=HI,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    break
+        rest = list(stream)  # the usage chunk read at the post's end is handed on
+    assert rest and rest[-1].usage is not None and rest[-1].choices == []
+    [call] = outer.all_calls()
+    assert call.scope_kind == "post" and call.output_tokens == rest[-1].usage.completion_tokens
+    assert_exact(call, sandbox)
+
+
+async def test_async_stream_closed_at_finish_reason(
+    async_openai_client: AsyncOpenAI, sandbox
+) -> None:
+    async with usage_scope("task", "async-finish") as scope:
+        stream = await async_openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, stream=True
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].finish_reason:
+                break
+        await stream.close()
+        never = await async_openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, stream=True
+        )
+    first, second = scope.all_calls()
+    assert_exact(first, sandbox)
+    assert (
+        second.status == "incomplete"
+        and second.request_id == never.response.headers["x-request-id"]
+    )
+
+
+def test_streaming_response_read_as_lines(openai_client: OpenAI, sandbox) -> None:
+    with usage_scope("task", "lines") as scope:
+        raw = openai_client.chat.completions.with_streaming_response
+        with raw.create(model="gpt-4o-mini", messages=HI) as response:
+            body = json.loads("".join(response.iter_lines()))
+        with raw.create(model="gpt-4o-mini", messages=HI, stream=True) as response:
+            lines = list(response.iter_lines())
+        with raw.create(model="gpt-4o-mini", messages=HI, stream=True) as response:
+            chunks = b"".join(response.iter_bytes())
+    plain, streamed, as_bytes = scope.all_calls()
+    assert (
+        plain.request_id == body["id"] or plain.output_tokens == body["usage"]["completion_tokens"]
+    )
+    for call in (plain, streamed, as_bytes):
+        assert_exact(call, sandbox)
+    # the caller sees the SSE it asked for: no usage chunk it did not ask for
+    events = [json.loads(x[5:]) for x in lines if x.startswith("data:") and x != "data: [DONE]"]
+    assert events and all(e.get("usage") is None for e in events)
+    assert b'"usage":{' not in chunks and b"[DONE]" in chunks
+
+
+def test_parse_twice_and_a_decorated_stream_count_once(openai_client, sandbox) -> None:
+    @track_openai_call(model="gpt-4o-mini")
+    def ideas():
+        return openai_client.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True)
+
+    with usage_scope("task", "once") as scope:
+        raw = openai_client.chat.completions.with_streaming_response
+        with raw.create(model="gpt-4o-mini", messages=HI, stream=True) as response:
+            assert response.parse() is response.parse()
+            list(response.parse())
+        with raw.create(model="gpt-4o-mini", messages=HI) as response:
+            response.parse()
+            response.parse()
+        for _ in ideas():
+            pass
+    calls = scope.all_calls()
+    assert len(calls) == 3 and scope.totals.calls == 3
+    for call in calls:
+        assert_exact(call, sandbox)
+
+
+def test_a_decorated_stream_without_the_hooks_is_recorded_when_read(sandbox) -> None:
+    openai_hooks.uninstrument()
+    client = OpenAI(base_url=sandbox.openai_base_url, api_key="sk", max_retries=0)
+
+    @track_openai_call(model="gpt-4o-mini")
+    def ideas():
+        return client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, stream=True, stream_options={"include_usage": True}
+        )
+
+    with usage_scope("task", "explicit") as scope:
+        for _ in ideas():
+            pass
+    [call] = scope.all_calls()
+    assert_exact(call, sandbox)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
