@@ -237,6 +237,8 @@ class CeleryMetering:
 
     def on_worker_shutdown(self, **_: Any) -> None:
         self._stop.set()
+        if self.wal is not None:
+            self.wal.stop()
 
     # -- recovery ----------------------------------------------------------------------------
     def recover_once(self) -> RecoveryReport:
@@ -272,7 +274,7 @@ class CeleryMetering:
             else self._options_write_ahead
         )
         self.wal = (
-            attach_write_ahead(self.sink, self.redis)
+            attach_write_ahead(self.sink, self.redis, settings.tokenmeter_wal_lease_s)
             if use_wal and self.redis is not None
             else None
         )
@@ -344,6 +346,8 @@ class CeleryMetering:
                 signal.disconnect(dispatch_uid=f"tokenmeter.{handler}")
             if self.budgets is not None:
                 self.budgets.uninstall()
+            if self.wal is not None:
+                self.wal.stop()
             if get_sink() is self.sink:
                 set_sink(self._previous_sink)
             if self._owns_redis and self.redis is not None:

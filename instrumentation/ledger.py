@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
     text,
 )
@@ -124,3 +125,28 @@ class OpenAICall(LedgerBase):
     status: Mapped[str] = mapped_column(String(16), default="ok")
     error_type: Mapped[str | None] = mapped_column(String(128))
     http_status: Mapped[int | None] = mapped_column(Integer)
+
+
+class PendingRollup(LedgerBase):
+    """A rollup that could not apply when its calls were written (its application row missing
+    or unwritable): kept here, in the same transaction as those calls, and applied alone later.
+
+    Applying it deletes it in the same transaction, so it is applied exactly once however many
+    processes retry.  After ``TOKENMETER_ROLLUP_MAX_ATTEMPTS`` failures it is ``dead`` (kept,
+    reported by ``tokenmeter rollups``, retried only when asked).
+    """
+
+    __tablename__ = "tokenmeter_pending_rollups"
+    __table_args__ = (Index("ix_tokenmeter_pending_rollups_dead", "dead"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    execution_id: Mapped[str] = mapped_column(String(32))
+    task_id: Mapped[str | None] = mapped_column(String(155))
+    task_name: Mapped[str | None] = mapped_column(String(255))
+    rollup: Mapped[str] = mapped_column(Text, doc="the rollup, as JSON (TableRollup.to_json)")
+    calls: Mapped[str] = mapped_column(Text, doc="the calls it adds, as JSON")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    dead: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))

@@ -35,6 +35,7 @@ from prometheus_client import (
 )
 
 from .context import CallRecord, UsageScope
+from .procs import pid_alive
 
 logger = logging.getLogger("tokenmeter.metrics")
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -113,16 +114,6 @@ def serve(port: int, registry: CollectorRegistry | None = None) -> Any:
     return start_http_server(port, addr="127.0.0.1", registry=registry or REGISTRY)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def prepare_multiprocess(data_dir: Path) -> Path | None:
     """Turn multiprocess mode on for this worker and the processes it forks.
 
@@ -135,7 +126,7 @@ def prepare_multiprocess(data_dir: Path) -> Path | None:
         root = data_dir / "prometheus"
         for old in root.glob("worker-*"):  # a worker that is gone: its samples are stale
             pid = old.name.removeprefix("worker-")
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(old, ignore_errors=True)
         folder = root / f"worker-{os.getpid()}"
         shutil.rmtree(folder, ignore_errors=True)

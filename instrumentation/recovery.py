@@ -1,4 +1,4 @@
-"""Recovery: replay the spool and flush executions whose worker died.
+"""Recovery: replay the spool, flush executions whose worker died, retry kept rollups.
 
 One code path for the worker (at start and periodically, see ``celery_signals``) and for
 operators (``tokenmeter replay``).  Safe to run anywhere, any number of times at once: every
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from .settings import get_settings
 from .sink import DatabaseSink, connect_redis, default_spool
 from .wal import WriteAheadLog, attach_write_ahead
 
@@ -21,6 +22,8 @@ class RecoveryReport:
     replayed: int  # spooled batches written to the database
     recovered: int  # orphaned executions flushed from the write-ahead log
     still_spooled: int  # batches left (the database is still unreachable)
+    rollups_applied: int = 0  # kept rollups that applied now
+    rollups_pending: int = 0  # kept rollups still waiting (not dead)
 
 
 class Recovery:
@@ -32,7 +35,8 @@ class Recovery:
         """Recovery over the spool/write-ahead log of ``redis_url`` (or the local spool)."""
         client = connect_redis(redis_url)
         sink = DatabaseSink(database_url, spool=default_spool(client))
-        wal = attach_write_ahead(sink, client) if client is not None else None
+        lease_s = get_settings().tokenmeter_wal_lease_s
+        wal = attach_write_ahead(sink, client, lease_s) if client is not None else None
         return cls(sink, wal)
 
     def run_once(self) -> RecoveryReport:
@@ -46,8 +50,14 @@ class Recovery:
                 recovered = self.wal.recover(self.sink)
             except Exception:
                 logger.exception("write-ahead recovery failed")
+        applied = pending = 0
+        try:
+            rollups = self.sink.retry_rollups()
+            applied, pending = rollups.applied, rollups.left
+        except Exception:
+            logger.exception("retrying kept rollups failed")
         try:
             left = len(self.sink.spool)
         except Exception:
             left = -1
-        return RecoveryReport(replayed, recovered, left)
+        return RecoveryReport(replayed, recovered, left, applied, pending)

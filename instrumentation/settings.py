@@ -51,6 +51,12 @@ class TokenmeterSettings(BaseSettings):
     tokenmeter_write_ahead: bool = Field(
         default=True, description="Log each call to Redis as it happens (survives SIGKILL)."
     )
+    tokenmeter_wal_lease_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="A write-ahead execution whose owner did not renew it for this long (the "
+        "owner renews it every quarter of it while the task runs) is recovered by any worker.",
+    )
     tokenmeter_redis_url: str | None = Field(
         default=None,
         description="Redis for the write-ahead log, spool and daily budget "
@@ -58,6 +64,11 @@ class TokenmeterSettings(BaseSettings):
     )
     tokenmeter_recovery_interval_s: float = Field(
         default=30.0, description="How often a worker replays the spool and orphaned calls."
+    )
+    tokenmeter_rollup_max_attempts: int = Field(
+        default=10,
+        ge=1,
+        description="Failed tries after which a rollup that cannot apply is dead (reported).",
     )
     tokenmeter_daily_budget_usd: Decimal | None = None
     tokenmeter_task_budget_usd: Decimal | None = None

@@ -33,6 +33,7 @@ from sqlalchemy import Connection, Insert, String, Table
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
+from . import deferred
 from .context import CallRecord, UsageScope, UsageTotals, is_interrupt
 from .db import get_engine
 from .ledger import OpenAICall
@@ -191,6 +192,15 @@ def write_batches(conn: Connection, batches: list[FlushBatch]) -> list[list[Call
 
     Returns, per batch, its calls that were new to the ledger.
     """
+    new_per_batch = _insert_calls(conn, batches)
+    for batch, new_calls in zip(batches, new_per_batch, strict=True):
+        for rollup, subtree, _ in _bound(batch, new_calls):
+            TableRollup.from_json(rollup).apply(conn, subtree)
+    return new_per_batch
+
+
+def _insert_calls(conn: Connection, batches: list[FlushBatch]) -> list[list[CallRecord]]:
+    """One multi-row insert of every call; per batch, the calls that were new."""
     calls = [c for b in batches for c in b.calls]
     inserted: set[tuple[str, int]] = set()
     if calls:
@@ -199,15 +209,37 @@ def write_batches(conn: Connection, batches: list[FlushBatch]) -> list[list[Call
             (row.execution_id, row.seq)
             for row in conn.execute(stmt, [_ledger_row(c) for c in calls])
         }
-    new_per_batch = []
-    for batch in batches:
-        new_calls = [c for c in batch.calls if (c.execution_id, c.seq) in inserted]
-        by_seq = {c.seq: c for c in new_calls}
-        for bound in batch.rollups:
-            subtree = [by_seq[s] for s in bound.seqs if s in by_seq]
-            TableRollup.from_json(bound.rollup).apply(conn, subtree)
-        new_per_batch.append(new_calls)
-    return new_per_batch
+    return [[c for c in b.calls if (c.execution_id, c.seq) in inserted] for b in batches]
+
+
+def _bound(
+    batch: FlushBatch, new_calls: list[CallRecord]
+) -> list[tuple[dict[str, Any], list[CallRecord], bool]]:
+    """Each rollup of ``batch`` with the new calls of its subtree (and whether it had any)."""
+    by_seq = {c.seq: c for c in new_calls}
+    return [
+        (bound.rollup, [by_seq[s] for s in bound.seqs if s in by_seq], bool(bound.seqs))
+        for bound in batch.rollups
+    ]
+
+
+def write_batch_deferring_rollups(
+    conn: Connection, batch: FlushBatch, error: BaseException
+) -> tuple[list[CallRecord], list[int]]:
+    """The batch's calls, with its rollups kept as pending (see ``deferred``) instead of applied.
+
+    Returns the new calls and the ids of the rollups kept.
+    """
+    [new_calls] = _insert_calls(conn, [batch])
+    kept = deferred.defer(
+        conn,
+        _bound(batch, new_calls),
+        execution_id=batch.execution_id,
+        task_id=batch.task_id,
+        task_name=batch.task_name,
+        error=f"{type(error).__name__}: {error}"[:4000],
+    )
+    return new_calls, kept
 
 
 def is_connectivity_error(exc: BaseException) -> bool:
@@ -454,8 +486,42 @@ class DatabaseSink:
         self.flush(FlushBatch(calls=[call], execution_id=call.execution_id))
 
     def write(self, batch: FlushBatch) -> list[CallRecord]:
+        """Write ``batch`` in one transaction.  If a rollup cannot apply, the calls are written
+        anyway with the rollups kept for retrying alone (``deferred``): a rollup never takes the
+        ledger rows down with it.  Raises when the calls themselves cannot be written."""
+        try:
+            with self._transaction() as conn:
+                return write_batch(conn, batch)
+        except Exception as exc:
+            if is_interrupt(exc) or is_connectivity_error(exc) or not batch.rollups:
+                raise
+            error = exc
         with self._transaction() as conn:
-            return write_batch(conn, batch)
+            new_calls, kept = write_batch_deferring_rollups(conn, batch, error)
+        logger.warning(
+            "a rollup of task %s could not apply (%s: %s); its %d calls are written and %d "
+            "rollups kept to retry (tokenmeter rollups)",
+            batch.task_id,
+            type(error).__name__,
+            str(error).splitlines()[0] if str(error) else "",
+            len(new_calls),
+            len(kept),
+        )
+        if kept:
+            self.retry_rollups(ids=kept)
+        return new_calls
+
+    def retry_rollups(
+        self, ids: list[int] | None = None, include_dead: bool = False
+    ) -> deferred.RetryReport:
+        """Apply kept rollups (each alone, exactly once); see ``deferred.retry``."""
+        return deferred.retry(
+            self._transaction,
+            max_attempts=get_settings().tokenmeter_rollup_max_attempts,
+            ids=ids,
+            include_dead=include_dead,
+            is_down=is_connectivity_error,
+        )
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:

@@ -233,6 +233,72 @@ def scopes(
         console().print(render.scopes_table(rows))
 
 
+@app.command()
+def rollups(
+    retry: bool = typer.Option(False, "--retry", help="Apply the kept rollups now."),
+    dead: bool = typer.Option(False, "--dead", help="With --retry: the dead ones too."),
+    fmt: str = typer.Option("table", "--format", help="table or json"),
+    database_url: str | None = typer.Option(None, "--database-url", envvar="DATABASE_URL"),
+) -> None:
+    """Rollups that could not apply to their application row (kept; their calls are in the
+    ledger).  Exit 1 while any is kept, so a check can alert on it."""
+    import json
+
+    from rich.table import Table
+
+    from tokenmeter import deferred
+    from tokenmeter.sink import DatabaseSink
+
+    if fmt not in ("table", "json"):
+        fail(f"--format must be table or json, not {fmt!r}")
+    if dead and not retry:
+        fail("--dead goes with --retry")
+    engine = ledger_engine(database_url)
+    if retry:
+        report = DatabaseSink(database_url=database_url).retry_rollups(include_dead=dead)
+        console().print(f"applied {report.applied}, failed again {report.failed}")
+    with engine.connect() as conn:
+        kept = list(deferred.pending(conn))
+    if fmt == "json":
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": r.id,
+                        "task_id": r.task_id,
+                        "task_name": r.task_name,
+                        "rollup": json.loads(r.rollup),
+                        "calls": len(json.loads(r.calls)),
+                        "attempts": r.attempts,
+                        "dead": r.dead,
+                        "last_error": r.last_error,
+                        "created_at": r.created_at.isoformat(),
+                    }
+                    for r in kept
+                ]
+            )
+        )
+    elif not kept:
+        console().print("no kept rollups: every rollup applied")
+    else:
+        table = Table("id", "task", "row", "calls", "tries", "state", "last error")
+        for r in kept:
+            spec = json.loads(r.rollup)
+            key = ",".join(f"{k}={v}" for k, v in spec.get("key", {}).items())
+            table.add_row(
+                str(r.id),
+                r.task_name or "-",
+                f"{spec.get('table')} {key}",
+                str(len(json.loads(r.calls))),
+                str(r.attempts),
+                "dead" if r.dead else "pending",
+                (r.last_error or "").splitlines()[0][:80],
+            )
+        console().print(table)
+    if kept:
+        raise typer.Exit(1)
+
+
 def ledger_engine(database_url: str | None) -> Any:
     """A read-only engine on a migrated ledger, or one line saying what to run (exit 2)."""
     from tokenmeter.migrate import LedgerUnavailable, require_ledger

@@ -12,6 +12,7 @@ from models import migrate
 
 REVISIONS = ["0001_initial", "0002_scanned_post_usage", "0003_openai_calls_ledger"]
 VERSION_TABLES = {"alembic_version", "tokenmeter_alembic_version"}
+LEDGER_TABLES = {"openai_calls", "tokenmeter_pending_rollups"}  # the library's own
 USAGE_COLUMNS = {"agent_model", "prompt_tokens", "completion_tokens", "total_cost_usd"}
 
 
@@ -37,7 +38,7 @@ def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
         "pipeline_runs",
         "pipeline_run_usages",
         "agent_scanned_posts",
-        "openai_calls",
+        *LEDGER_TABLES,
     }
     migrate.downgrade(empty_db_url, "base")
     assert _tables(empty_db_url) == set()
@@ -77,7 +78,7 @@ def test_ledger_chain_leaves_a_users_alembic_history_alone(empty_db_url: str) ->
     ledger.check(empty_db_url)  # the user's tables are not the ledger's business
     assert _version(empty_db_url, "alembic_version") == "users_own_rev_7"
     assert _version(empty_db_url, "tokenmeter_alembic_version") == ledger.head()
-    assert _tables(empty_db_url) == {"invoices", "openai_calls"}
+    assert _tables(empty_db_url) == {"invoices", *LEDGER_TABLES}
     ledger.downgrade(empty_db_url, "base")
     assert _tables(empty_db_url) == {"invoices"}
     assert _version(empty_db_url, "alembic_version") == "users_own_rev_7"
@@ -200,7 +201,7 @@ def test_cli_migrate(sqlite_url: str) -> None:
 
     result = CliRunner().invoke(app, ["migrate", "--database-url", sqlite_url])
     assert result.exit_code == 0, result.output
-    assert _tables(sqlite_url) == {"openai_calls"}  # the library's ledger, nothing of the app
+    assert _tables(sqlite_url) == LEDGER_TABLES  # the library's ledger, nothing of the app
 
 
 @pytest.mark.postgres

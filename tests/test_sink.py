@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -12,7 +13,7 @@ from sqlalchemy import func, select
 
 from models import AgentScannedPost, PipelineRun, PipelineRunUsage, session_scope
 from tasks.commission import run_usage_rollup
-from tests.helpers import CollectingSink, collecting_sink
+from tests.helpers import CollectingSink, clear_settings, collecting_sink
 from tokenmeter import OpenAICall
 from tokenmeter.context import (
     CallRecord,
@@ -21,6 +22,7 @@ from tokenmeter.context import (
     record_call,
     usage_scope,
 )
+from tokenmeter.ledger import PendingRollup
 from tokenmeter.rollups import TableRollup
 from tokenmeter.sink import (
     DatabaseSink,
@@ -191,17 +193,56 @@ def test_unreachable_database_spools_then_replays_exactly_once(
     assert usage.prompt_tokens == 1000 and usage.total_cost_usd == Decimal("0.08027")
 
 
-def test_batch_that_can_never_apply_goes_to_dead_letters(db_url: str, tmp_path, captured) -> None:
-    batch = commission_attempt(987654, 0, "orphan", captured)  # no such pipeline run: FK fails
+def test_a_rollup_that_cannot_apply_never_takes_its_calls_down(
+    db_url: str, tmp_path, captured
+) -> None:
+    run_id = 987654  # no such pipeline run (yet): the rollup's row fails its foreign key
+    batch = commission_attempt(run_id, 0, "orphan", captured)
     spool = FileSpool(tmp_path / "spool")
     sink = DatabaseSink(spool=spool)
-    assert sink.flush(batch) is False
-    assert sink.replay() == 0
-    assert len(spool) == 0
-    [dead] = spool.dead_letters()
-    assert "IntegrityError" in dead["error"]
-    assert dead["batch"]["execution_id"] == batch.execution_id  # kept, with every call
-    assert len(dead["batch"]["calls"]) == 2
+    assert sink.flush(batch) is True  # the calls reached the ledger
+    assert len(spool) == 0 and spool.dead_letters() == []
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(OpenAICall)) == 2
+        assert s.scalar(select(func.count()).select_from(PipelineRunUsage)) == 0
+        [kept] = s.scalars(select(PendingRollup)).all()
+    assert kept.attempts == 2 and "IntegrityError" in kept.last_error and not kept.dead
+
+    with session_scope() as s:  # the application's row appears (its transaction committed late)
+        s.add(PipelineRun(id=run_id, status="running", config={}))
+    assert sink.retry_rollups().applied == 1
+    assert sink.retry_rollups().applied == 0  # applied once, and gone
+    sink.flush(batch)  # a redelivered flush adds nothing either
+    with session_scope() as s:
+        usage = s.scalars(select(PipelineRunUsage)).one()
+        assert s.scalar(select(func.count()).select_from(PendingRollup)) == 0
+    assert (usage.prompt_tokens, usage.image_count, usage.total_cost_usd) == (
+        1000,
+        2,
+        Decimal("0.08027"),
+    )
+
+
+def test_a_spooled_batch_with_a_bad_rollup_lands_and_its_rollup_dies_alone(
+    db_url: str, tmp_path, captured, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOKENMETER_ROLLUP_MAX_ATTEMPTS", "3")
+    clear_settings()
+    batch = commission_attempt(424242, 0, "late", captured)
+    spool = FileSpool(tmp_path / "spool")
+    spool.push(batch.to_json())  # spooled during an outage
+    sink = DatabaseSink(spool=spool)
+    assert sink.replay() == 1 and len(spool) == 0 and spool.dead_letters() == []
+    assert sink.retry_rollups().failed == 1  # third failure: dead
+    report = sink.retry_rollups()
+    assert (report.applied, report.failed, report.left) == (0, 0, 0)  # dead ones wait
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(OpenAICall)) == 2
+        [kept] = s.scalars(select(PendingRollup)).all()
+    assert kept.dead and kept.attempts == 3
+    with session_scope() as s:
+        s.add(PipelineRun(id=424242, status="running", config={}))
+    assert sink.retry_rollups(include_dead=True).applied == 1
 
 
 def test_redis_spool_round_trip() -> None:
@@ -430,3 +471,27 @@ def test_fallback_spool_keeps_working_while_redis_is_down(tmp_path) -> None:
     assert spool.peek() == payload and spool.peek_many(5) == [payload]
     spool.dead_letter(payload, "boom")  # Redis down: dead-lettered locally
     assert len(spool) == 0 and [d["error"] for d in local.dead_letters()] == ["boom"]
+
+
+def test_tokenmeter_rollups_reports_kept_rollups_and_retries_them(
+    db_url: str, tmp_path, captured
+) -> None:
+    from typer.testing import CliRunner
+
+    from tokenmeter.reporting.cli import app
+
+    cli = CliRunner()
+    assert cli.invoke(app, ["rollups"]).exit_code == 0  # nothing kept
+    DatabaseSink(spool=FileSpool(tmp_path)).flush(commission_attempt(31337, 0, "cli", captured))
+    listed = cli.invoke(app, ["rollups", "--format", "json"])
+    assert listed.exit_code == 1  # something to look at
+    [kept] = json.loads(listed.output)
+    assert kept["rollup"]["key"] == {"pipeline_run_id": 31337} and kept["calls"] == 2
+    assert kept["task_id"] == "task-cli" and "IntegrityError" in kept["last_error"]
+    assert cli.invoke(app, ["rollups", "--dead"]).exit_code == 2  # --dead goes with --retry
+    with session_scope() as s:
+        s.add(PipelineRun(id=31337, status="running", config={}))
+    retried = cli.invoke(app, ["rollups", "--retry"])
+    assert retried.exit_code == 0 and "applied 1" in retried.output, retried.output
+    with session_scope() as s:
+        assert s.scalars(select(PipelineRunUsage)).one().prompt_tokens == 1000

@@ -1,0 +1,172 @@
+"""Write-ahead liveness: who is dead, who is only slow, and nothing lost in between.
+
+Two logs on one Redis stand for two worker hosts: ``owner`` runs the task, ``other`` recovers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+
+import fakeredis
+import pytest
+from sqlalchemy import func, select
+
+from models import AgentScannedPost, session_scope
+from tests.helpers import wait_for
+from tokenmeter import OpenAICall
+from tokenmeter.context import CallRecord, _current, open_scope, record_call, usage_scope
+from tokenmeter.procs import process_started
+from tokenmeter.rollups import TableRollup
+from tokenmeter.sink import DatabaseSink, FileSpool
+from tokenmeter.wal import ENTRY_PREFIX, OPEN_KEY, WriteAheadLog
+
+
+@pytest.fixture
+def redis() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture
+def owner(redis) -> Iterator[WriteAheadLog]:
+    wal = WriteAheadLog(redis, lease_s=0.4, host="host-a")
+    yield wal
+    wal.stop()
+
+
+@pytest.fixture
+def sink(db_url: str, tmp_path) -> DatabaseSink:
+    return DatabaseSink(spool=FileSpool(tmp_path / "spool"))
+
+
+def other(redis, sink: DatabaseSink, lease_s: float = 0.4) -> WriteAheadLog:
+    wal = WriteAheadLog(redis, lease_s=lease_s, host="host-b")
+    sink.after_flush.append(wal.after_flush)
+    return wal
+
+
+def call(tag: str, n_in: int = 100) -> CallRecord:
+    return record_call(
+        CallRecord(
+            operation="chat",
+            requested_model="gpt-4o-mini",
+            request_id=f"req_{tag}",
+            input_tokens=n_in,
+            output_tokens=10,
+            cost_usd=Decimal("0.00001"),
+        )
+    )
+
+
+def post_rollup() -> TableRollup:
+    return TableRollup(
+        AgentScannedPost,
+        key={"post_id": "p1"},
+        sums={"prompt_tokens": "input_tokens"},
+        cost_column="total_cost_usd",
+        values={"subreddit": "crafts", "agent_model": "m"},
+    )
+
+
+def start_task(wal: WriteAheadLog, name: str):
+    root, token = open_scope("task", name, task_id=name, task_name="demo.long")
+    wal.attach(root)
+    return root, token
+
+
+def ledger_count() -> int:
+    with session_scope() as s:
+        return s.scalar(select(func.count()).select_from(OpenAICall)) or 0
+
+
+def test_a_long_task_renews_its_lease_and_is_never_taken_for_dead(redis, owner, sink) -> None:
+    root, token = start_task(owner, "t-long")
+    try:
+        call("a")
+        recoverer = other(redis, sink)
+        deadline = time.monotonic() + 1.6  # four leases without a call
+        while time.monotonic() < deadline:
+            assert recoverer.recover(sink) == 0
+            time.sleep(0.1)
+        assert ledger_count() == 0
+        owner.stop()  # the owner's host dies: nobody renews any more
+        wait_for(lambda: recoverer.recover(sink) == 1, 5, "the lease to run out")
+        assert ledger_count() == 1 and not redis.hexists(OPEN_KEY, root.execution_id)
+    finally:
+        _current.reset(token)
+
+
+def test_a_reused_pid_on_the_same_host_is_not_the_owner(redis, sink, db_url) -> None:
+    wal = WriteAheadLog(redis, lease_s=3600)
+    root, token = start_task(wal, "t-restarted")
+    call("r")
+    _current.reset(token)
+    wal.stop()
+    meta = json.loads(redis.hget(OPEN_KEY, root.execution_id))
+    assert meta["pid"] == os.getpid() and meta["started"] == process_started(os.getpid())
+    assert wal.recover(sink) == 0  # the owner is alive: left alone
+    # after a container restart this pid names another process, started at another time
+    meta["started"] = meta["started"] - 1000
+    redis.hset(OPEN_KEY, root.execution_id, json.dumps(meta))
+    assert wal.recover(sink) == 1 and ledger_count() == 1
+
+
+def test_recovery_never_forgets_what_a_live_owner_appended_meanwhile(
+    redis, owner, sink, db_url
+) -> None:
+    root, token = start_task(owner, "t-busy")
+    call("one")
+    owner.stop()  # its lease will run out while it still works (a long pause)
+    time.sleep(0.5)
+    recoverer = other(redis, sink)
+    flush = sink.flush
+
+    def flush_while_the_owner_appends(batch):
+        call("two")  # the owner is not dead after all
+        return flush(batch)
+
+    sink.flush = flush_while_the_owner_appends  # type: ignore[method-assign]
+    assert recoverer.recover(sink) == 1
+    sink.flush = flush  # type: ignore[method-assign]
+    assert redis.llen(ENTRY_PREFIX + root.execution_id) == 2  # kept: it grew meanwhile
+    _current.reset(token)  # then the owner really dies
+    owner.stop()
+    time.sleep(0.5)
+    assert recoverer.recover(sink) == 1
+    with session_scope() as s:
+        ids = sorted(s.scalars(select(OpenAICall.request_id)))
+    assert ids == ["req_one", "req_two"]  # each once
+
+
+def test_an_owner_forgotten_while_alive_lists_itself_again_with_its_rollups(
+    redis, owner, sink, db_url
+) -> None:
+    root, token = start_task(owner, "t-forgotten")
+    with usage_scope("scanned_post", "p1") as post:
+        post.bind_rollup(post_rollup())
+        call("before", 300)
+        owner.stop()
+        time.sleep(0.5)
+        recoverer = other(redis, sink)
+        assert recoverer.recover(sink) == 1  # taken for dead, flushed, forgotten
+        assert not redis.exists(ENTRY_PREFIX + root.execution_id)
+        call("after", 40)  # it was alive: listed again, with its rollup
+    _current.reset(token)  # then it really dies
+    owner.stop()
+    time.sleep(0.5)
+    assert recoverer.recover(sink) == 1
+    with session_scope() as s:
+        row = s.scalars(select(AgentScannedPost)).one()
+    assert row.prompt_tokens == 340 and ledger_count() == 2
+
+
+def test_an_execution_whose_entries_expired_is_dropped_quietly(redis, sink, caplog) -> None:
+    redis.hset(OPEN_KEY, "e-expired", json.dumps({"host": "gone", "pid": 1, "opened": 0}))
+    recoverer = other(redis, sink)
+    assert recoverer.recover(sink) == 0
+    assert not redis.hexists(OPEN_KEY, "e-expired")
+    assert recoverer.recover(sink) == 0
+    assert "recovering" not in caplog.text
