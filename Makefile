@@ -62,7 +62,7 @@ bench: setup ## Peers side by side, throughput, spool replay -> bench/RESULTS.md
 	$(PY) bench/throughput.py --latency-ms 200 --tasks 60 --rounds 2 --results bench/RESULTS.md
 	$(PY) bench/spool_replay.py --results bench/RESULTS.md
 
-reconcile: setup ## Mixed load on 4 worker processes, ledger vs ground truth; RECONCILE_ARGS="--faults"
+reconcile: setup ## Real workers, ledger vs ground truth; RECONCILE_ARGS="--faults --chaos 200"
 	$(PY) bench/reconcile.py $(RECONCILE_ARGS)
 
 compat: setup ## The lowest and latest versions every declared range allows (nox sessions)

@@ -3,6 +3,7 @@
     make reconcile                                   # 1,000 tasks, 4 worker processes
     make reconcile RECONCILE_ARGS="--faults"          # + PostgreSQL down 30 s, SIGKILL, redelivery
     .venv/bin/python bench/reconcile.py --tasks 100 --faults --outage-s 10
+    make reconcile RECONCILE_ARGS="--chaos 200"       # then 200 steps of bench/chaos.py
 
 Starts the OpenAI and Reddit sandboxes (in this process, so their ground truth is at hand), a
 throwaway PostgreSQL database for the ledger, a Redis broker and one ``celery worker -c 4``
@@ -11,14 +12,19 @@ throwaway PostgreSQL database for the ledger, a Redis broker and one ``celery wo
 ``n`` = 2), promotion scans (JSON-mode ratings, comments, one row per post) and mixed tasks
 (streaming with and without ``include_usage``, Responses API plain and streamed, embeddings,
 gpt-image-1 with ``n`` = 2, reasoning and cached tokens, the async client), while the sandbox
-fails a seeded ~5 % of requests with 429/500 (tasks retry) and a few tasks fail half way.
+fails a seeded ~5 % of requests with 429/500 or a lost answer (completed and billed, the
+connection cut before the answer leaves: the SDK and the tasks retry), some callers give up on
+a slow answer (a client timeout) or stop reading a stream at ``finish_reason``, and a few tasks
+fail half way.
 
 ``--faults`` adds, mid-run: PostgreSQL stopped for ``--outage-s`` seconds (really stopped, with
 ``pg_ctlcluster``; the load keeps running), one worker process SIGKILLed in the middle of a
 task (its message is redelivered), and completed messages published again (redeliveries).
 
-Then every request the sandbox billed is looked up in ``openai_calls`` by request id and
-compared field by field, totals per token category and in dollars are compared, and
+Then every request the sandbox billed is looked up in ``openai_calls`` by request id (an
+answer that never arrived: by the ``X-Client-Request-Id`` its attempt carried, and it must be a
+``billed_unknown`` row at cost NULL) and compared field by field, totals per token category and
+in dollars are compared (over the requests whose usage the meter could know), and
 ``pipeline_run_usages`` / ``agent_scanned_posts`` are checked against the ledger rows of their
 run or post.  Prints the table; exits 1 on any difference.
 """
@@ -62,6 +68,7 @@ from bench.redisdb import claimed_databases  # noqa: E402
 from models import migrate  # noqa: E402
 from models.tables import AgentScannedPost, PipelineRunUsage  # noqa: E402
 from tokenmeter import OpenAICall  # noqa: E402
+from tokenmeter.ledger import PendingRollup  # noqa: E402
 from tokenmeter.sandbox.ground_truth import TOKEN_FIELDS, BilledRequest  # noqa: E402
 from tokenmeter.sandbox.runner import SandboxServers  # noqa: E402
 
@@ -88,12 +95,15 @@ class Reconciliation:
     usage_unknown: list[str] = field(default_factory=list)
     unmetered_usd: Decimal = Decimal(0)  # what those two cost (the ledger has them at NULL)
     rollups: list[str] = field(default_factory=list)  # "table key: column rollup != ledger"
+    kept_rollups: list[str] = field(default_factory=list)  # could not apply: never reached
     rollup_rows: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         totals_equal = all(self.truth[c] == self.ledger[c] for c in CATEGORIES)
-        return totals_equal and not (self.missing or self.extra or self.mismatched or self.rollups)
+        return totals_equal and not (
+            self.missing or self.extra or self.mismatched or self.rollups or self.kept_rollups
+        )
 
 
 #: What each rollup column must equal, stated here rather than read from the application's own
@@ -194,6 +204,9 @@ def reconcile(session: Session, truth_rows: Iterable[BilledRequest]) -> Reconcil
                 result.mismatched.append(f"row {call.id} (billed_unknown) priced {call.cost_usd}")
     result.truth, result.ledger = totals_truth, totals_ledger
     _check_rollups(session, calls, result)
+    result.kept_rollups = [
+        f"{r.task_id}: {r.last_error}" for r in session.scalars(select(PendingRollup))
+    ]
     return result
 
 
@@ -268,6 +281,7 @@ def report_table(result: Reconciliation) -> Table:
         ("in the ledger, not billed", result.extra),
         ("requests that differ", result.mismatched),
         ("rollups that differ", result.rollups),
+        ("rollups kept, not applied", result.kept_rollups),
     ):
         style = "green" if not items else "bold red"
         table.add_row(label, "", "", f"[{style}]{len(items)}[/{style}]")
@@ -664,6 +678,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=900.0)
     parser.add_argument("--keep", action="store_true", help="keep the database and worker log")
     parser.add_argument(
+        "--chaos",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then N steps of the seeded fault schedule (bench/chaos.py, seed --seed)",
+    )
+    parser.add_argument(
         "--prices-file",
         help="price rows the worker's meter uses over its own (TOKENMETER_PRICES_FILE): a wrong "
         "price here must make the run fail on cost_usd, priced by the sandbox's own list",
@@ -715,7 +736,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(report_table(result))
     rows = ", ".join(f"{n} {t}" for t, n in result.rollup_rows.items())
     console.print(f"rollup rows checked against their ledger rows: {rows}")
-    for line in (result.missing + result.extra + result.mismatched + result.rollups)[:20]:
+    problems = result.missing + result.extra + result.mismatched + result.rollups
+    for line in (problems + result.kept_rollups)[:20]:
         console.print(f"  [red]{line}[/red]")
     if result.ok and run.app_db_failures:
         console.print(
@@ -723,11 +745,16 @@ def main(argv: list[str] | None = None) -> int:
             "outage[/bold red] (the meter lost nothing)"
         )
         return 1
-    if result.ok:
-        console.print("[bold green]difference: 0[/bold green] (every request, category and cent)")
-        return 0
-    console.print(f"[bold red]the ledger differs[/bold red]; kept: {run.db_url}, {run.workdir}")
-    return 1
+    if not result.ok:
+        console.print(f"[bold red]the ledger differs[/bold red]; kept: {run.db_url}, {run.workdir}")
+        return 1
+    console.print("[bold green]difference: 0[/bold green] (every request, category and cent)")
+    if args.chaos:
+        from bench import chaos
+
+        servers = ["--pg-url", args.pg_url, "--redis-url", args.redis_url]
+        return chaos.main(["--steps", str(args.chaos), "--seed", str(args.seed), *servers])
+    return 0
 
 
 if __name__ == "__main__":

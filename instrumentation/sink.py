@@ -483,7 +483,15 @@ class DatabaseSink:
         self.flush(FlushBatch.from_scope(scope))
 
     def unscoped_call(self, call: CallRecord) -> None:
-        self.flush(FlushBatch(calls=[call], execution_id=call.execution_id))
+        self.flush(
+            FlushBatch(
+                calls=[call],
+                execution_id=call.execution_id,
+                task_id=call.task_id,  # a late call of a flushed task keeps its task
+                task_name=call.task_name,
+                attempt=call.attempt,
+            )
+        )
 
     def write(self, batch: FlushBatch) -> list[CallRecord]:
         """Write ``batch`` in one transaction.  If a rollup cannot apply, the calls are written

@@ -33,7 +33,7 @@ import threading
 import time
 from typing import Any
 
-from .context import CallRecord, Rollup, UsageScope
+from .context import CallRecord, Rollup, UsageScope, is_interrupt
 from .procs import pid_alive, process_started
 from .sink import BoundRollup, DatabaseSink, FlushBatch, call_from_json, call_to_json
 
@@ -62,6 +62,7 @@ class WriteAheadLog:
         self._heartbeat_pid = 0
         self._stop = threading.Event()
         self._recovering: dict[str, int] = {}  # execution -> entries read by recover()
+        self.unavailable = 0  # entries that could not be logged ahead (Redis unreachable)
 
     # -- writing (in the task's process) ---------------------------------------------------
     def attach(self, scope: UsageScope) -> None:
@@ -113,10 +114,26 @@ class WriteAheadLog:
         pipe.execute()
 
     def _on_call(self, scope: UsageScope, call: CallRecord) -> None:
-        self._push(scope, {"t": "call", "path": scope.path, "call": call_to_json(call)})
+        self._try_push(scope, {"t": "call", "path": scope.path, "call": call_to_json(call)})
 
     def _on_rollup(self, scope: UsageScope, rollup: Rollup) -> None:
-        self._push(scope, {"t": "rollup", "path": scope.path, "rollup": rollup.to_json()})
+        self._try_push(scope, {"t": "rollup", "path": scope.path, "rollup": rollup.to_json()})
+
+    def _try_push(self, scope: UsageScope, entry: dict[str, Any]) -> None:
+        """Log ahead; with Redis unreachable say so in one line (the flush still happens)."""
+        try:
+            self._push(scope, entry)
+        except Exception as exc:
+            if is_interrupt(exc):
+                raise
+            self.unavailable += 1
+            logger.warning(
+                "write-ahead log unavailable (%s: %s): a %s of task %s is not logged ahead",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+                entry["t"],
+                scope.root.task_id,
+            )
 
     # -- the lease ----------------------------------------------------------------------------
     def _ensure_heartbeat(self) -> None:

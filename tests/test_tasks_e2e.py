@@ -288,7 +288,7 @@ def test_commissions_and_a_scan_ride_out_a_database_outage(pg_url: str, tmp_path
     donation, no comment twice, and every billed call is in the ledger once."""
     from sqlalchemy.engine import make_url
 
-    from tests.tcp_proxy import TcpProxy
+    from bench.tcp_proxy import TcpProxy
 
     pg = make_url(pg_url)
     proxy = TcpProxy(pg.host or "127.0.0.1", pg.port or 5432).start()

@@ -22,9 +22,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from bench.redisdb import ClaimedDB
+from bench.tcp_proxy import TcpProxy
 from models import migrate
 from tests.helpers import subprocess_env, wait_for
-from tests.tcp_proxy import TcpProxy
 from tokenmeter.sandbox.ground_truth import TOKEN_FIELDS
 from tokenmeter.sandbox.runner import SandboxServers
 
