@@ -52,6 +52,7 @@ from models.tables import AgentScannedPost  # noqa: E402
 from tokenmeter import BudgetExceeded, OpenAICall, TableRollup  # noqa: E402
 from tokenmeter import install as install_metering  # noqa: E402
 from tokenmeter.budgets import Budgets  # noqa: E402
+from tokenmeter.celery_signals import active  # noqa: E402
 from tokenmeter.context import _current, open_scope, run_in_scope_thread, usage_scope  # noqa: E402
 from tokenmeter.db import get_engine  # noqa: E402
 from tokenmeter.sandbox.runner import SandboxServers  # noqa: E402
@@ -243,8 +244,6 @@ class Driver:
         """A task whose process dies mid-way: never closed, never flushed."""
         task_id = f"dead-{n}"
         root, token = open_scope("task", task_id, task_id=task_id, task_name="chaos.work")
-        from tokenmeter.celery_signals import active
-
         metering = active()
         assert metering is not None and metering.wal is not None
         metering.wal.attach(root)
@@ -301,6 +300,9 @@ def run_chaos(
     )
     data_dir = tmp_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"tokenmeter-chaos-{os.getpid()}"
     handle = None
+    previous = active()  # one installation per process: the schedule's own, then this one back
+    if previous is not None:
+        previous.uninstall()
     try:
         migrate.upgrade(db_url)
         with claimed_databases(redis_url, 1) as (claimed,), SandboxServers() as sandbox:
@@ -359,6 +361,8 @@ def run_chaos(
     finally:
         if handle is not None:
             handle.uninstall()
+        if previous is not None:
+            previous.install()
         pg_proxy.stop()
         get_engine(db_url).dispose()
         drop_database(pg_url, db_url)

@@ -25,7 +25,9 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 def test_chat_usage_headers_and_ground_truth(openai_client, sandbox) -> None:
-    raw = openai_client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HI)
+    raw = openai_client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=HI, extra_headers={"X-Client-Request-Id": "sandbox-test-1"}
+    )
     completion = raw.parse()
     rid = raw.headers["x-request-id"]
     assert rid.startswith("req_") and completion._request_id == rid
@@ -44,6 +46,7 @@ def test_chat_usage_headers_and_ground_truth(openai_client, sandbox) -> None:
         # the provider's charge at its own list price ($0.15 / $0.60 per 1M, gpt-4o-mini)
         cost_usd=(Decimal("0.15") * u.prompt_tokens + Decimal("0.60") * u.completion_tokens)
         / 1_000_000,
+        client_request_id="sandbox-test-1",  # the caller's own id, kept as OpenAI logs it
     )
     assert sandbox.ledger.cost([rid]) == billed.cost_usd
 
