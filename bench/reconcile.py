@@ -186,6 +186,10 @@ def reconcile(session: Session, truth_rows: Iterable[BilledRequest]) -> Reconcil
                 result.mismatched.append(
                     f"{request_id}: {name} {getattr(row, name)} != {getattr(call, name)}"
                 )
+        if (call.service_tier or "default") != row.service_tier:
+            result.mismatched.append(
+                f"{request_id}: service_tier {row.service_tier} != {call.service_tier}"
+            )
         if cost is None or call.cost_usd != cost:
             result.mismatched.append(
                 f"{request_id} ({row.model}): cost_usd charged {cost} != ledger {call.cost_usd}"
@@ -299,6 +303,9 @@ def coverage(rows: list[BilledRequest]) -> str:
     parts.append(f"{sum(r.image_count for r in rows)} images")
     parts.append(f"{sum(r.cached_input_tokens > 0 for r in rows)} with cached tokens")
     parts.append(f"{sum(r.reasoning_tokens > 0 for r in rows)} with reasoning tokens")
+    tiers = Counter(r.service_tier for r in rows if r.service_tier != "default")
+    parts += [f"{n} on {tier}" for tier, n in sorted(tiers.items())]
+    parts.append(f"{sum(r.web_search_calls for r in rows)} web searches")
     return f"{len(rows)} requests: " + ", ".join(parts)
 
 

@@ -5,7 +5,8 @@
 
 - ``reconcile.mixed``: the OpenAI surfaces the application's tasks do not use (streaming with
   and without ``include_usage``, the Responses API, embeddings, gpt-image-1 with ``n`` = 2,
-  reasoning and cached tokens, the async client), some of it failing half way on purpose;
+  reasoning and cached tokens, the async client, the gpt-5 family on the default, flex and
+  priority tiers, the web search tool), some of it failing half way on purpose;
 - ``reconcile.victim``: two calls, then it waits for the reconciler to SIGKILL its process;
   redelivered, it finishes without waiting.
 
@@ -114,6 +115,17 @@ def mixed(self: Any, i: int, fail_half_way: bool = False) -> int:
     if i % 9 == 4:
         asyncio.run(_async_calls(prompt))
         calls += 2
+    if i % 5 == 1:  # the gpt-5 family on the tier the index picks; billed as it is served
+        model = ("gpt-5-mini", "gpt-5", "gpt-5-nano")[(i // 5) % 3]
+        _chat(
+            prompt, model=model, service_tier=("flex", "priority", "default", "fast")[(i // 5) % 4]
+        )
+        calls += 1
+    if i % 8 == 5:  # the web search tool, billed per call on top of the tokens
+        openai_client().responses.create(
+            model="gpt-5-mini", input=prompt, tools=[{"type": "web_search"}]
+        )
+        calls += 1
     if i % 13 == 6:  # a caller that gives up waiting: the provider still completes and bills
         impatient = openai_client().with_options(timeout=0.25, max_retries=0)
         with contextlib.suppress(APITimeoutError):

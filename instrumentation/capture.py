@@ -150,7 +150,12 @@ class PendingCall:
     def _record(self, call: CallRecord) -> None:
         if call.operation == "image":
             image_details(call, self.body)
-        call.cost_usd, call.price_version = cost_of(call)
+        price = cost_of(call)
+        call.cost_usd, call.price_source, call.price_version = (
+            price.cost,
+            price.source,
+            price.version,
+        )
         record_call(call, self.scope)
         counter = tracked.get()
         if counter is not None:
@@ -186,27 +191,43 @@ def get(obj: Any, *names: str) -> Any:
 
 
 def usage_fields(operation: str, usage: Any) -> dict[str, Any]:
+    """The provider's ``usage`` as CallRecord fields (every billing dimension it reports)."""
     if usage is None:
         return {"usage_reported": False}
     if operation in ("responses", "image"):
         inp, out = get(usage, "input_tokens"), get(usage, "output_tokens")
-        fields = {
-            "input_tokens": inp or 0,
-            "output_tokens": out or 0,
-            "cached_input_tokens": get(usage, "input_tokens_details", "cached_tokens") or 0,
-            "input_image_tokens": get(usage, "input_tokens_details", "image_tokens") or 0,
-            "reasoning_tokens": get(usage, "output_tokens_details", "reasoning_tokens") or 0,
-        }
+        details = get(usage, "input_tokens_details")
+        out_details = get(usage, "output_tokens_details")
     else:
         inp, out = get(usage, "prompt_tokens"), get(usage, "completion_tokens")
-        fields = {
-            "input_tokens": inp or 0,
-            "output_tokens": out or 0,
-            "cached_input_tokens": get(usage, "prompt_tokens_details", "cached_tokens") or 0,
-            "reasoning_tokens": get(usage, "completion_tokens_details", "reasoning_tokens") or 0,
-        }
-    fields["usage_reported"] = inp is not None or out is not None
+        details = get(usage, "prompt_tokens_details")
+        out_details = get(usage, "completion_tokens_details")
+    fields = {
+        "input_tokens": inp or 0,
+        "output_tokens": out or 0,
+        "cached_input_tokens": get(details, "cached_tokens") or 0,
+        "cache_write_tokens": get(details, "cache_write_tokens") or 0,
+        "input_image_tokens": get(details, "image_tokens") or 0,
+        "input_audio_tokens": get(details, "audio_tokens") or 0,
+        "reasoning_tokens": get(out_details, "reasoning_tokens") or 0,
+        "output_audio_tokens": get(out_details, "audio_tokens") or 0,
+        "usage_reported": inp is not None or out is not None,
+    }
     return fields
+
+
+#: Responses API output items billed per call, by the CallRecord field that counts them.
+TOOL_CALLS = {"web_search_call": "web_search_calls", "file_search_call": "file_search_calls"}
+
+
+def tool_calls(output: Any) -> dict[str, int]:
+    """Billed tool calls among a response's output items."""
+    counts = dict.fromkeys(TOOL_CALLS.values(), 0)
+    for item in output or ():
+        name = TOOL_CALLS.get(get(item, "type") or "")
+        if name is not None:
+            counts[name] += 1
+    return counts
 
 
 def image_details(call: CallRecord, body: dict[str, Any]) -> None:
@@ -231,6 +252,9 @@ def record_parsed(pending: PendingCall, parsed: Any, request_id: str | None) -> 
             fields["usage_reported"] = True  # dall-e has no token usage by design
     else:
         fields["response_model"] = get(parsed, "model")
+    if pending.operation == "responses":
+        fields.update(tool_calls(get(parsed, "output")))
+    fields["service_tier"] = get(parsed, "service_tier")
     pending.record(request_id=request_id or get(parsed, "_request_id"), **fields)
 
 

@@ -62,18 +62,26 @@ class CallRecord:
     response_model: str | None = None
     request_id: str | None = None
     client_request_id: str | None = None  # the X-Client-Request-Id the request carried
-    input_tokens: int = 0
+    service_tier: str | None = None  # as the response says it was served (not as asked)
+    batch: bool = False  # billed at the Batch API's price
+    input_tokens: int = 0  # every input token; the next four are parts of it
     cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
     input_image_tokens: int = 0
-    output_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_tokens: int = 0  # every output token; reasoning and audio are parts of it
     reasoning_tokens: int = 0
+    output_audio_tokens: int = 0
     image_count: int = 0
     image_size: str | None = None
     image_quality: str | None = None
+    web_search_calls: int = 0  # tool calls billed per call (Responses API output items)
+    file_search_calls: int = 0
     usage_reported: bool = True
     stream: bool = False
     cost_usd: Decimal | None = None
-    price_version: str | None = None
+    price_source: str | None = None  # "genai-prices 0.2.3", "tokenmeter", "file:..."
+    price_version: str | None = None  # the row (and variant) that priced it
     latency_ms: float | None = None
     #: "ok" | "error" (answered with an error: billed nothing) | "incomplete" (a stream closed
     #: early: usage unknown) | "billed_unknown" (sent, never answered: the provider may have
@@ -103,6 +111,22 @@ class CallRecord:
         return self.input_image_tokens + (self.output_tokens if self.operation == "image" else 0)
 
 
+#: The counts a call reports that add up over a scope (and a rollup can sum).
+SUMMED_FIELDS = (
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "input_image_tokens",
+    "input_audio_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "output_audio_tokens",
+    "image_count",
+    "web_search_calls",
+    "file_search_calls",
+)
+
+
 @dataclass(slots=True)
 class UsageTotals:
     """Running sums over calls.  ``cost_usd`` is exact; ``uncosted_calls`` counts unknown prices."""
@@ -111,10 +135,15 @@ class UsageTotals:
     errors: int = 0
     input_tokens: int = 0
     cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
     input_image_tokens: int = 0
+    input_audio_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    output_audio_tokens: int = 0
     image_count: int = 0
+    web_search_calls: int = 0
+    file_search_calls: int = 0
     priced_cost_usd: Decimal = Decimal(0)
     uncosted_calls: int = 0
 
@@ -122,12 +151,8 @@ class UsageTotals:
         self.calls += 1
         if call.status != "ok":
             self.errors += 1
-        self.input_tokens += call.input_tokens
-        self.cached_input_tokens += call.cached_input_tokens
-        self.input_image_tokens += call.input_image_tokens
-        self.output_tokens += call.output_tokens
-        self.reasoning_tokens += call.reasoning_tokens
-        self.image_count += call.image_count
+        for name in SUMMED_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(call, name))
         if call.cost_usd is not None:
             self.priced_cost_usd += call.cost_usd
         elif _is_billable(call):

@@ -99,14 +99,23 @@ class OpenAICall(LedgerBase):
         String(128), doc="the model billed: the response's model, else the requested one"
     )
     stream: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    service_tier: Mapped[str | None] = mapped_column(
+        String(32), doc="the tier the response says served it (not the one asked for)"
+    )
+    batch: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
     # what the provider billed
     input_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cached_input_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cache_write_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     input_image_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    input_audio_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     output_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     reasoning_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    output_audio_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     image_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    web_search_calls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    file_search_calls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     image_size: Mapped[str | None] = mapped_column(String(32))
     image_quality: Mapped[str | None] = mapped_column(String(32))
     usage_reported: Mapped[bool] = mapped_column(
@@ -118,7 +127,10 @@ class OpenAICall(LedgerBase):
 
     # money
     cost_usd: Mapped[Decimal | None] = mapped_column(Money())
-    price_version: Mapped[str | None] = mapped_column(String(64))
+    price_source: Mapped[str | None] = mapped_column(
+        Text, doc="what priced it: genai-prices <version>, tokenmeter, file:<path>"
+    )
+    price_version: Mapped[str | None] = mapped_column(Text, doc="the row and variant")
 
     # outcome
     latency_ms: Mapped[float | None] = mapped_column(Float)

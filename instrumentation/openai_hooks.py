@@ -48,6 +48,7 @@ except ImportError as _exc:  # pragma: no cover - an SDK whose layout changed
 
 from .capture import PendingCall, get, record_parsed, safe, tracked
 from .context import before_call, current_scope, is_interrupt
+from .settings import get_settings
 from .streams import WATCHED, watch_async, watch_async_response, watch_response, watch_sync
 
 logger = logging.getLogger("tokenmeter.openai")
@@ -71,7 +72,19 @@ _inflight: contextvars.ContextVar[PendingCall | None] = contextvars.ContextVar(
 )
 
 
-def _begin(options: Any) -> tuple[PendingCall | None, Any]:
+def _azure_model(client: Any, body: dict[str, Any]) -> tuple[bool, str | None]:
+    """(is Azure, the model it serves): an Azure deployment names the model, and responses
+    without a model (images) are priced by ``TOKENMETER_AZURE_DEPLOYMENTS``; a deployment it
+    does not list stays its own name (unknown: cost NULL with a warning, never a guess)."""
+    if not isinstance(client, openai.AzureOpenAI | openai.AsyncAzureOpenAI):
+        return False, None
+    deployment = getattr(client, "_azure_deployment", None) or body.get("model")
+    if not deployment:
+        return True, None
+    return True, get_settings().tokenmeter_azure_deployments.get(deployment, deployment)
+
+
+def _begin(options: Any, client: Any = None) -> tuple[PendingCall | None, Any]:
     """Inspect a request; returns (pending, options to send).  Budget guards may raise."""
     try:
         if str(getattr(options, "method", "")).lower() != "post":
@@ -81,8 +94,11 @@ def _begin(options: Any) -> tuple[PendingCall | None, Any]:
             return None, options
         body = options.json_data if isinstance(options.json_data, dict) else {}
         model = body.get("model")
-        if operation == "image" and not model:
-            model = "dall-e-2"
+        azure, deployed = _azure_model(client, body)
+        if azure:
+            model = deployed
+        elif operation == "image" and not model:
+            model = "dall-e-2"  # the API's default image model
         stream = bool(body.get("stream"))
         injected = False
         if operation == "chat" and stream:
@@ -128,7 +144,7 @@ def _observe(pending: PendingCall, result: Any) -> Any:
 def _wrap_sync(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
-        pending, options = _begin(options)
+        pending, options = _begin(options, self)
         if pending is None:
             return original(self, cast_to, options, *args, **kwargs)
         token = _inflight.set(pending)
@@ -149,7 +165,7 @@ def _wrap_sync(original: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(original)
     async def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
-        pending, options = _begin(options)
+        pending, options = _begin(options, self)
         if pending is None:
             return await original(self, cast_to, options, *args, **kwargs)
         token = _inflight.set(pending)

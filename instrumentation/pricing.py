@@ -1,15 +1,23 @@
-"""Prices are data: model -> price rows with effective dates, and the exact cost of one call.
+"""Prices are data: the exact cost of one call, and what priced it.
 
-The built-in table is ``prices.toml`` beside this file; ``TOKENMETER_PRICES_FILE`` names a TOML
-file of the same shape whose rows are added to it (a row with the same model and effective
-date replaces the built-in one).  Amounts are parsed as ``Decimal`` and costs are exact, then
-quantized to 1e-10 USD (half-even), the precision the ledger keeps; with list prices the
-quantization never rounds anything (no list price has more than 3 decimals per 1M tokens).
+Three layers, the first that knows the model wins:
 
-A dated model name resolves to its family (``gpt-4o-mini-2024-07-18`` -> ``gpt-4o-mini``,
-``gpt-4-0613`` -> ``gpt-4``).  Nothing else is guessed: ``gpt-4o-audio-preview`` or a
-fine-tune is an unknown model, which costs ``None`` (with one warning per model per process),
-never 0 and never a neighbour's price.
+1. the user's file, ``TOKENMETER_PRICES_FILE`` (negotiated or custom rows, with effective
+   dates): always first, the exact name, then its family;
+2. tokenmeter's own dated table, ``prices.toml`` beside this file, for what the maintained
+   data lacks (dall-e's per-image prices);
+3. the maintained data, ``genai-prices`` (see ``maintained``), for every token-priced model,
+   with its own curated names (a dated snapshot such as ``gpt-4o-2024-05-13`` has its own row).
+
+Then, only for names no layer knows exactly, a dated name resolves to its family in the TOML
+layers (``my-model-2026-01-01`` -> ``my-model``).  Nothing else is guessed: an unknown model
+costs ``None`` with one warning per model per process, never 0 and never a neighbour's price.
+
+Every billing dimension is priced at its own rate: the served service tier (from the response,
+not the request), batch processing, cached and cache-write input, audio and image input tokens,
+output (reasoning included: OpenAI counts it in the output), and per-call tool fees (web and
+file search).  A dimension the call used but its price row lacks makes the cost unknown.
+Amounts are Decimal and costs exact, quantized to 1e-10 USD (half-even), what the ledger keeps.
 """
 
 from __future__ import annotations
@@ -19,13 +27,15 @@ import re
 import threading
 import tomllib
 from bisect import bisect_right
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from functools import cached_property, lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from . import maintained
 from .context import CallRecord
 from .money import MONEY_QUANTUM
 
@@ -33,7 +43,21 @@ logger = logging.getLogger("tokenmeter.pricing")
 
 BUILTIN_PRICES = Path(__file__).with_name("prices.toml")
 PER_MILLION = Decimal(1_000_000)
+PER_THOUSAND = Decimal(1_000)
 _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")
+#: Served service tiers as priced: "fast" is served (and billed) as priority.
+_TIERS = {
+    None: "default",
+    "": "default",
+    "auto": "default",
+    "default": "default",
+    "fast": "priority",
+}
+
+
+def served_tier(value: str | None) -> str:
+    """The tier a response says served it, as priced (``default`` when it says nothing)."""
+    return _TIERS.get(value, value or "default")
 
 
 class PriceError(ValueError):
@@ -41,21 +65,30 @@ class PriceError(ValueError):
 
 
 class PriceRow(BaseModel):
-    """One model's prices from ``effective`` on.  Token prices are USD per 1M tokens."""
+    """One model's prices from ``effective`` on.  Token prices are USD per 1M tokens; tool
+    calls USD per 1,000 calls; images USD per image."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, ignored_types=(cached_property,))
 
     model: str
     effective: date
+    service_tier: str = "default"
+    batch: bool = False
     input: Decimal | None = None
     cached_input: Decimal | None = None
+    cache_write: Decimal | None = None
     output: Decimal | None = None
     image_input: Decimal | None = None
+    input_audio: Decimal | None = None
+    output_audio: Decimal | None = None
+    web_search: Decimal | None = Field(default=None, description="USD per 1,000 calls")
+    file_search: Decimal | None = Field(default=None, description="USD per 1,000 calls")
     images: dict[str, Decimal] | None = None  # "quality/size" -> USD per image
 
     @cached_property
     def version(self) -> str:
-        return f"{self.model}@{self.effective.isoformat()}"
+        variant = "" if self.service_tier == "default" else f" {self.service_tier}"
+        return f"{self.model}@{self.effective.isoformat()}{variant}{' batch' if self.batch else ''}"
 
 
 def _read_rows(path: Path) -> list[PriceRow]:
@@ -78,93 +111,181 @@ def _read_rows(path: Path) -> list[PriceRow]:
     return rows
 
 
-class PriceTable:
-    """Price rows by model family, each family's rows sorted by effective date."""
+_Key = tuple[str, str, bool]  # (model, service tier, batch)
 
-    def __init__(self, rows: list[PriceRow]) -> None:
-        by_key: dict[tuple[str, date], PriceRow] = {}
-        for row in rows:  # later rows (overrides) replace earlier ones with the same key
-            by_key[(row.model, row.effective)] = row
-        self._rows: dict[str, list[PriceRow]] = {}
-        for row in sorted(by_key.values(), key=lambda r: (r.model, r.effective)):
-            self._rows.setdefault(row.model, []).append(row)
-        self._warned: set[str] = set()
-        self._lock = threading.Lock()
-        self._memo: dict[tuple[str, date], PriceRow | None] = {}  # bounded: models x days
+
+class PriceTable:
+    """One TOML layer: rows by (model, tier, batch), each sorted by effective date."""
+
+    def __init__(self, rows: list[PriceRow], source: str = "tokenmeter") -> None:
+        self.source = source
+        by_key: dict[tuple[_Key, date], PriceRow] = {}
+        for row in rows:  # a later row with the same key and date replaces an earlier one
+            by_key[((row.model, row.service_tier, row.batch), row.effective)] = row
+        self._rows: dict[_Key, list[PriceRow]] = {}
+        for (key, _), row in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[1].effective)):
+            self._rows.setdefault(key, []).append(row)
+        self._models = {key[0] for key in self._rows}
 
     @classmethod
-    def load(cls, override: Path | None = None) -> PriceTable:
-        rows = _read_rows(BUILTIN_PRICES)
-        if override is not None:
-            rows += _read_rows(Path(override))
-        return cls(rows)
+    def load(cls, path: Path, source: str) -> PriceTable:
+        return cls(_read_rows(path), source)
 
     def rows(self, at: date | None = None) -> list[PriceRow]:
-        """Every row, or the row in force at ``at`` for each model."""
+        """Every row, or the row in force at ``at`` for each model and variant."""
         if at is None:
             return [r for rows in self._rows.values() for r in rows]
-        found = [self.price_for(m, at) for m in self._rows]
+        found = [self._at(key, at) for key in self._rows]
         return [r for r in found if r is not None]
 
+    def knows(self, model: str) -> bool:
+        return model in self._models
+
     def family(self, model: str) -> str | None:
-        if model in self._rows:
+        """``model`` if listed, else its name without a date suffix if that is listed."""
+        if model in self._models:
             return model
         stripped = _DATE_SUFFIX.sub("", model)
-        return stripped if stripped in self._rows else None
+        return stripped if stripped in self._models else None
 
-    def price_for(self, model: str | None, at: datetime | date | None = None) -> PriceRow | None:
-        """The row for ``model`` in force at ``at`` (default now), or None if unknown."""
-        if not model:
+    def _at(self, key: _Key, day: date) -> PriceRow | None:
+        rows = self._rows.get(key)
+        if not rows:
             return None
-        day = at.date() if isinstance(at, datetime) else (at or datetime.now(UTC).date())
-        key = (model, day)
-        try:
-            return self._memo[key]
-        except KeyError:
-            pass
-        row = None
-        family = self.family(model)
-        if family is not None:
-            rows = self._rows[family]
-            index = bisect_right([r.effective for r in rows], day) - 1
-            row = rows[index] if index >= 0 else None
-        # The memo's memory bound: no price depends on it (its mutants are equivalent).
-        if len(self._memo) > 10_000:  # pragma: no mutate
-            self._memo.clear()
-        self._memo[key] = row
-        return row
+        index = bisect_right([r.effective for r in rows], day) - 1
+        return rows[index] if index >= 0 else None
 
-    def warn_unknown(self, model: str | None) -> None:
-        key = model or "<no model>"
+    def price_for(
+        self, model: str, day: date, tier: str = "default", batch: bool = False
+    ) -> PriceRow | None:
+        """The row for exactly ``model`` (and that tier and batch) in force on ``day``."""
+        return self._at((model, tier, batch), day)
+
+
+@dataclass(frozen=True)
+class Price:
+    """The cost of one call (None: unknown) and what priced it."""
+
+    cost: Decimal | None
+    source: str | None = None  # "genai-prices 0.2.3", "tokenmeter", "file:/path/to/prices.toml"
+    version: str | None = None  # the row: "gpt-5-mini@listed flex", "dall-e-3@2023-11-06"
+
+
+UNKNOWN = Price(None)
+NOTHING = Price(Decimal(0))  # a failed or refused request bills nothing
+
+
+class Prices:
+    """The layers, resolved per call (see the module's docstring)."""
+
+    def __init__(self, user: PriceTable | None, builtin: PriceTable) -> None:
+        self.user, self.builtin = user, builtin
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, override: Path | None = None) -> Prices:
+        builtin = PriceTable.load(BUILTIN_PRICES, "tokenmeter")
+        user = PriceTable.load(Path(override), f"file:{override}") if override else None
+        return cls(user, builtin)
+
+    @property
+    def tables(self) -> list[PriceTable]:
+        return [t for t in (self.user, self.builtin) if t is not None]
+
+    def cost_of(self, call: CallRecord) -> Price:
+        """Exact cost of ``call`` and what priced it; ``Price(None)`` when unknown."""
+        if call.status == "billed_unknown":
+            return UNKNOWN  # sent, never answered: what the provider billed is unknown
+        if call.status in ("error", "blocked") and not (call.input_tokens or call.output_tokens):
+            return NOTHING
+        tier = served_tier(call.service_tier)
+        names = [n for n in dict.fromkeys((call.model, call.requested_model)) if n]
+        day = _day(call.created_at)
+        for name in names:
+            found = self._resolve(call, name, day, tier)
+            if found is not None:
+                return found
+        self.warn_unknown(call.model, "no price for this model")
+        return UNKNOWN
+
+    def _resolve(self, call: CallRecord, name: str, day: date, tier: str) -> Price | None:
+        """The price of ``call`` as model ``name``; None when no layer knows the name."""
+        layers: list[tuple[PriceTable, str | None]] = []
+        if self.user is not None:  # the user's rows always win: exact name, then family
+            layers += [(self.user, name), (self.user, self.user.family(name))]
+        layers.append((self.builtin, name))
+        for table, model in layers:
+            if model and table.knows(model):
+                return self._from_row(call, table, model, day, tier)
+        quote = maintained.quote(call, name, tier, call.batch)
+        if quote is not None:
+            if quote.cost is None:
+                if quote.reason is not None:
+                    self.warn_unknown(f"{quote.model_id} ({quote.version})", quote.reason)
+                return Price(None, maintained.source(), quote.version)
+            return Price(_exact(quote.cost), maintained.source(), quote.version)
+        family = self.builtin.family(name)
+        if family is not None:
+            return self._from_row(call, self.builtin, family, day, tier)
+        return None
+
+    def _from_row(
+        self, call: CallRecord, table: PriceTable, model: str, day: date, tier: str
+    ) -> Price:
+        row = table.price_for(model, day, tier, call.batch)
+        if row is None:
+            what = (
+                f"{model} ({tier}{' batch' if call.batch else ''}) on {day}"
+                if tier != "default" or call.batch
+                else f"{model} on {day}"
+            )
+            self.warn_unknown(what, f"{table.source} has no row in force")
+            return Price(None, table.source)
+        if row.images is None and not call.usage_reported:
+            return Price(None, table.source, row.version)  # the usage is unknown, not the price
+        cost = _cost(row, call)
+        if cost is None:
+            self.warn_unknown(f"{row.version}", "the row lacks a price for a dimension used")
+            return Price(None, table.source, row.version)
+        return Price(_exact(cost), table.source, row.version)
+
+    def quote(
+        self, model: str, tier: str = "default", batch: bool = False, at: date | None = None
+    ) -> tuple[Price, CallRecord]:
+        """What a 1M-input, 1M-output call to ``model`` would cost (``tokenmeter prices``)."""
+        call = CallRecord(
+            operation="chat",
+            requested_model=model,
+            input_tokens=1_000_000,
+            output_tokens=1_000_000,
+            service_tier=tier,
+            batch=batch,
+        )
+        if at is not None:
+            call.created_at = datetime(at.year, at.month, at.day, 12, tzinfo=UTC)
+        return self.cost_of(call), call
+
+    def warn_unknown(self, what: str | None, why: str) -> None:
+        key = what or "<no model>"
         with self._lock:
             if key in self._warned:
                 return
             self._warned.add(key)
         logger.warning(
-            "no price for model %r: its calls are recorded with cost NULL. Add it to a file "
+            "no price for %s (%s): its calls are recorded with cost NULL. Add a row to a file "
             "named by TOKENMETER_PRICES_FILE.",
             key,
+            why,
         )
 
-    def cost_of(self, call: CallRecord) -> tuple[Decimal | None, str | None]:
-        """Exact cost of ``call`` and the price version used; (None, None) if unknown."""
-        if call.status == "billed_unknown":
-            return None, None  # sent, never answered: what the provider billed is unknown
-        if call.status in ("error", "blocked") and not (call.input_tokens or call.output_tokens):
-            return Decimal(0), None  # a failed or refused request bills nothing
-        row = self.price_for(call.model, call.created_at)
-        if row is None:
-            row = self.price_for(call.requested_model, call.created_at)
-        if row is None:
-            self.warn_unknown(call.model)
-            return None, None
-        if row.images is None and not call.usage_reported:
-            return None, None  # the usage is unknown, not the price: no warning
-        cost = _cost(row, call)
-        if cost is None:
-            self.warn_unknown(f"{call.model} ({call.image_quality}/{call.image_size})")
-            return None, None
-        return cost.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN), row.version
+
+def _day(at: datetime) -> date:
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC).date()
+
+
+def _exact(cost: Decimal) -> Decimal:
+    return cost.quantize(MONEY_QUANTUM, rounding=ROUND_HALF_EVEN)
 
 
 def _cost(row: PriceRow, call: CallRecord) -> Decimal | None:
@@ -174,34 +295,54 @@ def _cost(row: PriceRow, call: CallRecord) -> Decimal | None:
         return None if per_image is None else per_image * call.image_count
     # A category the call used but the row has no price for makes the cost unknown: pricing
     # it at $0 would be a guess.
-    if (call.input_tokens and row.input is None) or (call.output_tokens and row.output is None):
+    needed = (
+        (call.input_tokens, row.input),
+        (call.output_tokens, row.output),
+        (call.cache_write_tokens, row.cache_write),
+        (call.input_audio_tokens, row.input_audio),
+        (call.output_audio_tokens, row.output_audio),
+        (call.web_search_calls, row.web_search),
+        (call.file_search_calls, row.file_search),
+    )
+    if any(used and price is None for used, price in needed):
         return None
     input_price = row.input if row.input is not None else Decimal(0)
     cached_price = row.cached_input if row.cached_input is not None else input_price
     image_input_price = row.image_input if row.image_input is not None else input_price
     cached = min(call.cached_input_tokens, call.input_tokens)
     image_in = call.input_image_tokens
-    text_in = call.input_tokens - cached - image_in
-    total = text_in * input_price + cached * cached_price + image_in * image_input_price
+    parts = [
+        (cached, cached_price),
+        (image_in, image_input_price),
+        (call.cache_write_tokens, row.cache_write),
+        (call.input_audio_tokens, row.input_audio),
+    ]
+    text_in = call.input_tokens - sum(n for n, _ in parts)
+    total = text_in * input_price + sum(n * (p or 0) for n, p in parts)
+    audio_out = call.output_audio_tokens
     if row.output is not None:  # (output tokens without an output price returned above)
-        total += call.output_tokens * row.output
-    return total / PER_MILLION
+        total += (call.output_tokens - audio_out) * row.output
+    total += audio_out * (row.output_audio or 0)
+    fees = call.web_search_calls * (row.web_search or 0) + call.file_search_calls * (
+        row.file_search or 0
+    )
+    return total / PER_MILLION + fees / PER_THOUSAND
 
 
 # A cache of loaded tables (its size and its presence change no price: equivalent mutants).
 @lru_cache(maxsize=4)  # pragma: no mutate
-def _table_for(override: str | None) -> PriceTable:
-    return PriceTable.load(Path(override) if override else None)
+def _prices_for(override: str | None) -> Prices:
+    return Prices.load(Path(override) if override else None)
 
 
-def price_table() -> PriceTable:
-    """The process's table: built-ins plus ``TOKENMETER_PRICES_FILE``, loaded once."""
+def prices() -> Prices:
+    """The process's prices: the user's file, tokenmeter's table, the maintained data."""
     from .settings import get_settings
 
     override = get_settings().tokenmeter_prices_file
-    return _table_for(str(override) if override else None)
+    return _prices_for(str(override) if override else None)
 
 
-def cost_of(call: CallRecord) -> tuple[Decimal | None, str | None]:
-    """Exact cost of one call with the active price table (see :meth:`PriceTable.cost_of`)."""
-    return price_table().cost_of(call)
+def cost_of(call: CallRecord) -> Price:
+    """Exact cost of one call with the active prices (see :meth:`Prices.cost_of`)."""
+    return prices().cost_of(call)

@@ -34,21 +34,11 @@ from typing import Any
 from sqlalchemy import Column, Connection, MetaData, Table, case, inspect, null, select, update
 from sqlalchemy.orm import Session
 
-from .context import CallRecord, UsageTotals
+from .context import SUMMED_FIELDS, CallRecord, UsageTotals
 from .money import Money
 
 #: CallRecord fields a rollup can sum.
-SUMMABLE_FIELDS = frozenset(
-    {
-        "input_tokens",
-        "cached_input_tokens",
-        "input_image_tokens",
-        "output_tokens",
-        "reasoning_tokens",
-        "image_count",
-        "image_tokens",
-    }
-)
+SUMMABLE_FIELDS = frozenset({*SUMMED_FIELDS, "image_tokens"})
 
 JSONScalar = str | int | float | bool | None
 

@@ -21,6 +21,7 @@ class FromRow(BaseModel):
 class OpenAICallSchema(FromRow):
     id: int
     request_id: str | None = None
+    client_request_id: str | None = None
     created_at: datetime
     task_id: str | None = None
     task_name: str | None = None
@@ -35,16 +36,24 @@ class OpenAICallSchema(FromRow):
     response_model: str | None = None
     model: str | None = None
     stream: bool = False
+    service_tier: str | None = None
+    batch: bool = False
     input_tokens: int = 0
     cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
     input_image_tokens: int = 0
+    input_audio_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    output_audio_tokens: int = 0
     image_count: int = 0
     image_size: str | None = None
     image_quality: str | None = None
+    web_search_calls: int = 0
+    file_search_calls: int = 0
     usage_reported: bool = True
     cost_usd: MoneyJSON | None = None
+    price_source: str | None = None
     price_version: str | None = None
     latency_ms: float | None = None
     status: str = "ok"
@@ -65,3 +74,8 @@ class UsageGroup(FromRow):
     image_count: int
     cost_usd: MoneyJSON | None  # None when some calls of the group have no known price
     unpriced_calls: int
+    cache_write_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
+    web_search_calls: int = 0
+    file_search_calls: int = 0

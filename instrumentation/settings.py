@@ -45,6 +45,11 @@ class TokenmeterSettings(BaseSettings):
     tokenmeter_prices_file: Path | None = Field(
         default=None, description="TOML file whose rows override/extend the built-in prices."
     )
+    tokenmeter_azure_deployments: dict[str, str] = Field(
+        default_factory=dict,
+        description='Azure OpenAI deployment -> model, as JSON ({"prod-dalle3": "dall-e-3"}), '
+        "for responses that carry no model (images); others are priced by their response.",
+    )
     tokenmeter_spool_dir: Path | None = Field(
         default=None, description="Local spool folder (default: spool/ in the data dir)."
     )

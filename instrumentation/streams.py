@@ -26,7 +26,16 @@ from typing import Any
 
 from openai import AsyncStream, Stream
 
-from .capture import BILLED_UNKNOWN, PendingCall, get, record_parsed, safe, safe_async, usage_fields
+from .capture import (
+    BILLED_UNKNOWN,
+    PendingCall,
+    get,
+    record_parsed,
+    safe,
+    safe_async,
+    tool_calls,
+    usage_fields,
+)
 
 #: Events read after the caller stopped, looking for the usage of a complete answer.
 MAX_DRAIN_EVENTS = 8
@@ -42,6 +51,11 @@ class StreamWatch:
         self.request_id = request_id
         self.usage: Any = None
         self.model: str | None = None
+        self.service_tier: str | None = None
+        self.tools: dict[str, int] = {}
+        self.images = 0  # streamed image generation: images completed so far
+        self.image_size: str | None = None
+        self.image_quality: str | None = None
         self.done = False
         self.terminal = False  # the Responses API said the answer is complete
         self.finished: set[int] = set()  # chat choices that reached their finish_reason
@@ -55,13 +69,18 @@ class StreamWatch:
     # -- reading -----------------------------------------------------------------------------
     def see(self, item: Any) -> bool:
         """Look at one item; False if it is the injected usage chunk to hide from the caller."""
+        if self.pending.operation == "image":
+            return self._see_image(item)
         if self.pending.operation == "responses":
             response = get(item, "response")
             if get(item, "type") in _TERMINAL and response is not None:
                 self.terminal = True
                 self.usage, self.model = get(response, "usage"), get(response, "model")
+                self.service_tier = get(response, "service_tier")
+                self.tools = tool_calls(get(response, "output"))
             return True
         self.model = get(item, "model") or self.model
+        self.service_tier = get(item, "service_tier") or self.service_tier
         for choice in get(item, "choices") or ():
             if get(choice, "finish_reason"):
                 self.finished.add(get(choice, "index") or 0)
@@ -76,9 +95,28 @@ class StreamWatch:
                 fields_set.discard("usage")  # as if the server had never sent the key
         return True
 
+    def _see_image(self, item: Any) -> bool:
+        """A streamed image generation or edit: each ``*.completed`` event is one image, with
+        the token usage of its generation (GPT image models)."""
+        if not str(get(item, "type") or "").endswith(".completed"):
+            return True
+        self.images += 1
+        self.image_size, self.image_quality = get(item, "size"), get(item, "quality")
+        usage = get(item, "usage")
+        if usage is not None:
+            total = self.usage or {"input_tokens_details": {}}
+            for key in ("input_tokens", "output_tokens"):
+                total[key] = total.get(key, 0) + (get(usage, key) or 0)
+            for key in ("image_tokens", "text_tokens"):
+                got = get(usage, "input_tokens_details", key) or 0
+                total["input_tokens_details"][key] = total["input_tokens_details"].get(key, 0) + got
+            self.usage = total
+        self.terminal = self.images >= self.expected
+        return True
+
     @property
     def answer_complete(self) -> bool:
-        if self.pending.operation == "responses":
+        if self.pending.operation in ("responses", "image"):
             return self.terminal
         return len(self.finished) >= self.expected
 
@@ -125,7 +163,21 @@ class StreamWatch:
     def finish(self) -> None:
         if self._claim():
             fields = usage_fields(self.pending.operation, self.usage)
-            self.pending.record(request_id=self.request_id, response_model=self.model, **fields)
+            if self.pending.operation == "image":
+                fields.update(
+                    image_count=self.images,
+                    image_size=self.image_size,
+                    image_quality=self.image_quality,
+                )
+                if not (self.pending.requested_model or "").startswith("gpt-image"):
+                    fields["usage_reported"] = self.images > 0  # dall-e: priced per image
+            self.pending.record(
+                request_id=self.request_id,
+                response_model=self.model,
+                service_tier=self.service_tier,
+                **self.tools,
+                **fields,
+            )
 
     def fail(self, exc: BaseException) -> None:
         if self.usage is not None:  # the usage arrived before the failure: keep it

@@ -32,7 +32,7 @@ from tokenmeter.settings import TokenmeterSettings, get_settings
 from . import queries
 from .render import money
 
-GroupBy = Literal["model", "task", "kind", "day", "status"]
+GroupBy = Literal["model", "task", "kind", "day", "status", "tier"]
 
 
 class SummaryResponse(BaseModel):
@@ -58,6 +58,11 @@ class ScopeUsage(FromRow):
     unpriced_calls: int
     first_call_at: datetime
     last_call_at: datetime
+    cache_write_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
+    web_search_calls: int = 0
+    file_search_calls: int = 0
 
 
 class ScopesResponse(BaseModel):

@@ -67,26 +67,63 @@ def sandbox(
 
 @app.command()
 def prices(
-    at: str | None = typer.Option(None, help="Show the prices in force on this day (YYYY-MM-DD)."),
+    model: str | None = typer.Argument(None, help="What a call to this model costs, and why."),
+    tier: str = typer.Option("default", help="The served service tier: default, flex, priority."),
+    batch: bool = typer.Option(False, "--batch", help="At the Batch API's price."),
+    at: str | None = typer.Option(None, help="On this day (YYYY-MM-DD; default today)."),
+    source: bool = typer.Option(False, "--source", help="Where the prices come from, and how old."),
     fmt: str = typer.Option("table", "--format", help="table or json"),
 ) -> None:
-    """Show the active price table (built-ins plus TOKENMETER_PRICES_FILE)."""
+    """Prices: tokenmeter's own and your TOKENMETER_PRICES_FILE rows, or one model's price."""
     import json
     from datetime import date
 
     from rich.table import Table
 
-    from tokenmeter.pricing import price_table
+    from tokenmeter import maintained
+    from tokenmeter.pricing import prices as active_prices
 
+    if fmt not in ("table", "json"):
+        fail(f"--format must be table or json, not {fmt!r}")
     try:
         day = date.fromisoformat(at) if at else None
-        rows = price_table().rows(day)
+        book = active_prices()
     except ValueError as exc:  # PriceError is a ValueError too
         fail(str(exc))
+    if source:
+        newest = maintained.newest_date()
+        layers = [t.source for t in book.tables]
+        models = len(maintained.openai_models())
+        if fmt == "json":
+            print(
+                json.dumps(
+                    {
+                        "maintained": maintained.source(),
+                        "openai_models": models,
+                        "newest_check": newest.isoformat() if newest else None,
+                        "layers": layers,
+                    }
+                )
+            )
+            return
+        age = (
+            f", newest figure verified on {newest} ({(date.today() - newest).days} days ago)"
+            if newest
+            else ""
+        )
+        console().print(
+            f"{maintained.source()}: {models} OpenAI models{age}; above it: "
+            f"{', '.join(layers)} (upgrade genai-prices to update)"
+        )
+        return
+    if model is not None:
+        _price_of(model, tier, batch, day, fmt)
+        return
+    rows = [r for table in book.tables for r in table.rows(day)]
     if fmt == "json":
         out = [
             {
-                k: (str(v) if v is not None else None)
+                k: (str(v) if v is not None and not isinstance(v, bool) else v)
                 for k, v in r.model_dump().items()
                 if k != "images"
             }
@@ -95,31 +132,79 @@ def prices(
         ]
         print(json.dumps(out, indent=2))
         return
-    if fmt != "table":
-        fail(f"--format must be table or json, not {fmt!r}")
-    table = Table(title=f"prices (USD per 1M tokens; images per image){' on ' + at if at else ''}")
-    for column in (
-        "model",
-        "effective",
-        "input",
-        "cached input",
-        "image input",
-        "output",
-        "images",
-    ):
+    title = (
+        f"tokenmeter's price rows{' on ' + at if at else ''} (USD per 1M tokens; images per image)"
+    )
+    table = Table(title=title, caption=f"every other model: {maintained.source()}")
+    for column in ("model", "effective", "tier", "input", "cached", "output", "images"):
         table.add_column(column)
     for r in rows:
         images = ", ".join(f"{k} {v}" for k, v in (r.images or {}).items())
+        cells = (r.input, r.cached_input, r.output)
+        tier_cell = r.service_tier + (" batch" if r.batch else "")
         table.add_row(
             r.model,
             str(r.effective),
-            *(
-                str(x) if x is not None else ""
-                for x in (r.input, r.cached_input, r.image_input, r.output)
-            ),
+            tier_cell,
+            *(str(x) if x is not None else "" for x in cells),
             images,
         )
     console().print(table)
+
+
+def _price_of(model: str, tier: str, batch: bool, day: Any, fmt: str) -> None:
+    """One model's rates, each from a 1M-token call of that one kind."""
+    import json
+    from dataclasses import replace
+
+    from tokenmeter.pricing import prices as active_prices
+
+    book = active_prices()
+    price, call = book.quote(model, tier, batch, day)
+    for table in book.tables:  # a per-image row (dall-e): its prices per image
+        row = table.price_for(model, call.created_at.date(), tier, batch)
+        if row is not None and row.images:
+            images = {k: str(v) for k, v in row.images.items()}
+            if fmt == "json":
+                print(
+                    json.dumps(
+                        {"model": model, "source": table.source, "row": row.version}
+                        | {"per_image": images}
+                    )
+                )
+            else:
+                shown = ", ".join(f"{k} ${v}" for k, v in images.items())
+                console().print(
+                    f"{model}: per image {shown}; from {table.source} row {row.version}"
+                )
+            return
+    parts = {
+        "input": replace(call, output_tokens=0),
+        "cached_input": replace(call, output_tokens=0, cached_input_tokens=1_000_000),
+        "output": replace(call, input_tokens=0),
+    }
+    rates = {name: book.cost_of(part).cost for name, part in parts.items()}
+    if price.source is None and price.cost is None:
+        fail(f"no price for {model!r} ({tier}{', batch' if batch else ''}): its calls cost NULL")
+    out = {
+        "model": model,
+        "tier": tier,
+        "batch": batch,
+        "day": call.created_at.date().isoformat(),
+        "source": price.source,
+        "row": price.version,
+        **{f"{k}_per_1m": None if v is None else str(v) for k, v in rates.items()},
+    }
+    if fmt == "json":
+        print(json.dumps(out))
+        return
+    shown = ", ".join(
+        f"{k.replace('_', ' ')} {'unknown' if v is None else f'${v}'}" for k, v in rates.items()
+    )
+    console().print(
+        f"{model} ({tier}{', batch' if batch else ''}, {out['day']}): {shown} per 1M tokens; "
+        f"from {price.source} row {price.version}"
+    )
 
 
 _SINCE_HELP = "Window length back from --until: 30m, 12h, 7d, 2w (default 7d)."
@@ -148,7 +233,7 @@ def parse_until(text: str | None) -> datetime:
 def check_usage(
     since: str = typer.Option("7d", help=_SINCE_HELP),
     until: str | None = typer.Option(None, help="End of the window (ISO; naive = UTC)."),
-    by: str = typer.Option("model", help="Group by model, task, kind, day or status."),
+    by: str = typer.Option("model", help="Group by model, task, kind, day, status or tier."),
     fmt: str = typer.Option("table", "--format", help="table, json or csv"),
     database_url: str | None = typer.Option(None, "--database-url", envvar="DATABASE_URL"),
 ) -> None:
@@ -161,8 +246,8 @@ def check_usage(
 
     from . import queries, render
 
-    if by not in ("model", "task", "kind", "day", "status"):
-        fail(f"--by must be model, task, kind, day or status, not {by!r}")
+    if by not in ("model", "task", "kind", "day", "status", "tier"):
+        fail(f"--by must be model, task, kind, day, status or tier, not {by!r}")
     if fmt not in ("table", "json", "csv"):
         fail(f"--format must be table, json or csv, not {fmt!r}")
     end = parse_until(until)

@@ -18,13 +18,22 @@ from sqlalchemy.orm import Session
 
 from tokenmeter.ledger import OpenAICall
 
-GroupBy = Literal["model", "task", "kind", "day", "status", "none"]
+GroupBy = Literal["model", "task", "kind", "day", "status", "tier", "none"]
 GROUPS: dict[str, object] = {
     "model": OpenAICall.model,
     "task": OpenAICall.task_name,
     "kind": func.coalesce(OpenAICall.scope_kind, "none"),
     "status": OpenAICall.status,
+    "tier": func.coalesce(OpenAICall.service_tier, "default"),  # the tier that served it
 }
+#: Counts summed per group besides the five every table shows (the JSON and CSV carry them).
+EXTRA_SUMS = (
+    "cache_write_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+    "web_search_calls",
+    "file_search_calls",
+)
 
 
 @dataclass(frozen=True)
@@ -39,10 +48,23 @@ class UsageRow:
     image_count: int
     priced_cost_usd: Decimal
     unpriced_calls: int
+    cache_write_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
+    web_search_calls: int = 0
+    file_search_calls: int = 0
 
     @property
     def cost_usd(self) -> Decimal | None:
         return None if self.unpriced_calls else self.priced_cost_usd
+
+
+def _extra_sums() -> list[Any]:
+    return [func.coalesce(func.sum(getattr(OpenAICall, name)), 0) for name in EXTRA_SUMS]
+
+
+def _extras(r: Any, at: int) -> dict[str, int]:
+    return {name: int(r[at + i]) for i, name in enumerate(EXTRA_SUMS)}
 
 
 def usage_summary(
@@ -78,6 +100,7 @@ def usage_summary(
         func.coalesce(func.sum(OpenAICall.image_count), 0),
         func.sum(OpenAICall.cost_usd),
         func.sum(case((billable & OpenAICall.cost_usd.is_(None), 1), else_=0)),
+        *_extra_sums(),
     ).where(OpenAICall.created_at >= start, OpenAICall.created_at < end)
     if group_by != "none":
         stmt = stmt.group_by(key).order_by(func.sum(OpenAICall.cost_usd).desc().nulls_last(), key)
@@ -93,6 +116,7 @@ def usage_summary(
             image_count=int(r[7]),
             priced_cost_usd=r[8] if r[8] is not None else Decimal(0),
             unpriced_calls=int(r[9] or 0),
+            **_extras(r, 10),
         )
         for r in session.execute(stmt)
     ]
@@ -161,6 +185,11 @@ class ScopeRow:
     unpriced_calls: int
     first_call_at: datetime
     last_call_at: datetime
+    cache_write_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
+    web_search_calls: int = 0
+    file_search_calls: int = 0
 
     @property
     def cost_usd(self) -> Decimal | None:
@@ -204,6 +233,7 @@ def top_scopes(
             func.sum(case((billable & OpenAICall.cost_usd.is_(None), 1), else_=0)),
             func.min(OpenAICall.created_at),
             func.max(OpenAICall.created_at),
+            *_extra_sums(),
         )
         .where(*where)
         .group_by(OpenAICall.scope_kind, OpenAICall.scope_ref)
@@ -224,6 +254,7 @@ def top_scopes(
             unpriced_calls=int(r[9] or 0),
             first_call_at=r[10],
             last_call_at=r[11],
+            **_extras(r, 12),
         )
         for r in session.execute(stmt)
     ]

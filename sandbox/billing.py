@@ -12,6 +12,8 @@ How OpenAI bills (standard tier, https://platform.openai.com/docs/pricing):
 - embeddings: input tokens.
 - gpt-image-1: text input, image input and output (image) tokens, each at its own rate.
 - dall-e-2 / dall-e-3: a price per image by quality and size.
+- the served service tier (flex, priority) has rates of its own; the web search tool bills
+  per call on top of the tokens.
 """
 
 from __future__ import annotations
@@ -67,7 +69,25 @@ TOKEN_PRICES: dict[str, TokenRates] = {
     "text-embedding-3-large": _rates("0.13"),
     "text-embedding-ada-002": _rates("0.10"),
     "gpt-image-1": _rates("5.00", "40.00", "1.25", image_input="10.00"),
+    "gpt-5-2025-08-07": _rates("1.25", "10.00", "0.125"),
+    "gpt-5-mini-2025-08-07": _rates("0.25", "2.00", "0.025"),
+    "gpt-5-nano-2025-08-07": _rates("0.05", "0.40", "0.005"),
 }
+
+#: The flex and priority tiers, by served snapshot (standard tier above).  Flex is half the
+#: standard price (https://platform.openai.com/docs/guides/flex-processing); priority from
+#: https://openai.com/api-priority-processing/ (both read 2026-12-01).
+PRIORITY_PAGE = "https://openai.com/api-priority-processing/"
+TIER_PRICES: dict[tuple[str, str], TokenRates] = {
+    ("gpt-5-2025-08-07", "flex"): _rates("0.625", "5.00", "0.0625"),
+    ("gpt-5-mini-2025-08-07", "flex"): _rates("0.125", "1.00", "0.0125"),
+    ("gpt-5-nano-2025-08-07", "flex"): _rates("0.025", "0.20", "0.0025"),
+    ("gpt-5-2025-08-07", "priority"): _rates("2.50", "20.00", "0.25"),
+    ("gpt-5-mini-2025-08-07", "priority"): _rates("0.45", "3.60", "0.045"),
+    ("gpt-4.1-2025-04-14", "priority"): _rates("3.50", "14.00", "0.875"),
+}
+#: The web search tool: USD per call ($10 per 1,000 calls), on top of the model's tokens.
+WEB_SEARCH_PER_CALL = Decimal("0.01")
 
 #: (model, quality, size) -> USD per image.
 IMAGE_PRICES: dict[tuple[str, str, str], Decimal] = {
@@ -100,6 +120,10 @@ class Billable(Protocol):
     def image_size(self) -> str | None: ...
     @property
     def image_quality(self) -> str | None: ...
+    @property
+    def service_tier(self) -> str: ...
+    @property
+    def web_search_calls(self) -> int: ...
 
 
 def amount_usd(row: Billable) -> Decimal | None:
@@ -107,7 +131,10 @@ def amount_usd(row: Billable) -> Decimal | None:
     per_image = IMAGE_PRICES.get((row.model, row.image_quality or "", row.image_size or ""))
     if per_image is not None:
         return per_image * row.image_count
-    rates = TOKEN_PRICES.get(row.model)
+    if row.service_tier == "default":
+        rates = TOKEN_PRICES.get(row.model)
+    else:
+        rates = TIER_PRICES.get((row.model, row.service_tier))
     if rates is None:
         return None
     # input_tokens counts every input token; cached and image tokens are parts of it.
@@ -119,4 +146,4 @@ def amount_usd(row: Billable) -> Decimal | None:
         dollars += cached * rates.cached_input
     if rates.image_input is not None:
         dollars += image * rates.image_input
-    return dollars / MILLION
+    return dollars / MILLION + row.web_search_calls * WEB_SEARCH_PER_CALL

@@ -22,6 +22,7 @@ class BilledRequest:
     request_id: str
     operation: str  # "chat" | "responses" | "embedding" | "image"
     model: str  # the model the sandbox answered as (what it billed)
+    service_tier: str = "default"  # the tier it served (and billed) the request on
     input_tokens: int = 0
     cached_input_tokens: int = 0
     input_image_tokens: int = 0  # gpt-image: image part of the input
@@ -30,6 +31,7 @@ class BilledRequest:
     image_count: int = 0
     image_size: str | None = None
     image_quality: str | None = None
+    web_search_calls: int = 0  # built-in tool calls, billed per call
     stream: bool = False
     cost_usd: Decimal | None = None  # the provider's charge (billing.py); None: not listed
     client_request_id: str | None = None  # the caller's X-Client-Request-Id, as logged
@@ -59,6 +61,7 @@ TOKEN_FIELDS = (
     "output_tokens",
     "reasoning_tokens",
     "image_count",
+    "web_search_calls",
 )
 
 

@@ -68,7 +68,26 @@ SNAPSHOTS = {
     "o3": "o3-2025-04-16",
     "o3-mini": "o3-mini-2025-01-31",
     "o4-mini": "o4-mini-2025-04-16",
+    "gpt-5": "gpt-5-2025-08-07",
+    "gpt-5-mini": "gpt-5-mini-2025-08-07",
+    "gpt-5-nano": "gpt-5-nano-2025-08-07",
 }
+#: Snapshots served on the flex and priority tiers (as the price list has them); any other
+#: request for a tier is served on default, and the response says so (the SDK documents that
+#: the served tier may differ from the one asked for).
+FLEX = frozenset({"gpt-5-2025-08-07", "gpt-5-mini-2025-08-07", "gpt-5-nano-2025-08-07"})
+PRIORITY = frozenset({"gpt-5-2025-08-07", "gpt-5-mini-2025-08-07", "gpt-4.1-2025-04-14"})
+
+
+def served_tier(snapshot: str, asked: object) -> str:
+    """The tier a request is served on: ``fast`` is served as ``priority``."""
+    if asked == "flex" and snapshot in FLEX:
+        return "flex"
+    if asked in ("priority", "fast") and snapshot in PRIORITY:
+        return "priority"
+    return "default"
+
+
 WORDS = [
     "handmade",
     "knitted",
@@ -125,6 +144,8 @@ TINY_PNG = base64.b64encode(
         "1f15c4890000000d49444154789c6300010000050001a5f645400000000049454e44ae426082"
     )
 ).decode()
+DEPLOYMENTS = {"prod-dalle3": "dall-e-3", "prod-chat": "gpt-4o-mini"}
+WEB_SEARCH_TOOLS = ("web_search", "web_search_preview")
 FAULTS = ("429", "500", "drop", "lost", "no-usage", "null-usage", "bad-json")
 #: OpenAI's header for a caller's own id of a request (ASCII, at most 512 characters; another
 #: value is refused with a 400): logged with the request, so a call whose answer never arrived
@@ -253,6 +274,8 @@ class OpenAISandbox:
         self._cache: dict[str, str] = {}
         self._cache_lock = threading.Lock()
         self.requests_served = 0
+        #: Azure OpenAI deployments (``/openai/deployments/{name}/...``) and the model each serves.
+        self.deployments: dict[str, str] = dict(DEPLOYMENTS)
 
     def cached_tokens(self, prompt_text: str, prompt_tokens: int) -> int:
         if prompt_tokens < 1024:
@@ -447,6 +470,10 @@ class OpenAIHandler(JSONHandler):
             "/v1/embeddings": self._embeddings,
             "/v1/images/generations": self._images,
         }
+        deployment = None
+        if path.startswith("/openai/deployments/"):  # Azure OpenAI: the deployment names the model
+            deployment, _, rest = path.removeprefix("/openai/deployments/").partition("/")
+            path = f"/v1/{rest}"
         route = routes.get(path)
         try:
             if path == "/v1/images/edits":
@@ -466,6 +493,18 @@ class OpenAIHandler(JSONHandler):
         if route is None:
             self._error(404, f"Invalid URL (POST {path})", "invalid_request_error", request_id)
             return
+        if deployment is not None:
+            model = self.sandbox.deployments.get(deployment)
+            if model is None:
+                self._error(
+                    404,
+                    "The API deployment for this resource does not exist.",
+                    "invalid_request_error",
+                    request_id,
+                    code="DeploymentNotFound",
+                )
+                return
+            body["model"] = model  # what the deployment serves, whatever the body said
         try:
             fault, delay = _parse_fault(self.headers.get("X-Sandbox-Fault"))
         except ValueError as exc:
@@ -590,10 +629,12 @@ class OpenAIHandler(JSONHandler):
             },
         }
         response_model = snapshot_of(model)
+        tier = served_tier(response_model, body.get("service_tier"))
         billed = BilledRequest(
             request_id=request_id,
             operation="chat",
             model=response_model,
+            service_tier=tier,
             input_tokens=prompt_tokens,
             cached_input_tokens=cached,
             output_tokens=completion,
@@ -610,6 +651,7 @@ class OpenAIHandler(JSONHandler):
             "object": "chat.completion",
             "created": created,
             "model": response_model,
+            "service_tier": tier,
             "system_fingerprint": "fp_sandbox",
             "choices": [
                 {
@@ -648,6 +690,7 @@ class OpenAIHandler(JSONHandler):
             "object": "chat.completion.chunk",
             "created": created,
             "model": billed.model,
+            "service_tier": billed.service_tier,  # in every chunk, as OpenAI sends it
             "system_fingerprint": "fp_sandbox",
         }
 
@@ -721,18 +764,28 @@ class OpenAIHandler(JSONHandler):
             "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": input_tokens + output_tokens,
         }
+        searches = [t for t in body.get("tools") or [] if t.get("type") in WEB_SEARCH_TOOLS]
+        snapshot = snapshot_of(model)
         billed = BilledRequest(
             request_id=request_id,
             operation="responses",
-            model=snapshot_of(model),
+            model=snapshot,
+            service_tier=served_tier(snapshot, body.get("service_tier")),
             input_tokens=input_tokens,
             cached_input_tokens=cached,
             output_tokens=output_tokens,
             reasoning_tokens=reasoning,
+            web_search_calls=1 if searches else 0,  # one search per answer (deterministic)
             stream=bool(body.get("stream")),
         )
         response_id = "resp_" + uuid.uuid4().hex
         message_id = "msg_" + uuid.uuid4().hex[:24]
+        search_call = {
+            "type": "web_search_call",
+            "id": "ws_" + uuid.uuid4().hex[:24],
+            "status": "completed",
+            "action": {"type": "search", "query": _message_text(items[-1].get("content"))[:80]},
+        }
 
         def response_obj(status: str, with_output: bool) -> dict[str, Any]:
             message = {
@@ -751,10 +804,11 @@ class OpenAIHandler(JSONHandler):
                 "error": None,
                 "incomplete_details": None,
                 "instructions": body.get("instructions"),
-                "output": [message] if with_output else [],
+                "output": ([search_call] if searches else []) + [message] if with_output else [],
+                "service_tier": billed.service_tier,
                 "parallel_tool_calls": True,
                 "tool_choice": "auto",
-                "tools": [],
+                "tools": body.get("tools") or [],
                 "temperature": 1.0,
                 "top_p": 1.0,
                 "text": {"format": {"type": "json_object" if json_mode else "text"}},
@@ -815,7 +869,7 @@ class OpenAIHandler(JSONHandler):
                 logprobs=[],
             )
             final = response_obj("completed", True)
-            event("response.output_item.done", output_index=0, item=final["output"][0])
+            event("response.output_item.done", output_index=0, item=final["output"][-1])
             self._bill(billed)
             event("response.completed", response=final)
             self.end_chunks()
@@ -898,7 +952,14 @@ class OpenAIHandler(JSONHandler):
                 image_count=n,
                 image_size=size,
                 image_quality=quality,
+                stream=str(body.get("stream")).lower() == "true",
             )
+            if billed.stream:
+                if n != 1:
+                    raise BadRequest("the sandbox streams one image at a time (n = 1)", "n")
+                kind = "image_edit" if "_input_images" in body else "image_generation"
+                self._image_stream(kind, billed, usage, fault, int(body.get("partial_images") or 0))
+                return
         elif model in DALLE_SIZES:
             size = body.get("size") or "1024x1024"
             quality = body.get("quality") or "standard"
@@ -929,6 +990,41 @@ class OpenAIHandler(JSONHandler):
             raise BadRequest(f"The model {model} does not exist", "model")
         self._bill(billed)
         self.send_json(200, payload, {"x-request-id": request_id})
+
+    def _image_stream(
+        self,
+        kind: str,
+        billed: BilledRequest,
+        usage: dict[str, Any],
+        fault: str | None,
+        partial_images: int,
+    ) -> None:
+        """``stream=true`` image generation or edit: partial images, then the completed image
+        with the request's token usage (``image_generation.completed``)."""
+        common = {
+            "background": "opaque",
+            "created_at": int(time.time()),
+            "output_format": "png",
+            "quality": billed.image_quality,
+            "size": billed.image_size,
+        }
+
+        def send() -> None:
+            self.start_sse({"x-request-id": billed.request_id})
+            for index in range(min(partial_images, 3)):
+                event = f"{kind}.partial_image"
+                body = {"type": event, "b64_json": TINY_PNG, "partial_image_index": index}
+                self.send_sse({**body, **common}, event=event)
+            event = f"{kind}.completed"
+            completed = {"type": event, "b64_json": TINY_PNG, **common}
+            shown = _usage_json(usage, fault)
+            if shown is not None:
+                completed["usage"] = shown
+            self._bill(billed)
+            self.send_sse(completed, event=event)
+            self.end_chunks()
+
+        self._deliver_stream(billed, send)
 
 
 def make_server(host: str = "127.0.0.1", port: int = 0) -> tuple[SandboxHTTPServer, OpenAISandbox]:

@@ -17,7 +17,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from tests.helpers import STREAM_DROPPED, CollectingSink, collecting_sink
-from tokenmeter import openai_hooks
+from tokenmeter import maintained, openai_hooks
 from tokenmeter.context import UsageScope, usage_scope
 from tokenmeter.openai_hooks import track_openai_call
 from tokenmeter.sandbox.ground_truth import TOKEN_FIELDS
@@ -75,7 +75,7 @@ def test_chat_plain_json_n_and_tools(openai_client: OpenAI, sandbox) -> None:
         )
         / M
     )
-    assert first.price_version == "gpt-4o-mini@2024-07-18"
+    assert (first.price_source, first.price_version) == (maintained.source(), "gpt-4o-mini@listed")
     assert first.requested_model == "gpt-4o-mini" and first.model == "gpt-4o-mini-2024-07-18"
 
 
@@ -420,3 +420,122 @@ async def test_track_openai_call_async(sandbox) -> None:
     [call] = scope.all_calls()
     assert call.operation == "embedding" and call.input_tokens == 1
     assert call.cost_usd == Decimal("0.02") / M
+
+
+# -- billing dimensions: the served tier and tool calls -----------------------------------------
+def test_the_served_tier_and_web_search_are_priced_as_billed(openai_client, sandbox) -> None:
+    """gpt-5 family on default, flex and priority, plain and streamed, and a web search: each
+    call's cost equals what the sandbox charged from its own list (billing.py)."""
+    with usage_scope("task", "tiers") as scope:
+        for tier in ("default", "flex", "priority", "fast"):
+            openai_client.chat.completions.create(
+                model="gpt-5-mini", messages=HI, service_tier=tier
+            )
+            for _ in openai_client.chat.completions.create(
+                model="gpt-5", messages=HI, service_tier=tier, stream=True
+            ):
+                pass
+        openai_client.responses.create(
+            model="gpt-5-mini", input="gift", tools=[{"type": "web_search"}], service_tier="flex"
+        )
+        with openai_client.responses.stream(
+            model="gpt-4.1-mini", input="gift", tools=[{"type": "web_search"}]
+        ) as events:
+            for _ in events:
+                pass
+        openai_client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=HI,
+            service_tier="flex",  # served on default
+        )
+    assert_matches_ground_truth(scope, sandbox)
+    calls = scope.all_calls()
+    served = [sandbox.ledger.get(c.request_id).service_tier for c in calls]
+    assert [c.service_tier for c in calls] == served
+    assert served == ["default", "default", "flex", "flex", "priority", "priority"] * 1 + [
+        "priority",
+        "priority",
+        "flex",
+        "default",
+        "default",
+    ]
+    assert [c.web_search_calls for c in calls][-3:] == [1, 1, 0]
+    assert scope.totals.web_search_calls == 2
+
+
+async def test_async_tier_is_priced_as_billed(async_openai_client: AsyncOpenAI, sandbox) -> None:
+    async with usage_scope("task", "async-tier") as scope:
+        await async_openai_client.chat.completions.create(
+            model="gpt-5-nano", messages=HI, service_tier="flex"
+        )
+        stream = await async_openai_client.chat.completions.create(
+            model="gpt-5-mini", messages=HI, service_tier="priority", stream=True
+        )
+        async for _ in stream:
+            pass
+    assert_matches_ground_truth(scope, sandbox)
+    assert [c.service_tier for c in scope.all_calls()] == ["flex", "priority"]
+
+
+def test_usage_details_become_their_own_categories() -> None:
+    """Every billing dimension the SDK's usage types carry (openai.types.CompletionUsage,
+    ResponseUsage): cache writes, audio in and out, image input."""
+    from tokenmeter.capture import usage_fields
+
+    chat_usage = {
+        "prompt_tokens": 900,
+        "completion_tokens": 300,
+        "prompt_tokens_details": {
+            "cached_tokens": 256,
+            "cache_write_tokens": 128,
+            "audio_tokens": 64,
+            "image_tokens": 32,
+        },
+        "completion_tokens_details": {"reasoning_tokens": 100, "audio_tokens": 50},
+    }
+    assert usage_fields("chat", chat_usage) == {
+        "input_tokens": 900,
+        "output_tokens": 300,
+        "cached_input_tokens": 256,
+        "cache_write_tokens": 128,
+        "input_image_tokens": 32,
+        "input_audio_tokens": 64,
+        "reasoning_tokens": 100,
+        "output_audio_tokens": 50,
+        "usage_reported": True,
+    }
+    responses_usage = {
+        "input_tokens": 500,
+        "output_tokens": 20,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 384},
+        "output_tokens_details": {"reasoning_tokens": 0},
+    }
+    fields = usage_fields("responses", responses_usage)
+    assert fields["cache_write_tokens"] == 384 and fields["input_tokens"] == 500
+
+
+def test_streamed_image_generation_and_edit_count_their_images(openai_client, sandbox) -> None:
+    with usage_scope("task", "image-stream") as scope:
+        events = list(
+            openai_client.images.generate(
+                model="gpt-image-1", prompt="a fox", quality="low", stream=True, partial_images=2
+            )
+        )
+        for _ in openai_client.images.edit(
+            model="gpt-image-1",
+            image=[("in.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png")],
+            prompt="the fox in wool",
+            quality="low",
+            stream=True,
+        ):
+            pass
+    assert [e.type for e in events] == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    generated, edited = scope.all_calls()
+    assert generated.image_count == edited.image_count == 1
+    assert (generated.image_size, generated.image_quality) == ("1024x1024", "low")
+    assert edited.input_image_tokens == 323  # the sandbox's image input tokens per input image
+    assert_matches_ground_truth(scope, sandbox)

@@ -209,3 +209,44 @@ def test_plain_postgresql_url_is_driven_by_psycopg(pg_url: str) -> None:
     plain = pg_url.replace("postgresql+psycopg://", "postgresql://")
     migrate.upgrade(plain)
     assert "openai_calls" in _tables(pg_url)
+
+
+def test_billing_dimensions_revision_keeps_historical_rows(empty_db_url: str) -> None:
+    """tm0004 adds the tier, batch, cache-write/audio/tool counts and price source: a row
+    written before it keeps its numbers and reads 0 / NULL in the new columns, both ways."""
+    ledger.upgrade(empty_db_url, "tm0003_pending_rollups")
+    engine = create_engine(empty_db_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO openai_calls (request_id, created_at, execution_id, seq, operation,"
+                " attempt, stream, input_tokens, cached_input_tokens, input_image_tokens,"
+                " output_tokens, reasoning_tokens, image_count, usage_reported, status,"
+                " price_version, model)"
+                " VALUES ('req_before', :ts, 'e1', 1, 'chat', 0, false, 120, 64, 0, 30, 0, 0,"
+                " true, 'ok', 'gpt-4o-mini@2024-07-18', 'gpt-4o-mini')"
+            ),
+            {"ts": datetime(2026, 11, 2, tzinfo=UTC)},
+        )
+    engine.dispose()
+    ledger.upgrade(empty_db_url)
+    columns = _columns(empty_db_url, "openai_calls")
+    assert {"service_tier", "batch", "cache_write_tokens", "web_search_calls"} <= columns
+    engine = create_engine(empty_db_url)
+    with engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT input_tokens, cached_input_tokens, output_tokens, price_version,"
+                " service_tier, batch, cache_write_tokens, web_search_calls, price_source"
+                " FROM openai_calls"
+            )
+        ).one()
+    engine.dispose()
+    assert tuple(row) == (120, 64, 30, "gpt-4o-mini@2024-07-18", None, False, 0, 0, None)
+    ledger.downgrade(empty_db_url, "tm0003_pending_rollups")
+    assert "service_tier" not in _columns(empty_db_url, "openai_calls")
+    engine = create_engine(empty_db_url)
+    with engine.connect() as conn:
+        kept = conn.execute(text("SELECT request_id, input_tokens FROM openai_calls")).one()
+    engine.dispose()
+    assert tuple(kept) == ("req_before", 120)

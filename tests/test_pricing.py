@@ -1,4 +1,11 @@
-"""Prices as data: family resolution, effective dates, overrides, unknown models, images."""
+"""Prices as data: the maintained data under tokenmeter's and the user's rows, every billing
+dimension at its own rate, the served tier, dates, unknowns never guessed.
+
+Expected figures are written out from OpenAI's published prices (USD per 1M tokens), not read
+from the price package: https://openai.com/api/pricing and https://platform.openai.com/docs/pricing
+(standard tier), https://openai.com/api-priority-processing/ (priority), the flex guide (flex is
+half of standard), all read 2026-12-01; dall-e per image from the pricing page (2025-06-30).
+"""
 
 from __future__ import annotations
 
@@ -12,19 +19,21 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tokenmeter import maintained
 from tokenmeter.context import CallRecord
-from tokenmeter.pricing import PriceError, PriceRow, PriceTable
+from tokenmeter.pricing import Price, PriceError, PriceRow, Prices, PriceTable
 
 M = Decimal(1_000_000)
+NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 
 
 @pytest.fixture
-def table() -> PriceTable:
-    return PriceTable.load()
+def prices() -> Prices:
+    return Prices.load()
 
 
 def chat(
-    model: str, n_in: int, n_out: int, cached: int = 0, at: datetime | None = None, **kw
+    model: str, n_in: int, n_out: int, cached: int = 0, at: datetime | None = NOW, **kw
 ) -> CallRecord:
     call = CallRecord(
         operation="chat",
@@ -39,78 +48,101 @@ def chat(
     return call
 
 
+def cost(prices: Prices, call: CallRecord) -> Decimal | None:
+    return prices.cost_of(call).cost
+
+
+# -- the maintained data --------------------------------------------------------------------------
+def test_a_dated_snapshot_has_its_own_price_not_its_familys(prices) -> None:
+    """gpt-4o-2024-05-13 is listed at $5 / $15; the gpt-4o alias moved to $2.50 / $10."""
+    old = prices.cost_of(chat("gpt-4o-2024-05-13", 1000, 1000, at=datetime(2025, 3, 1, tzinfo=UTC)))
+    new = prices.cost_of(chat("gpt-4o-2024-08-06", 1000, 1000, at=datetime(2025, 3, 1, tzinfo=UTC)))
+    assert old.cost == (1000 * Decimal(5) + 1000 * Decimal(15)) / M
+    assert new.cost == (1000 * Decimal("2.5") + 1000 * Decimal(10)) / M
+    assert old.source == maintained.source() and old.version.startswith("gpt-4o-2024-05-13@")
+    assert cost(prices, chat("gpt-3.5-turbo-1106", 1000, 1000)) == (1000 * 1 + 1000 * 2) / M
+
+
+def test_today_s_models_are_priced(prices) -> None:
+    """gpt-5 family, standard tier: gpt-5 $1.25 / $0.125 cached / $10; mini $0.25 / $0.025 /
+    $2; nano $0.05 / $0.005 / $0.40."""
+    for model, (inp, cached, out) in {
+        "gpt-5-2025-08-07": ("1.25", "0.125", "10"),
+        "gpt-5-mini-2025-08-07": ("0.25", "0.025", "2"),
+        "gpt-5-nano-2025-08-07": ("0.05", "0.005", "0.40"),
+    }.items():
+        got = cost(prices, chat(model, 2000, 300, cached=1024, reasoning_tokens=128))
+        want = (976 * Decimal(inp) + 1024 * Decimal(cached) + 300 * Decimal(out)) / M
+        assert got == want, model
+
+
 @pytest.mark.parametrize(
-    ("model", "family"),
+    ("tier", "rates"),
     [
-        ("gpt-4o-mini-2024-07-18", "gpt-4o-mini"),
-        ("gpt-4o-2024-08-06", "gpt-4o"),
-        ("gpt-4.1-nano-2025-04-14", "gpt-4.1-nano"),
-        ("gpt-4.1-2025-04-14", "gpt-4.1"),
-        ("o3-mini-2025-01-31", "o3-mini"),
-        ("gpt-4-0613", "gpt-4"),
-        ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"),
-        ("gpt-4-turbo-2024-04-09", "gpt-4-turbo"),
-        ("gpt-4o-audio-preview", None),  # not gpt-4o's price: unknown
-        ("ft:gpt-4o-mini:acme::abc123", None),
+        ("default", ("0.25", "0.025", "2.00")),
+        ("flex", ("0.125", "0.0125", "1.00")),  # half
+        ("priority", ("0.45", "0.045", "3.60")),
+        ("fast", ("0.45", "0.045", "3.60")),  # served and billed as priority
+        ("auto", ("0.25", "0.025", "2.00")),
+        (None, ("0.25", "0.025", "2.00")),
     ],
 )
-def test_dated_names_resolve_to_their_family_and_nothing_else(table, model, family) -> None:
-    assert table.family(model) == family
+def test_the_served_tier_is_priced_at_its_own_rate(prices, tier, rates) -> None:
+    call = chat("gpt-5-mini-2025-08-07", 3000, 500, cached=2048, service_tier=tier)
+    inp, cached, out = (Decimal(r) for r in rates)
+    assert cost(prices, call) == (952 * inp + 2048 * cached + 500 * out) / M
+    version = prices.cost_of(call).version
+    assert version is not None and (("flex" in version) == (tier == "flex"))
 
 
-def test_mini_is_not_priced_as_its_big_sibling(table) -> None:
-    mini = table.cost_of(chat("gpt-4o-mini-2024-07-18", 1_000_000, 0))
-    big = table.cost_of(
-        chat("gpt-4o-2024-08-06", 1_000_000, 0, at=datetime(2025, 1, 1, tzinfo=UTC))
+def test_batch_is_half_price(prices) -> None:
+    call = chat("gpt-5-mini-2025-08-07", 1000, 1000, batch=True)
+    assert cost(prices, call) == (1000 * Decimal("0.125") + 1000 * Decimal(1)) / M
+
+
+def test_a_tier_the_data_has_no_price_for_is_unknown_never_standard(prices, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="tokenmeter.pricing"):
+        flex_mini = prices.cost_of(chat("gpt-4o-mini-2024-07-18", 1000, 10, service_tier="flex"))
+        scale = prices.cost_of(chat("gpt-5-mini-2025-08-07", 1000, 10, service_tier="scale"))
+    assert flex_mini.cost is None and scale.cost is None
+    assert "no price for the flex tier" in caplog.text
+
+
+def test_a_price_cut_prices_each_call_by_its_own_day(prices) -> None:
+    """o3: $10 / $40 at launch, $2 / $8 from 2025-06-10 (OpenAI's price cut)."""
+    before = chat("o3-2025-04-16", 1000, 1000, at=datetime(2025, 6, 9, 23, 59, tzinfo=UTC))
+    after = chat("o3-2025-04-16", 1000, 1000, at=datetime(2025, 6, 10, 0, 1, tzinfo=UTC))
+    assert cost(prices, before) == (1000 * Decimal(10) + 1000 * Decimal(40)) / M
+    assert cost(prices, after) == (1000 * Decimal(2) + 1000 * Decimal(8)) / M
+    assert prices.cost_of(after).version == "o3@2025-06-10"
+
+
+def test_web_search_calls_carry_their_fee(prices) -> None:
+    """The web search tool: $10 per 1,000 calls on top of the tokens (gpt-4o: $2.50 / $10)."""
+    call = CallRecord(
+        operation="responses",
+        response_model="gpt-4o-2024-08-06",
+        input_tokens=1000,
+        output_tokens=100,
+        web_search_calls=3,
     )
-    assert mini == (Decimal("0.15"), "gpt-4o-mini@2024-07-18")
-    assert big == (Decimal("2.50"), "gpt-4o@2024-10-02")
-
-
-def test_effective_dates_pick_the_price_of_that_day(table) -> None:
-    before = chat("gpt-4o", 1000, 1000, at=datetime(2024, 6, 1, tzinfo=UTC))
-    after = chat("gpt-4o", 1000, 1000, at=datetime(2024, 11, 1, tzinfo=UTC))
-    assert table.cost_of(before) == (
-        (1000 * Decimal(5) + 1000 * Decimal(15)) / M,
-        "gpt-4o@2024-05-13",
+    call.created_at = NOW
+    assert cost(prices, call) == (1000 * Decimal("2.5") + 100 * Decimal(10)) / M + 3 * Decimal(
+        "0.01"
     )
-    assert table.cost_of(after) == (
-        (1000 * Decimal("2.5") + 1000 * Decimal(10)) / M,
-        "gpt-4o@2024-10-02",
-    )
-    assert table.price_for("o3", date(2025, 1, 1)) is None  # before the model existed
 
 
-def test_cached_input_at_cached_rate_and_reasoning_not_double_counted(table) -> None:
-    call = chat("o4-mini-2025-04-16", 2048, 500, cached=1024, reasoning_tokens=384)
-    cost, _ = table.cost_of(call)
-    # 1024 fresh input + 1024 cached input + 500 output (384 of them reasoning, billed once)
-    assert cost == (1024 * Decimal("1.10") + 1024 * Decimal("0.275") + 500 * Decimal("4.40")) / M
+def test_a_dimension_without_a_price_is_unknown_not_free(prices) -> None:
+    """The maintained data has no cache-write price for gpt-5-mini: a call that wrote to the
+    cache costs NULL, not the input rate and not $0."""
+    wrote = chat("gpt-5-mini-2025-08-07", 2000, 10, cache_write_tokens=1024)
+    assert cost(prices, wrote) is None
+    searched = chat("gpt-4o-search-preview", 100, 10, web_search_calls=1)
+    assert cost(prices, searched) is None  # the model has no per-search price in the data
 
 
-def test_sub_cent_costs_stay_exact(table) -> None:
-    cost, _ = table.cost_of(
-        CallRecord(operation="embedding", requested_model="text-embedding-3-small", input_tokens=3)
-    )
-    assert cost == Decimal("0.00000006") and cost > 0
-
-
-def test_images_by_size_quality_and_count(table) -> None:
-    def image(model: str, n: int, size: str, quality: str) -> Decimal | None:
-        return table.cost_of(
-            CallRecord(
-                operation="image",
-                requested_model=model,
-                image_count=n,
-                image_size=size,
-                image_quality=quality,
-            )
-        )[0]
-
-    assert image("dall-e-3", 1, "1024x1024", "standard") == Decimal("0.04")
-    assert image("dall-e-3", 1, "1792x1024", "hd") == Decimal("0.12")
-    assert image("dall-e-2", 4, "256x256", "standard") == 4 * Decimal("0.016")
-    assert image("dall-e-2", 1, "1024x1024", "hd") is None  # no such price: unknown, not 0
+def test_gpt_image_tokens_and_embeddings(prices) -> None:
+    """gpt-image-1: text input $5, image input $10, output $40; embedding-3-small $0.02."""
     gpt_image = CallRecord(
         operation="image",
         requested_model="gpt-image-1",
@@ -119,51 +151,124 @@ def test_images_by_size_quality_and_count(table) -> None:
         output_tokens=2 * 1056,
         image_count=2,
     )
-    assert (
-        table.cost_of(gpt_image)[0]
-        == (20 * Decimal(5) + 100 * Decimal(10) + 2112 * Decimal(40)) / M
+    assert cost(prices, gpt_image) == (20 * Decimal(5) + 100 * Decimal(10) + 2112 * 40) / M
+    embed = CallRecord(
+        operation="embedding", requested_model="text-embedding-3-small", input_tokens=3
     )
+    assert cost(prices, embed) == Decimal("0.00000006")
 
 
-def test_unknown_model_costs_none_and_warns_once(table, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="tokenmeter.pricing"):
-        for _ in range(3):
-            assert table.cost_of(chat("mystery-model-9", 10, 10)) == (None, None)
-    warnings = [r for r in caplog.records if "mystery-model-9" in r.getMessage()]
-    assert len(warnings) == 1
+def test_every_openai_model_of_the_data_prices_a_minimal_call(prices) -> None:
+    """Each of the data's OpenAI models gives a price for 1,000 in / 100 out tokens, except
+    those it prices in other units (listed, with why)."""
+    other_units = {  # priced per audio hour or per character, or not at all
+        "whisper-1": "per audio minute",
+        "gpt-transcribe": "per audio minute",
+        "gpt-live-1": "per audio hour",
+        "gpt-live-transcribe": "per audio hour",
+        "gpt-realtime-translate": "per audio hour",
+        "gpt-realtime-whisper": "per audio hour",
+        "tts-1": "per character",
+        "tts-1-hd": "per character",
+        "moderation": "free",
+    }
+    models = maintained.openai_models()
+    assert len(models) > 100
+    unpriced = []
+    for model in models:
+        price = prices.cost_of(chat(model, 1000, 100))
+        if price.cost is None or (price.cost == 0 and model not in other_units):
+            unpriced.append(model)
+    assert [m for m in unpriced if m not in other_units and not m.startswith("ft:")] == []
 
 
-def test_a_category_without_a_price_is_unknown_not_free() -> None:
-    """An embedding row has no output price: output tokens on it are not priced at $0."""
+# -- tokenmeter's rows and the user's ------------------------------------------------------------
+def test_dall_e_per_image_from_tokenmeter_s_own_rows(prices) -> None:
+    def image(model: str, n: int, size: str, quality: str) -> Price:
+        return prices.cost_of(
+            CallRecord(
+                operation="image",
+                requested_model=model,
+                image_count=n,
+                image_size=size,
+                image_quality=quality,
+            )
+        )
+
+    assert image("dall-e-3", 1, "1024x1024", "standard").cost == Decimal("0.04")
+    assert image("dall-e-3", 1, "1792x1024", "hd").cost == Decimal("0.12")
+    assert image("dall-e-2", 4, "256x256", "standard").cost == 4 * Decimal("0.016")
+    assert image("dall-e-2", 1, "1024x1024", "hd").cost is None  # no such price: unknown
+    assert image("dall-e-3", 1, "1024x1024", "standard").source == "tokenmeter"
+
+
+def test_a_users_file_always_wins_exact_name_first(tmp_path: Path) -> None:
+    override = tmp_path / "prices.toml"
+    override.write_text(
+        '[[price]]\nmodel = "gpt-5-mini"\neffective = 2025-08-07\ninput = "0.20"\n'
+        'cached_input = "0.02"\noutput = "1.60"\n\n'
+        '[[price]]\nmodel = "gpt-5-mini-2025-08-07"\neffective = 2026-12-01\ninput = "0.10"\n'
+        'output = "1"\n\n'
+        '[[price]]\nmodel = "acme-llm"\neffective = 2025-01-01\ninput = "1"\noutput = "2"\n'
+        'cache_write = "1.25"\n'
+    )
+    prices = Prices.load(override)
+    on_day = chat("gpt-5-mini-2025-08-07", 1000, 1000)
+    day_before = chat("gpt-5-mini-2025-08-07", 1000, 1000, at=datetime(2026, 11, 30, tzinfo=UTC))
+    assert cost(prices, on_day) == Decimal("0.0011")  # the exact snapshot's negotiated row
+    assert prices.cost_of(on_day).source == f"file:{override}"
+    # the day before, the snapshot's own row is not yet in force: no price, not the family's
+    assert cost(prices, day_before) is None
+    assert cost(prices, chat("gpt-5-mini", 1000, 1000)) == Decimal("0.0018")
+    wrote = chat("acme-llm", 2000, 1000, cache_write_tokens=1000)
+    assert cost(prices, wrote) == (1000 * 1 + 1000 * Decimal("1.25") + 1000 * 2) / M
+
+
+def test_a_users_tier_row(tmp_path: Path) -> None:
+    override = tmp_path / "prices.toml"
+    override.write_text(
+        '[[price]]\nmodel = "acme-llm"\neffective = 2025-01-01\ninput = "1"\noutput = "2"\n\n'
+        '[[price]]\nmodel = "acme-llm"\neffective = 2025-01-01\nservice_tier = "flex"\n'
+        'input = "0.5"\noutput = "1"\n'
+    )
+    prices = Prices.load(override)
+    assert cost(prices, chat("acme-llm", 1000, 1000, service_tier="flex")) == Decimal("0.0015")
+    assert cost(prices, chat("acme-llm", 1000, 1000)) == Decimal("0.003")
+    assert cost(prices, chat("acme-llm", 1000, 1000, service_tier="priority")) is None
+
+
+def test_a_category_without_a_price_in_a_row_is_unknown_not_free() -> None:
     table = PriceTable(
         [
             PriceRow(model="embed-x", effective=date(2024, 1, 1), input=Decimal("0.02")),
             PriceRow(model="out-only", effective=date(2024, 1, 1), output=Decimal("1.00")),
-        ]
+        ],
+        "test",
     )
-    assert table.cost_of(chat("embed-x", 1_000_000, 0))[0] == Decimal("0.02")
-    assert table.cost_of(chat("embed-x", 1_000, 10)) == (None, None)
-    assert table.cost_of(chat("out-only", 0, 1_000_000))[0] == Decimal("1.00")
-    assert table.cost_of(chat("out-only", 10, 1_000)) == (None, None)
+    prices = Prices(table, PriceTable([], "tokenmeter"))
+    assert cost(prices, chat("embed-x", 1_000_000, 0)) == Decimal("0.02")
+    assert cost(prices, chat("embed-x", 1_000, 10)) is None
+    assert cost(prices, chat("out-only", 0, 1_000_000)) == Decimal("1.00")
+    assert cost(prices, chat("out-only", 10, 1_000)) is None
 
 
-def test_failed_calls_cost_zero_and_unknown_usage_costs_none(table) -> None:
+def test_unknown_model_costs_none_and_warns_once(prices, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="tokenmeter.pricing"):
+        for _ in range(3):
+            assert prices.cost_of(chat("mystery-model-9", 10, 10)) == Price(None)
+    warnings = [r for r in caplog.records if "mystery-model-9" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_failed_unanswered_and_unreported_calls(prices) -> None:
     failed = chat("gpt-4o-mini", 0, 0, status="error", usage_reported=False)
     hidden = chat("gpt-4o-mini", 0, 0, usage_reported=False)
-    assert table.cost_of(failed) == (Decimal(0), None)
-    assert table.cost_of(hidden) == (None, None)
-
-
-def test_override_file_adds_and_replaces_rows(tmp_path: Path) -> None:
-    override = tmp_path / "prices.toml"
-    override.write_text(
-        '[[price]]\nmodel = "gpt-4o-mini"\neffective = 2024-07-18\ninput = 0.10\n'
-        'output = "0.40"\n\n[[price]]\nmodel = "acme-llm"\neffective = 2025-01-01\n'
-        'input = "1"\noutput = "2"\n'
-    )
-    table = PriceTable.load(override)
-    assert table.cost_of(chat("gpt-4o-mini-2024-07-18", 1000, 1000))[0] == Decimal("0.0005")
-    assert table.cost_of(chat("acme-llm", 1000, 1000))[0] == Decimal("0.003")
+    lost = CallRecord(operation="image", requested_model="dall-e-3", status="billed_unknown")
+    assert prices.cost_of(failed).cost == Decimal(0)
+    assert prices.cost_of(hidden).cost is None
+    assert prices.cost_of(lost).cost is None  # never the per-image price of 0 images
+    reported = chat("gpt-4o-mini", 1_000_000, 0, status="error")
+    assert prices.cost_of(reported).cost == Decimal("0.15")  # a failure that reports input
 
 
 @pytest.mark.parametrize(
@@ -178,38 +283,60 @@ def test_bad_override_files_say_which_file_and_row(tmp_path: Path, content, mess
     bad = tmp_path / "bad.toml"
     bad.write_text(content)
     with pytest.raises(PriceError, match=re.escape(message)) as info:
-        PriceTable.load(bad)
+        Prices.load(bad)
     assert str(bad) in str(info.value)
 
 
-def test_prices_command_shows_the_table_as_json(monkeypatch, tmp_path) -> None:
+def test_price_rows_are_immutable() -> None:
+    from pydantic import ValidationError
+
+    row = PriceRow(model="m", effective=date(2025, 1, 1), input=Decimal(1))
+    with pytest.raises(ValidationError):
+        row.input = Decimal(0)  # type: ignore[misc]
+
+
+# -- tokenmeter prices -----------------------------------------------------------------------------
+def test_prices_command_quotes_a_model_on_a_tier_and_a_day() -> None:
     from tokenmeter.reporting.cli import app
 
-    result = CliRunner().invoke(app, ["prices", "--format", "json", "--at", "2024-06-01"])
-    assert result.exit_code == 0, result.output
-    rows = {r["model"]: r for r in json.loads(result.output)}
-    assert rows["gpt-4o"]["input"] == "5.00" and rows["gpt-4o"]["effective"] == "2024-05-13"
-    assert "o3" not in rows  # not yet released on that day
-    table = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["prices"])
-    assert table.exit_code == 0 and "gpt-4o-mini" in table.output
-    monkeypatch.setenv("TOKENMETER_PRICES_FILE", str(tmp_path / "missing.toml"))
-    from tests.helpers import clear_settings
+    cli = CliRunner()
+    flex = cli.invoke(app, ["prices", "gpt-5-mini", "--tier", "flex", "--format", "json"])
+    assert flex.exit_code == 0, flex.output
+    assert json.loads(flex.output) | {"day": None} == {
+        "model": "gpt-5-mini",
+        "tier": "flex",
+        "batch": False,
+        "day": None,
+        "source": maintained.source(),
+        "row": "gpt-5-mini@listed flex",
+        "input_per_1m": "0.1250000000",
+        "cached_input_per_1m": "0.0125000000",
+        "output_per_1m": "1.0000000000",
+    }
+    cut = cli.invoke(app, ["prices", "o3", "--at", "2025-06-01", "--format", "json"])
+    assert json.loads(cut.output)["input_per_1m"] == "10.0000000000"
+    image = cli.invoke(app, ["prices", "dall-e-3", "--format", "json"])
+    assert json.loads(image.output)["per_image"]["hd/1024x1024"] == "0.080"
+    unknown = cli.invoke(app, ["prices", "mystery-model-9"])
+    assert unknown.exit_code == 2 and "NULL" in unknown.output
+    source = cli.invoke(app, ["prices", "--source", "--format", "json"])
+    info = json.loads(source.output)
+    assert info["maintained"].startswith("genai-prices ") and info["openai_models"] > 100
+    assert date.fromisoformat(info["newest_check"]) <= date.today()
 
+
+def test_prices_command_lists_tokenmeters_rows_and_says_what_is_wrong(
+    monkeypatch, tmp_path
+) -> None:
+    from tests.helpers import clear_settings
+    from tokenmeter.reporting.cli import app
+
+    listed = CliRunner().invoke(app, ["prices", "--format", "json"])
+    assert listed.exit_code == 0, listed.output
+    rows = {r["model"]: r for r in json.loads(listed.output)}
+    assert rows["dall-e-3"]["images"]["standard/1024x1024"] == "0.040"
+    monkeypatch.setenv("TOKENMETER_PRICES_FILE", str(tmp_path / "missing.toml"))
     clear_settings()
     missing = CliRunner().invoke(app, ["prices"])
     assert missing.exit_code == 2 and "does not exist" in missing.output
-
-
-def test_a_failed_call_that_reports_tokens_is_priced(table) -> None:
-    """Only a failure with no tokens at all costs $0; one that reports input is billed."""
-    failed = chat("gpt-4o-mini", 1_000_000, 0, status="error")
-    assert table.cost_of(failed)[0] == Decimal("0.15")
-
-
-def test_price_rows_are_immutable(table) -> None:
-    from pydantic import ValidationError
-
-    row = table.price_for("gpt-4o-mini")
-    assert row is not None
-    with pytest.raises(ValidationError):
-        row.input = Decimal(0)  # type: ignore[misc]
+    assert CliRunner().invoke(app, ["prices", "--at", "yesterday"]).exit_code == 2

@@ -397,3 +397,54 @@ def test_a_client_request_id_over_512_characters_is_refused(openai_client, sandb
             model="gpt-4o-mini", messages=HI, extra_headers={"X-Client-Request-Id": "x" * 513}
         )
     assert len(sandbox.ledger) == 0
+
+
+@pytest.mark.parametrize(
+    ("model", "asked", "served"),
+    [
+        ("gpt-5-mini", "flex", "flex"),
+        ("gpt-5-mini", "priority", "priority"),
+        ("gpt-5", "fast", "priority"),  # fast is served (and shown) as priority
+        ("gpt-5-nano", "priority", "default"),  # not offered: served on default, and said so
+        ("gpt-4o-mini", "flex", "default"),
+        ("gpt-5-mini", None, "default"),
+    ],
+)
+def test_the_served_tier_is_in_the_body_every_chunk_and_the_bill(
+    openai_client, sandbox, model, asked, served
+) -> None:
+    extra = {} if asked is None else {"service_tier": asked}
+    answer = openai_client.chat.completions.create(model=model, messages=HI, **extra)
+    assert answer.service_tier == served and answer.model.startswith(f"{model}-2025-08-07"[:6])
+    assert sandbox.ledger.get(answer._request_id).service_tier == served
+    chunks = list(
+        openai_client.chat.completions.create(model=model, messages=HI, stream=True, **extra)
+    )
+    assert {c.service_tier for c in chunks} == {served}
+
+
+def test_gpt_5_snapshots_and_tier_prices(openai_client, sandbox) -> None:
+    answer = openai_client.chat.completions.create(
+        model="gpt-5-mini", messages=HI, service_tier="flex"
+    )
+    billed = sandbox.ledger.get(answer._request_id)
+    assert answer.model == "gpt-5-mini-2025-08-07"
+    u = answer.usage
+    # flex: half of $0.25 / $2 per 1M (the sandbox's own list, billing.py)
+    assert billed.cost_usd == (u.prompt_tokens * Decimal("0.125") + u.completion_tokens) / 10**6
+
+
+def test_web_search_is_an_output_item_billed_per_call(openai_client, sandbox) -> None:
+    plain = openai_client.responses.create(model="gpt-4.1-mini", input="gift ideas")
+    searched = openai_client.responses.create(
+        model="gpt-4.1-mini", input="gift ideas", tools=[{"type": "web_search"}]
+    )
+    assert [o.type for o in searched.output] == ["web_search_call", "message"]
+    assert [o.type for o in plain.output] == ["message"]
+    a, b = sandbox.ledger.get(plain._request_id), sandbox.ledger.get(searched._request_id)
+    assert (a.web_search_calls, b.web_search_calls) == (0, 1)
+    tokens = (b.input_tokens * Decimal("0.40") + b.output_tokens * Decimal("1.60")) / 10**6
+    assert b.cost_usd == tokens + Decimal("0.01")  # $10 per 1,000 calls on top of the tokens
+    assert (
+        a.cost_usd == (a.input_tokens * Decimal("0.40") + a.output_tokens * Decimal("1.60")) / 10**6
+    )
