@@ -186,6 +186,8 @@ def reconcile(session: Session, truth_rows: Iterable[BilledRequest]) -> Reconcil
                 result.mismatched.append(
                     f"{request_id}: {name} {getattr(row, name)} != {getattr(call, name)}"
                 )
+        if call.batch != row.batch:
+            result.mismatched.append(f"{request_id}: batch {row.batch} != {call.batch}")
         if (call.service_tier or "default") != row.service_tier:
             result.mismatched.append(
                 f"{request_id}: service_tier {row.service_tier} != {call.service_tier}"
@@ -306,6 +308,7 @@ def coverage(rows: list[BilledRequest]) -> str:
     tiers = Counter(r.service_tier for r in rows if r.service_tier != "default")
     parts += [f"{n} on {tier}" for tier, n in sorted(tiers.items())]
     parts.append(f"{sum(r.web_search_calls for r in rows)} web searches")
+    parts.append(f"{sum(r.batch for r in rows)} batch lines")
     return f"{len(rows)} requests: " + ", ".join(parts)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 from typing import Any
 
@@ -126,6 +127,8 @@ def mixed(self: Any, i: int, fail_half_way: bool = False) -> int:
             model="gpt-5-mini", input=prompt, tools=[{"type": "web_search"}]
         )
         calls += 1
+    if i % 17 == 9:  # a Batch API run whose output file this task reads: metered on reading
+        calls += _batch_run(prompt, i)
     if i % 13 == 6:  # a caller that gives up waiting: the provider still completes and bills
         impatient = openai_client().with_options(timeout=0.25, max_retries=0)
         with contextlib.suppress(APITimeoutError):
@@ -144,6 +147,30 @@ def mixed(self: Any, i: int, fail_half_way: bool = False) -> int:
 
 
 TINY_PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+
+
+def _batch_run(prompt: str, i: int) -> int:
+    """Two chat lines through the Batch API; their usage arrives with the output file."""
+    client = openai_client()
+    lines = [
+        {
+            "custom_id": f"mixed-{i}-{n}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": f"{n} {prompt}"}]},
+        }
+        for n, model in enumerate(("gpt-4o-mini", "gpt-5-mini"))
+    ]
+    upload = client.files.create(
+        file=("batch.jsonl", "\n".join(json.dumps(x) for x in lines).encode()), purpose="batch"
+    )
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = client.batches.retrieve(batch.id)
+    if done.output_file_id:
+        client.files.content(done.output_file_id)
+    return len(lines)
 
 
 @app.task(

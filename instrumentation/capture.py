@@ -83,6 +83,7 @@ class PendingCall:
     body: dict[str, Any]
     started: float = field(default_factory=time.perf_counter)
     attempts: list[Attempt] = field(default_factory=list)
+    batch: bool = False  # a line of a Batch API output file
 
     @property
     def client_request_id(self) -> str | None:
@@ -137,6 +138,7 @@ class PendingCall:
     # -- outcomes --------------------------------------------------------------------------------
     def record(self, **fields: Any) -> None:
         fields.setdefault("client_request_id", self.client_request_id)
+        fields.setdefault("batch", self.batch)
         self._record(
             CallRecord(
                 operation=self.operation,

@@ -46,6 +46,7 @@ try:  # private parts of the SDK the capture relies on; checked again by sdk_pro
 except ImportError as _exc:  # pragma: no cover - an SDK whose layout changed
     _IMPORT_PROBLEM = str(_exc)
 
+from . import batches
 from .capture import PendingCall, get, record_parsed, safe, tracked
 from .context import before_call, current_scope, is_interrupt
 from .settings import get_settings
@@ -144,6 +145,10 @@ def _observe(pending: PendingCall, result: Any) -> Any:
 def _wrap_sync(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+        if batches.is_file_content(options):  # maybe a batch's output: its lines are calls
+            result = original(self, cast_to, options, *args, **kwargs)
+            safe(batches.record_output, result)
+            return result
         pending, options = _begin(options, self)
         if pending is None:
             return original(self, cast_to, options, *args, **kwargs)
@@ -165,6 +170,10 @@ def _wrap_sync(original: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(original)
     async def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+        if batches.is_file_content(options):
+            result = await original(self, cast_to, options, *args, **kwargs)
+            safe(batches.record_output, result)
+            return result
         pending, options = _begin(options, self)
         if pending is None:
             return await original(self, cast_to, options, *args, **kwargs)

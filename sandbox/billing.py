@@ -86,6 +86,14 @@ TIER_PRICES: dict[tuple[str, str], TokenRates] = {
     ("gpt-5-mini-2025-08-07", "priority"): _rates("0.45", "3.60", "0.045"),
     ("gpt-4.1-2025-04-14", "priority"): _rates("3.50", "14.00", "0.875"),
 }
+#: The Batch API: half the standard price of input and output tokens
+#: (https://platform.openai.com/docs/guides/batch, read 2026-12-01), for the models the
+#: sandbox runs batches of.
+BATCH_PRICES: dict[str, TokenRates] = {
+    "gpt-4o-mini-2024-07-18": _rates("0.075", "0.30"),
+    "gpt-4.1-mini-2025-04-14": _rates("0.20", "0.80"),
+    "gpt-5-mini-2025-08-07": _rates("0.125", "1.00"),
+}
 #: The web search tool: USD per call ($10 per 1,000 calls), on top of the model's tokens.
 WEB_SEARCH_PER_CALL = Decimal("0.01")
 
@@ -124,6 +132,8 @@ class Billable(Protocol):
     def service_tier(self) -> str: ...
     @property
     def web_search_calls(self) -> int: ...
+    @property
+    def batch(self) -> bool: ...
 
 
 def amount_usd(row: Billable) -> Decimal | None:
@@ -131,7 +141,9 @@ def amount_usd(row: Billable) -> Decimal | None:
     per_image = IMAGE_PRICES.get((row.model, row.image_quality or "", row.image_size or ""))
     if per_image is not None:
         return per_image * row.image_count
-    if row.service_tier == "default":
+    if row.batch:
+        rates = BATCH_PRICES.get(row.model)
+    elif row.service_tier == "default":
         rates = TOKEN_PRICES.get(row.model)
     else:
         rates = TIER_PRICES.get((row.model, row.service_tier))

@@ -33,6 +33,7 @@ class BilledRequest:
     image_quality: str | None = None
     web_search_calls: int = 0  # built-in tool calls, billed per call
     stream: bool = False
+    batch: bool = False  # a line of a Batch API run, billed at the batch price
     cost_usd: Decimal | None = None  # the provider's charge (billing.py); None: not listed
     client_request_id: str | None = None  # the caller's X-Client-Request-Id, as logged
 

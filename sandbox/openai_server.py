@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .batches import ENDPOINTS, BatchStore, batch_object, output_line
 from .ground_truth import BilledRequest, Ledger
 from .http import DroppedConnection, JSONHandler, SandboxHTTPServer
 
@@ -274,6 +275,7 @@ class OpenAISandbox:
         self._cache: dict[str, str] = {}
         self._cache_lock = threading.Lock()
         self.requests_served = 0
+        self.batches = BatchStore()
         #: Azure OpenAI deployments (``/openai/deployments/{name}/...``) and the model each serves.
         self.deployments: dict[str, str] = dict(DEPLOYMENTS)
 
@@ -296,6 +298,7 @@ class OpenAISandbox:
     def reset(self) -> None:
         self.ledger.clear()
         self.faults.clear()
+        self.batches.clear()
         with self._cache_lock:
             self._cache.clear()
 
@@ -450,6 +453,22 @@ class OpenAIHandler(JSONHandler):
             self.send_header("Content-Length", str(len(png)))
             self.end_headers()
             self.wfile.write(png)
+        elif path.startswith("/v1/batches/"):
+            batch = self.sandbox.batches.batch(path.removeprefix("/v1/batches/"))
+            if batch is None:
+                self._error(404, "No batch found", "invalid_request_error", new_request_id())
+            else:
+                self.send_json(200, {**batch, "status": "completed", **batch["_done"]})
+        elif path.startswith("/v1/files/") and path.endswith("/content"):
+            stored = self.sandbox.batches.file(path.removeprefix("/v1/files/")[: -len("/content")])
+            if stored is None:
+                self._error(404, "No such File object", "invalid_request_error", new_request_id())
+            else:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(stored.content)))
+                self.end_headers()
+                self.wfile.write(stored.content)
         elif path == "/v1/models":
             data = [{"id": m, "object": "model", "owned_by": "sandbox"} for m in SNAPSHOTS]
             self.send_json(200, {"object": "list", "data": data})
@@ -464,7 +483,13 @@ class OpenAIHandler(JSONHandler):
             self.sandbox.reset()
             self.send_json(200, {"ok": True})
             return
-        routes = {
+        if path == "/v1/files":
+            self._files_create(request_id)
+            return
+        if path == "/v1/batches":
+            self._batches_create(self.read_json(), request_id)
+            return
+        routes: dict[str, Callable[..., Any]] = {
             "/v1/chat/completions": self._chat,
             "/v1/responses": self._responses,
             "/v1/embeddings": self._embeddings,
@@ -606,8 +631,67 @@ class OpenAIHandler(JSONHandler):
         payload = {"error": {"message": message, "type": kind, "param": param, "code": code}}
         self.send_json(status, payload, {"x-request-id": request_id, **(headers or {})})
 
+    # -- files and batches ----------------------------------------------------------------------
+    def _files_create(self, request_id: str) -> None:
+        fields, files = self.read_form()
+        uploads = files.get("file") or []
+        if not uploads:
+            self._error(400, "'file' is required", "invalid_request_error", request_id)
+            return
+        stored = self.sandbox.batches.add_file(
+            fields.get("purpose", "batch"), "input.jsonl", uploads[0]
+        )
+        self.send_json(200, stored.to_json(), {"x-request-id": request_id})
+
+    def _batches_create(self, body: dict[str, Any], request_id: str) -> None:
+        source = self.sandbox.batches.file(str(body.get("input_file_id")))
+        if source is None or body.get("endpoint") not in ENDPOINTS:
+            self._error(
+                400,
+                f"input_file_id must name an uploaded file and endpoint be one of {ENDPOINTS}",
+                "invalid_request_error",
+                request_id,
+            )
+            return
+        lines, counts = [], {"total": 0, "completed": 0, "failed": 0}
+        for raw in source.content.decode().splitlines():
+            if not raw.strip():
+                continue
+            item = json.loads(raw)
+            counts["total"] += 1
+            line_id = new_request_id()
+            try:
+                answer = self._chat(dict(item["body"], stream=False), line_id, None, send=False)
+            except BadRequest as exc:
+                error = {"error": {"message": str(exc), "type": "invalid_request_error"}}
+                lines.append(output_line(item["custom_id"], line_id, 400, error))
+                counts["failed"] += 1
+                continue
+            assert answer is not None
+            payload, billed = answer
+            self._bill(replace(billed, batch=True, service_tier="default"))
+            payload["service_tier"] = "default"
+            lines.append(output_line(item["custom_id"], line_id, 200, payload))
+            counts["completed"] += 1
+        output = self.sandbox.batches.add_file(
+            "batch_output", "output.jsonl", ("\n".join(lines) + "\n").encode()
+        )
+        batch_id = f"batch_{uuid.uuid4().hex[:24]}"
+        created = batch_object(batch_id, body, "validating", counts, output.id)
+        done = batch_object(batch_id, body, "completed", counts, output.id)
+        self.sandbox.batches.add_batch(
+            {
+                **created,
+                "_done": {k: done[k] for k in ("output_file_id", "in_progress_at", "completed_at")},
+            }
+        )
+        self.send_json(200, created, {"x-request-id": request_id})
+
     # -- chat completions -----------------------------------------------------------------------
-    def _chat(self, body: dict[str, Any], request_id: str, fault: str | None) -> None:
+    def _chat(
+        self, body: dict[str, Any], request_id: str, fault: str | None, *, send: bool = True
+    ) -> tuple[dict[str, Any], BilledRequest] | None:
+        """A chat completion; with ``send=False`` (a batch line) its answer and bill, unsent."""
         model = body.get("model")
         if not model or not body.get("messages"):
             raise BadRequest("'model' and 'messages' are required", "messages")
@@ -643,9 +727,9 @@ class OpenAIHandler(JSONHandler):
         )
         created = int(time.time())
         completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
-        if body.get("stream"):
+        if body.get("stream") and send:
             self._chat_stream(body, choices, usage, billed, completion_id, created, fault)
-            return
+            return None
         payload = {
             "id": completion_id,
             "object": "chat.completion",
@@ -671,8 +755,11 @@ class OpenAIHandler(JSONHandler):
         shown = _usage_json(usage, fault)
         if shown is not None:
             payload["usage"] = shown
+        if not send:
+            return payload, billed
         self._bill(billed)
         self.send_json(200, payload, {"x-request-id": request_id})
+        return None
 
     def _chat_stream(
         self,
