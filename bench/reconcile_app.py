@@ -127,6 +127,9 @@ def mixed(self: Any, i: int, fail_half_way: bool = False) -> int:
             model="gpt-5-mini", input=prompt, tools=[{"type": "web_search"}]
         )
         calls += 1
+    if i % 29 == 14:  # a long prompt (> 272K tokens): the whole call at the long-context rate
+        _chat(f"{i} " + "catalogue line " * 73_000, model="gpt-5.4")
+        calls += 1
     if i % 17 == 9:  # a Batch API run whose output file this task reads: metered on reading
         calls += _batch_run(prompt, i)
     if i % 13 == 6:  # a caller that gives up waiting: the provider still completes and bills

@@ -71,7 +71,7 @@ class PriceRow(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, ignored_types=(cached_property,))
 
     model: str
-    effective: date
+    effective: datetime | date  # a day (from its start, UTC), or an exact moment
     service_tier: str = "default"
     batch: bool = False
     input: Decimal | None = None
@@ -84,6 +84,14 @@ class PriceRow(BaseModel):
     web_search: Decimal | None = Field(default=None, description="USD per 1,000 calls")
     file_search: Decimal | None = Field(default=None, description="USD per 1,000 calls")
     images: dict[str, Decimal] | None = None  # "quality/size" -> USD per image
+
+    @cached_property
+    def starts(self) -> datetime:
+        """The moment the row takes effect (a day: its first moment, UTC)."""
+        if isinstance(self.effective, datetime):
+            at = self.effective
+            return at if at.tzinfo else at.replace(tzinfo=UTC)
+        return datetime(self.effective.year, self.effective.month, self.effective.day, tzinfo=UTC)
 
     @cached_property
     def version(self) -> str:
@@ -119,11 +127,11 @@ class PriceTable:
 
     def __init__(self, rows: list[PriceRow], source: str = "tokenmeter") -> None:
         self.source = source
-        by_key: dict[tuple[_Key, date], PriceRow] = {}
-        for row in rows:  # a later row with the same key and date replaces an earlier one
-            by_key[((row.model, row.service_tier, row.batch), row.effective)] = row
+        by_key: dict[tuple[_Key, datetime], PriceRow] = {}
+        for row in rows:  # a later row with the same key and start replaces an earlier one
+            by_key[((row.model, row.service_tier, row.batch), row.starts)] = row
         self._rows: dict[_Key, list[PriceRow]] = {}
-        for (key, _), row in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[1].effective)):
+        for (key, _), row in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[1].starts)):
             self._rows.setdefault(key, []).append(row)
         self._models = {key[0] for key in self._rows}
 
@@ -132,10 +140,11 @@ class PriceTable:
         return cls(_read_rows(path), source)
 
     def rows(self, at: date | None = None) -> list[PriceRow]:
-        """Every row, or the row in force at ``at`` for each model and variant."""
+        """Every row, or the row in force at the end of day ``at`` for each model and variant."""
         if at is None:
             return [r for rows in self._rows.values() for r in rows]
-        found = [self._at(key, at) for key in self._rows]
+        end = datetime(at.year, at.month, at.day, 23, 59, 59, tzinfo=UTC)
+        found = [self._at(key, end) for key in self._rows]
         return [r for r in found if r is not None]
 
     def knows(self, model: str) -> bool:
@@ -148,18 +157,18 @@ class PriceTable:
         stripped = _DATE_SUFFIX.sub("", model)
         return stripped if stripped in self._models else None
 
-    def _at(self, key: _Key, day: date) -> PriceRow | None:
+    def _at(self, key: _Key, at: datetime) -> PriceRow | None:
         rows = self._rows.get(key)
         if not rows:
             return None
-        index = bisect_right([r.effective for r in rows], day) - 1
+        index = bisect_right([r.starts for r in rows], at) - 1
         return rows[index] if index >= 0 else None
 
     def price_for(
-        self, model: str, day: date, tier: str = "default", batch: bool = False
+        self, model: str, at: datetime | date, tier: str = "default", batch: bool = False
     ) -> PriceRow | None:
-        """The row for exactly ``model`` (and that tier and batch) in force on ``day``."""
-        return self._at((model, tier, batch), day)
+        """The row for exactly ``model`` (and that tier and batch) in force at ``at``."""
+        return self._at((model, tier, batch), _moment(at))
 
 
 @dataclass(frozen=True)
@@ -201,15 +210,15 @@ class Prices:
             return NOTHING
         tier = served_tier(call.service_tier)
         names = [n for n in dict.fromkeys((call.model, call.requested_model)) if n]
-        day = _day(call.created_at)
+        at = _moment(call.created_at)
         for name in names:
-            found = self._resolve(call, name, day, tier)
+            found = self._resolve(call, name, at, tier)
             if found is not None:
                 return found
         self.warn_unknown(call.model, "no price for this model")
         return UNKNOWN
 
-    def _resolve(self, call: CallRecord, name: str, day: date, tier: str) -> Price | None:
+    def _resolve(self, call: CallRecord, name: str, at: datetime, tier: str) -> Price | None:
         """The price of ``call`` as model ``name``; None when no layer knows the name."""
         layers: list[tuple[PriceTable, str | None]] = []
         if self.user is not None:  # the user's rows always win: exact name, then family
@@ -217,7 +226,7 @@ class Prices:
         layers.append((self.builtin, name))
         for table, model in layers:
             if model and table.knows(model):
-                return self._from_row(call, table, model, day, tier)
+                return self._from_row(call, table, model, at, tier)
         quote = maintained.quote(call, name, tier, call.batch)
         if quote is not None:
             if quote.cost is None:
@@ -227,14 +236,15 @@ class Prices:
             return Price(_exact(quote.cost), maintained.source(), quote.version)
         family = self.builtin.family(name)
         if family is not None:
-            return self._from_row(call, self.builtin, family, day, tier)
+            return self._from_row(call, self.builtin, family, at, tier)
         return None
 
     def _from_row(
-        self, call: CallRecord, table: PriceTable, model: str, day: date, tier: str
+        self, call: CallRecord, table: PriceTable, model: str, at: datetime, tier: str
     ) -> Price:
-        row = table.price_for(model, day, tier, call.batch)
+        row = table.price_for(model, at, tier, call.batch)
         if row is None:
+            day = at.date()
             what = (
                 f"{model} ({tier}{' batch' if call.batch else ''}) on {day}"
                 if tier != "default" or call.batch
@@ -280,8 +290,11 @@ class Prices:
         )
 
 
-def _day(at: datetime) -> date:
-    return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC).date()
+def _moment(at: datetime | date) -> datetime:
+    """A call's moment, timezone-aware (a bare day: its first moment, UTC)."""
+    if isinstance(at, datetime):
+        return at if at.tzinfo else at.replace(tzinfo=UTC)
+    return datetime(at.year, at.month, at.day, tzinfo=UTC)
 
 
 def _exact(cost: Decimal) -> Decimal:

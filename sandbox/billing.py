@@ -72,6 +72,14 @@ TOKEN_PRICES: dict[str, TokenRates] = {
     "gpt-5-2025-08-07": _rates("1.25", "10.00", "0.125"),
     "gpt-5-mini-2025-08-07": _rates("0.25", "2.00", "0.025"),
     "gpt-5-nano-2025-08-07": _rates("0.05", "0.40", "0.005"),
+    "gpt-5.4-2026-03-05": _rates("2.50", "15.00", "0.25"),
+}
+
+#: Long context: a prompt of more than N input tokens is billed at other rates for the whole
+#: request ("prompts with >272K input tokens are priced at 2x input and 1.5x output for the
+#: full session", https://developers.openai.com/api/docs/models/gpt-5.4, read 2026-12-01).
+LONG_CONTEXT: dict[str, tuple[int, TokenRates]] = {
+    "gpt-5.4-2026-03-05": (272_000, _rates("5.00", "22.50", "0.50")),
 }
 
 #: The flex and priority tiers, by served snapshot (standard tier above).  Flex is half the
@@ -149,6 +157,11 @@ def amount_usd(row: Billable) -> Decimal | None:
         rates = TIER_PRICES.get((row.model, row.service_tier))
     if rates is None:
         return None
+    long = LONG_CONTEXT.get(row.model)
+    if long is not None and row.service_tier == "default" and not row.batch:
+        threshold, long_rates = long
+        if row.input_tokens > threshold:
+            rates = long_rates
     # input_tokens counts every input token; cached and image tokens are parts of it.
     cached = row.cached_input_tokens if rates.cached_input is not None else 0
     image = row.input_image_tokens if rates.image_input is not None else 0

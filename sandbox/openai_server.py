@@ -72,6 +72,7 @@ SNAPSHOTS = {
     "gpt-5": "gpt-5-2025-08-07",
     "gpt-5-mini": "gpt-5-mini-2025-08-07",
     "gpt-5-nano": "gpt-5-nano-2025-08-07",
+    "gpt-5.4": "gpt-5.4-2026-03-05",
 }
 #: Snapshots served on the flex and priority tiers (as the price list has them); any other
 #: request for a tier is served on default, and the response says so (the SDK documents that

@@ -539,3 +539,28 @@ def test_streamed_image_generation_and_edit_count_their_images(openai_client, sa
     assert (generated.image_size, generated.image_quality) == ("1024x1024", "low")
     assert edited.input_image_tokens == 323  # the sandbox's image input tokens per input image
     assert_matches_ground_truth(scope, sandbox)
+
+
+def test_a_long_prompt_bills_the_whole_call_at_the_long_context_rate(
+    openai_client, sandbox
+) -> None:
+    """gpt-5.4: $2.50 / $15 per 1M tokens; a prompt of more than 272,000 input tokens is billed
+    at 2x input and 1.5x output for the whole request ($5 / $22.50;
+    https://developers.openai.com/api/docs/models/gpt-5.4, read 2026-12-01)."""
+    with usage_scope("task", "long") as scope:
+        # text tokens (the prompt adds 7: 3 + 4 per message); other letters: no cache hit
+        for letter, tokens in (("x", 271_990), ("y", 272_010)):
+            openai_client.chat.completions.create(
+                model="gpt-5.4", messages=[{"role": "user", "content": letter * (4 * tokens)}]
+            )
+    short, long = scope.all_calls()
+    assert short.cached_input_tokens == long.cached_input_tokens == 0
+    assert (short.input_tokens, long.input_tokens) == (271_997, 272_017)
+    assert (
+        short.cost_usd
+        == (short.input_tokens * Decimal("2.5") + short.output_tokens * Decimal(15)) / M
+    )
+    assert (
+        long.cost_usd == (long.input_tokens * Decimal(5) + long.output_tokens * Decimal("22.5")) / M
+    )
+    assert_matches_ground_truth(scope, sandbox)

@@ -340,3 +340,18 @@ def test_prices_command_lists_tokenmeters_rows_and_says_what_is_wrong(
     missing = CliRunner().invoke(app, ["prices"])
     assert missing.exit_code == 2 and "does not exist" in missing.output
     assert CliRunner().invoke(app, ["prices", "--at", "yesterday"]).exit_code == 2
+
+
+def test_a_price_that_changes_mid_day_prices_each_call_by_its_own_moment(tmp_path: Path) -> None:
+    override = tmp_path / "prices.toml"
+    override.write_text(
+        '[[price]]\nmodel = "acme-llm"\neffective = 2026-12-01\ninput = "1"\noutput = "2"\n\n'
+        '[[price]]\nmodel = "acme-llm"\neffective = 2026-12-01T12:00:00Z\ninput = "3"\n'
+        'output = "4"\n'
+    )
+    prices = Prices.load(override)
+    morning = chat("acme-llm", 1000, 1000, at=datetime(2026, 12, 1, 11, 59, 59, tzinfo=UTC))
+    noon = chat("acme-llm", 1000, 1000, at=datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC))
+    assert cost(prices, morning) == Decimal("0.003")
+    assert cost(prices, noon) == Decimal("0.007")
+    assert prices.cost_of(noon).version == "acme-llm@2026-12-01T12:00:00+00:00"
