@@ -39,6 +39,8 @@ result_backend = _settings.celery_result_backend or f"file://{_var / 'results'}"
 if result_backend.startswith("file://"):
     Path(result_backend.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
 
+# One queue per deployment where several share a broker (CELERY_TASK_DEFAULT_QUEUE).
+task_default_queue = os.environ.get("CELERY_TASK_DEFAULT_QUEUE", "celery")
 task_serializer = "json"
 result_serializer = "json"
 accept_content = ["json"]

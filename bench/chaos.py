@@ -338,8 +338,8 @@ def run_chaos(
                         handle.recover_once()
                         driver.events["recovery pass"] += 1
                     elif roll < 0.18 and not down["redis"]:
-                        # (with Redis down too, a dead process's calls are lost: the write-ahead
-                        # log lives in Redis only, see the broker-independent write-ahead issue)
+                        # (its "dead" process is this one, whose local write-ahead file is its
+                        # own: only Redis's log can bring it back here; real kills: e2e tests)
                         driver.run_dead_task(n, direct_redis)
                     else:
                         driver.run_task(n)

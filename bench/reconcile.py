@@ -32,6 +32,7 @@ run or post.  Prints the table; exits 1 on any difference.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -68,6 +69,7 @@ from bench.redisdb import claimed_databases  # noqa: E402
 from models import migrate  # noqa: E402
 from models.tables import AgentScannedPost, PipelineRunUsage  # noqa: E402
 from tokenmeter import OpenAICall  # noqa: E402
+from tokenmeter.filewal import FileWriteAheadLog  # noqa: E402
 from tokenmeter.ledger import PendingRollup  # noqa: E402
 from tokenmeter.sandbox.ground_truth import TOKEN_FIELDS, BilledRequest  # noqa: E402
 from tokenmeter.sandbox.runner import SandboxServers  # noqa: E402
@@ -392,6 +394,8 @@ class Run:
         self.redis_urls = [db.url for db in self.dbs]
         self.control = redis.Redis.from_url(self.redis_urls[CONTROL_DB])
         self.broker_redis = redis.Redis.from_url(self.redis_urls[BROKER_DB])  # spool, WAL
+        self.queue = f"reconcile-{uuid.uuid4().hex[:8]}"  # never another run's messages
+        self.broker_url = self.redis_urls[BROKER_DB] if args.broker == "redis" else args.amqp_url
         self.sandbox = SandboxServers()
         self.worker: subprocess.Popen[bytes] | None = None
         self.pg_stopped = False
@@ -399,11 +403,10 @@ class Run:
         self.events: list[str] = []
         self.results: list[AsyncResult] = []
         self.client = Celery(
-            "reconcile_client",
-            broker=self.redis_urls[BROKER_DB],
-            backend=self.redis_urls[BACKEND_DB],
+            "reconcile_client", broker=self.broker_url, backend=self.redis_urls[BACKEND_DB]
         )
         self.client.conf.task_serializer = "json"
+        self.client.conf.task_default_queue = self.queue
         self._engine: Engine | None = None
         self._jobs_by_id: dict[str, Job] = {}
 
@@ -422,7 +425,8 @@ class Run:
             **subprocess_env(),
             "PYTHONPATH": str(ROOT),
             "DATABASE_URL": self.db_url,
-            "CELERY_BROKER_URL": self.redis_urls[BROKER_DB],
+            "CELERY_BROKER_URL": self.broker_url,
+            "CELERY_TASK_DEFAULT_QUEUE": self.queue,
             "CELERY_RESULT_BACKEND": self.redis_urls[BACKEND_DB],
             "RECONCILE_CONTROL_URL": self.redis_urls[CONTROL_DB],
             "OPENAI_BASE_URL": self.sandbox.openai_base_url,
@@ -482,6 +486,9 @@ class Run:
                 self.worker.kill()
                 self.worker.wait()
         self.sandbox.stop()
+        if self.args.broker == "rabbitmq":  # the run's own queue goes with it
+            with contextlib.suppress(Exception), self.client.connection_for_write() as conn:
+                conn.default_channel.queue_delete(self.queue)
         self.client.close()
         self.control.close()
         self.broker_redis.close()
@@ -515,11 +522,17 @@ class Run:
             return None
 
     def pending_recovery(self) -> int:
-        """Batches still waiting in the spool or the write-ahead log (broker's Redis DB)."""
-        spool = self.broker_redis.llen("tokenmeter:spool")
-        open_executions = self.broker_redis.hlen("tokenmeter:wal:open")
-        files = sum(1 for _ in (self.workdir / "spool").glob("*.json"))
-        return int(spool) + int(open_executions) + files
+        """Batches still waiting in a spool or a write-ahead log (Redis's, when the broker is
+        Redis; the local files of dead worker processes always)."""
+        waiting = sum(1 for _ in (self.workdir / "spool").glob("*.json"))
+        if self.args.broker == "redis":
+            waiting += int(self.broker_redis.llen("tokenmeter:spool"))
+            waiting += int(self.broker_redis.hlen("tokenmeter:wal:open"))
+        local = FileWriteAheadLog(self.workdir / "wal")
+        waiting += sum(
+            1 for path in (self.workdir / "wal").glob("*.jsonl") if not local._writer_alive(path)
+        )
+        return waiting
 
     def wait(self, label: str, until: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -708,6 +721,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379")
     parser.add_argument(
+        "--broker",
+        choices=("redis", "rabbitmq"),
+        default="redis",
+        help="the worker's broker; with rabbitmq tokenmeter has no Redis (local write-ahead "
+        "files, file spool); Redis still carries the results and the drill's control",
+    )
+    parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672//")
+    parser.add_argument(
         "--pg-stop",
         default=f"pg_ctlcluster --skip-systemctl-redirect {pg_version} main stop -m fast",
     )
@@ -719,7 +740,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tasks must be at least 10")
     console = Console()
     console.print(
-        f"[bold]reconcile[/bold]: {args.tasks} tasks on {args.workers} worker processes, "
+        f"[bold]reconcile[/bold]: {args.tasks} tasks on {args.workers} worker processes "
+        f"({args.broker} broker), "
         f"{args.error_rate:.0%} injected errors"
         + (
             f", faults: PostgreSQL down {args.outage_s:.0f}s, SIGKILL, redelivery"

@@ -44,6 +44,7 @@ from .context import (
     set_sink,
 )
 from .db import dispose_after_fork
+from .filewal import FileWriteAheadLog
 from .recovery import Recovery, RecoveryReport
 from .settings import get_settings
 from .sink import DatabaseSink, connect_redis, default_spool
@@ -95,6 +96,7 @@ class CeleryMetering:
         self.redis: Any = None
         self.sink: DatabaseSink | None = None
         self.wal: WriteAheadLog | None = None
+        self.file_wal: FileWriteAheadLog | None = None
         self.budgets: Budgets | None = None
         self.recovery_interval_s = 0.0
         self.metrics_port: int | None = None
@@ -106,6 +108,7 @@ class CeleryMetering:
         self._owns_redis = False
         self._previous_sink: Any = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a child was lost: recover now, not at the next tick
         self._thread: threading.Thread | None = None
 
     @staticmethod
@@ -150,9 +153,11 @@ class CeleryMetering:
             # execution, whose listeners are already there; adding them again would count
             # every later call twice in the write-ahead log, the budget and the metrics
             return
-        if self.wal is not None:
+        for log in (self.file_wal, self.wal):
+            if log is None:
+                continue
             try:
-                self.wal.attach(scope)
+                log.attach(scope)
             except Exception as exc:
                 if is_interrupt(exc):
                     raise
@@ -222,7 +227,8 @@ class CeleryMetering:
 
             openai_hooks.instrument()
 
-    def on_worker_ready(self, **_: Any) -> None:
+    def on_worker_ready(self, sender: Any = None, **_: Any) -> None:
+        self._watch_children(sender)
         if self.metrics_port and self._metrics_ready:
             from .metrics import serve
 
@@ -237,19 +243,49 @@ class CeleryMetering:
 
     def on_worker_shutdown(self, **_: Any) -> None:
         self._stop.set()
+        self._wake.set()
         if self.wal is not None:
             self.wal.stop()
+        if self.sink is not None:  # a child killed just before the stop: its calls, now
+            try:
+                self.recover_once()
+            except Exception:
+                logger.exception("recovery at shutdown failed")
+
+    def _watch_children(self, consumer: Any) -> None:
+        """Recover as soon as the pool reports a child gone (prefork), not at the next tick."""
+        pool = getattr(getattr(consumer, "pool", None), "_pool", None)
+        original = getattr(pool, "on_process_down", None)
+        if pool is None or not callable(original) or getattr(original, "_tokenmeter", False):
+            return
+        wake = self._wake
+
+        def on_process_down(proc: Any) -> Any:
+            try:
+                return original(proc)
+            finally:
+                wake.set()
+
+        on_process_down._tokenmeter = True  # type: ignore[attr-defined]
+        pool.on_process_down = on_process_down
 
     # -- recovery ----------------------------------------------------------------------------
     def recover_once(self) -> RecoveryReport:
         """Replay the spool and flush orphaned write-ahead executions."""
         if self.sink is None:
             raise RuntimeError("tokenmeter is not installed: call install() first")
-        return Recovery(self.sink, self.wal).run_once()
+        return Recovery(self.sink, self.wal, self.file_wal).run_once()
 
     def _recovery_loop(self) -> None:
-        while not self._stop.wait(self.recovery_interval_s):
-            self.recover_once()
+        while not self._stop.is_set():
+            self._wake.wait(self.recovery_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.recover_once()
+            except Exception:
+                logger.exception("recovery failed")
 
     # -- wiring ----------------------------------------------------------------------------
     _SIGNALS = (
@@ -278,6 +314,9 @@ class CeleryMetering:
             if use_wal and self.redis is not None
             else None
         )
+        self.file_wal = FileWriteAheadLog(settings.wal_dir) if use_wal else None
+        if self.file_wal is not None:
+            self.sink.after_flush.append(self.file_wal.after_flush)
         self.budgets = self._options_budgets
         if self.budgets is None and (
             settings.tokenmeter_task_budget_usd is not None
@@ -348,11 +387,15 @@ class CeleryMetering:
                 self.budgets.uninstall()
             if self.wal is not None:
                 self.wal.stop()
+            if self.file_wal is not None:
+                self.file_wal.close()
+                if self.sink is not None and self.file_wal.after_flush in self.sink.after_flush:
+                    self.sink.after_flush.remove(self.file_wal.after_flush)
             if get_sink() is self.sink:
                 set_sink(self._previous_sink)
             if self._owns_redis and self.redis is not None:
                 self.redis.close()
-            self.redis = self.sink = self.wal = self.budgets = None
+            self.redis = self.sink = self.wal = self.file_wal = self.budgets = None
             self.installed = False
             if _active is self:
                 _active = None

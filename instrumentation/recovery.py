@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from .filewal import FileWriteAheadLog
 from .settings import get_settings
 from .sink import DatabaseSink, connect_redis, default_spool
 from .wal import WriteAheadLog, attach_write_ahead
@@ -27,17 +28,23 @@ class RecoveryReport:
 
 
 class Recovery:
-    def __init__(self, sink: DatabaseSink, wal: WriteAheadLog | None = None) -> None:
-        self.sink, self.wal = sink, wal
+    def __init__(
+        self,
+        sink: DatabaseSink,
+        wal: WriteAheadLog | None = None,
+        file_wal: FileWriteAheadLog | None = None,
+    ) -> None:
+        self.sink, self.wal, self.file_wal = sink, wal, file_wal
 
     @classmethod
     def connect(cls, redis_url: str | None = None, database_url: str | None = None) -> Recovery:
-        """Recovery over the spool/write-ahead log of ``redis_url`` (or the local spool)."""
+        """Recovery over the spool and write-ahead logs: this host's files, and Redis's."""
+        settings = get_settings()
         client = connect_redis(redis_url)
         sink = DatabaseSink(database_url, spool=default_spool(client))
-        lease_s = get_settings().tokenmeter_wal_lease_s
+        lease_s = settings.tokenmeter_wal_lease_s
         wal = attach_write_ahead(sink, client, lease_s) if client is not None else None
-        return cls(sink, wal)
+        return cls(sink, wal, FileWriteAheadLog(settings.wal_dir))
 
     def run_once(self) -> RecoveryReport:
         replayed = recovered = 0
@@ -45,9 +52,11 @@ class Recovery:
             replayed = self.sink.replay()
         except Exception:
             logger.exception("spool replay failed")
-        if self.wal is not None:
+        for log in (self.file_wal, self.wal):
+            if log is None:
+                continue
             try:
-                recovered = self.wal.recover(self.sink)
+                recovered += log.recover(self.sink)
             except Exception:
                 logger.exception("write-ahead recovery failed")
         applied = pending = 0

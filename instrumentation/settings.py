@@ -54,7 +54,9 @@ class TokenmeterSettings(BaseSettings):
         default=None, description="Local spool folder (default: spool/ in the data dir)."
     )
     tokenmeter_write_ahead: bool = Field(
-        default=True, description="Log each call to Redis as it happens (survives SIGKILL)."
+        default=True,
+        description="Log each call as it happens, to a local file per process (and to Redis "
+        "when there is one): a killed process's calls are recovered.",
     )
     tokenmeter_wal_lease_s: float = Field(
         default=120.0,
@@ -96,6 +98,11 @@ class TokenmeterSettings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.tokenmeter_spool_dir or self.tokenmeter_data_dir / "spool"
+
+    @property
+    def wal_dir(self) -> Path:
+        """The local write-ahead files of this host's worker processes."""
+        return self.tokenmeter_data_dir / "wal"
 
 
 @lru_cache(maxsize=1)

@@ -21,7 +21,7 @@ from tokenmeter import OpenAICall
 from tokenmeter.context import CallRecord, _current, open_scope, record_call, usage_scope
 from tokenmeter.procs import process_started
 from tokenmeter.rollups import TableRollup
-from tokenmeter.sink import DatabaseSink, FileSpool
+from tokenmeter.sink import DatabaseSink, FileSpool, FlushBatch
 from tokenmeter.wal import ENTRY_PREFIX, OPEN_KEY, WriteAheadLog
 
 
@@ -170,3 +170,45 @@ def test_an_execution_whose_entries_expired_is_dropped_quietly(redis, sink, capl
     assert not redis.hexists(OPEN_KEY, "e-expired")
     assert recoverer.recover(sink) == 0
     assert "recovering" not in caplog.text
+
+
+# -- the local write-ahead file: no broker needed -------------------------------------------------
+def test_a_dead_writers_file_is_recovered_once_and_removed(tmp_path, sink, db_url) -> None:
+    from tokenmeter.filewal import FileWriteAheadLog
+
+    log = FileWriteAheadLog(tmp_path / "wal")
+    root, token = open_scope("task", "t-file", task_id="t-file", task_name="demo.file")
+    log.attach(root)
+    with usage_scope("scanned_post", "p1") as post:
+        post.bind_rollup(post_rollup())
+        call("f1", 300)
+        call("f2", 40)
+    _current.reset(token)  # the process "dies" here: never closed, never flushed
+    done_root, done_token = open_scope("task", "t-done", task_id="t-done")
+    log.attach(done_root)
+    call("flushed")
+    _current.reset(done_token)
+    log.after_flush(FlushBatch.from_scope(done_root), [])  # this one reached the database
+    log.close()
+    [written] = list((tmp_path / "wal").glob("*.jsonl"))
+    with written.open("a") as fh:
+        fh.write('{"e": "cut-by-the-kil')  # the line being written when the process died
+    assert log.recover(sink) == 0  # its writer (this process) is alive: left alone
+    dead = written.with_name(f"{log.host}-{_dead_pid()}-12345.jsonl")
+    written.rename(dead)
+    assert log.recover(sink) == 1 and not dead.exists()
+    assert log.recover(sink) == 0
+    with session_scope() as s:
+        ids = sorted(s.scalars(select(OpenAICall.request_id)))
+        post_row = s.scalars(select(AgentScannedPost)).one()
+    assert ids == ["req_f1", "req_f2"]  # the flushed execution is not written again
+    assert post_row.prompt_tokens == 340
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

@@ -27,6 +27,7 @@ app.conf.update(
     accept_content=["json"],
     broker_connection_retry_on_startup=True,
     worker_send_task_events=True,  # task-usage events, for Flower
+    task_default_queue=os.environ.get("E2E_QUEUE", "celery"),
 )
 if os.environ.get("TOKENMETER_DISABLED") != "1":
     tokenmeter.install(app)

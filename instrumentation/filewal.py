@@ -1,0 +1,189 @@
+"""A write-ahead log that needs no broker: one append-only file per worker process.
+
+Each captured call (and rollup binding) of a task is appended to the process's own file in
+``$TOKENMETER_DATA_DIR/wal/`` before the call returns to the caller.  The bytes are handed to
+the operating system at once, so they survive the death of the process (SIGKILL, the OOM
+killer); the host's loss needs the Redis log as well.  When the execution is flushed (to the
+database or the spool) a ``done`` line follows.  The file is named by host, pid and the
+process's start time, so any process of the host can tell a dead writer from a live one, even
+after pid reuse.
+
+Recovery (the worker's main process at start, as soon as a child is lost, periodically and at
+shutdown; ``tokenmeter`` itself in any process) flushes every execution of a dead writer's file
+that has no ``done`` line, then removes the file.  Writes are idempotent, so an execution
+flushed before its writer died is not counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+from .context import CallRecord, Rollup, UsageScope, is_interrupt
+from .procs import pid_alive, process_started
+from .sink import DatabaseSink, FlushBatch, call_to_json
+from .wal import WriteAheadLog
+
+logger = logging.getLogger("tokenmeter.wal")
+
+#: A file with no open execution is emptied once it grows past this.
+COMPACT_BYTES = 1 << 20
+
+
+class FileWriteAheadLog:
+    """Per-process append-only files of captured calls, for recovery after a crash."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.host = socket.gethostname()
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._file: IO[str] | None = None
+        self._open: set[str] = set()  # executions of this process not yet done
+        self.unavailable = 0
+
+    # -- writing (in the task's process) ---------------------------------------------------
+    def attach(self, scope: UsageScope) -> None:
+        root = scope.root
+        root.listeners.append(self._on_call)
+        root.rollup_listeners.append(self._on_rollup)
+
+    def _name(self, pid: int) -> str:
+        return f"{self.host}-{pid}-{process_started(pid) or 0}.jsonl"
+
+    def _handle(self) -> IO[str]:
+        pid = os.getpid()
+        if self._file is None or self._pid != pid:  # a forked child opens a file of its own
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.directory / self._name(pid), "a", encoding="utf-8")  # noqa: SIM115
+            self._pid, self._open = pid, set()
+        return self._file
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        line = json.dumps(entry, separators=(",", ":")) + "\n"
+        with self._lock:
+            handle = self._handle()
+            handle.write(line)
+            handle.flush()  # to the OS now: it outlives this process
+
+    def _append(self, scope: UsageScope, entry: dict[str, Any]) -> None:
+        root = scope.root
+        eid = root.execution_id
+        try:
+            if eid not in self._open or self._pid != os.getpid():
+                meta = {
+                    "task_id": root.task_id,
+                    "task_name": root.task_name,
+                    "attempt": root.attempt,
+                }
+                self._write({"e": eid, "t": "open", "meta": meta})
+                self._open.add(eid)
+            self._write({"e": eid, **entry})
+        except Exception as exc:
+            if is_interrupt(exc):
+                raise
+            self.unavailable += 1
+            logger.warning("local write-ahead log unavailable (%s: %s)", type(exc).__name__, exc)
+
+    def _on_call(self, scope: UsageScope, call: CallRecord) -> None:
+        self._append(scope, {"t": "call", "path": scope.path, "call": call_to_json(call)})
+
+    def _on_rollup(self, scope: UsageScope, rollup: Rollup) -> None:
+        self._append(scope, {"t": "rollup", "path": scope.path, "rollup": rollup.to_json()})
+
+    def after_flush(self, batch: FlushBatch, _new_calls: list[CallRecord]) -> None:
+        """Sink hook: the execution is durable elsewhere; mark it done (and compact)."""
+        eid = batch.execution_id
+        if not eid or eid not in self._open or self._pid != os.getpid():
+            return
+        try:
+            self._write({"e": eid, "t": "done"})
+            self._open.discard(eid)
+            with self._lock:
+                handle = self._file
+                if handle is not None and not self._open and handle.tell() > COMPACT_BYTES:
+                    handle.truncate(0)
+                    handle.seek(0)
+        except Exception as exc:
+            if is_interrupt(exc):
+                raise
+            logger.warning("local write-ahead log unavailable (%s: %s)", type(exc).__name__, exc)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    # -- recovery (any process of the host) --------------------------------------------------
+    def _writer_alive(self, path: Path) -> bool:
+        try:
+            host, pid_text, started_text = path.stem.rsplit("-", 2)
+            pid, started = int(pid_text), int(started_text)
+        except ValueError:
+            return False  # not one of ours: treat as dead, its lines are checked one by one
+        if host != self.host:
+            return True  # another host's file (a shared folder): not ours to judge
+        if pid == os.getpid():
+            return True
+        return pid_alive(pid) and (started == 0 or process_started(pid) == started)
+
+    def recover(self, sink: DatabaseSink) -> int:
+        """Flush every unfinished execution of dead writers; returns how many were recovered."""
+        if not self.directory.is_dir():
+            return 0
+        recovered = 0
+        for path in sorted(self.directory.glob("*.jsonl")):
+            if self._writer_alive(path):
+                continue
+            try:
+                recovered += self._recover_file(path, sink)
+            except Exception as exc:
+                if is_interrupt(exc):
+                    raise
+                logger.exception("could not recover the write-ahead file %s", path)
+        return recovered
+
+    def _recover_file(self, path: Path, sink: DatabaseSink) -> int:
+        entries: dict[str, list[str]] = {}
+        meta: dict[str, dict[str, Any]] = {}
+        done: set[str] = set()
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut by the kill: the call before it is whole
+            eid = entry.get("e")
+            if not eid:
+                continue
+            kind = entry.get("t")
+            if kind == "open":
+                meta[eid] = entry.get("meta") or {}
+            elif kind == "done":
+                done.add(eid)
+            elif kind in ("call", "rollup"):
+                entries.setdefault(eid, []).append(json.dumps(entry))
+        recovered, failed = 0, False
+        for eid, raw in entries.items():
+            if eid in done:
+                continue
+            batch = WriteAheadLog._batch(eid, meta.get(eid, {}), raw)
+            logger.warning(
+                "recovering %d calls of task %s (%s) whose worker process (%s) is gone",
+                len(batch.calls),
+                batch.task_id,
+                batch.task_name,
+                path.name,
+            )
+            if sink.flush(batch):
+                recovered += 1
+            else:
+                failed = True  # kept: the next recovery writes it (idempotent)
+        if not failed:
+            path.unlink(missing_ok=True)
+        return recovered
