@@ -18,7 +18,7 @@ from bench.pg import create_database, drop_database
 from bench.redisdb import ClaimedDB, claimed_databases
 from models import migrate
 from models.db import dispose_all
-from tests.helpers import clear_settings
+from tests.helpers import CollectingSink, clear_settings, collecting_sink
 
 PG_ADMIN_URL = os.environ.get(
     "TOKENMETER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -151,3 +151,17 @@ def db_url(empty_db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("DATABASE_URL", empty_db_url)
     clear_settings()
     return empty_db_url
+
+
+@pytest.fixture
+def hooks() -> Iterator[CollectingSink]:
+    """The openai client instrumented for the test, calls kept by a collecting sink."""
+    from tokenmeter import batches, openai_hooks
+
+    with collecting_sink() as sink:
+        openai_hooks.instrument()
+        try:
+            yield sink
+        finally:
+            openai_hooks.uninstrument()
+            batches._seen.clear()  # this process has read no batch output yet

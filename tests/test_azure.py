@@ -4,25 +4,18 @@ sandbox's ``/openai/deployments/{name}/...`` routes."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
 from openai import AzureOpenAI
 
-from tests.helpers import CollectingSink, clear_settings, collecting_sink
-from tokenmeter import openai_hooks
+from tests.helpers import clear_settings
 from tokenmeter.context import usage_scope
 
 HI = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(autouse=True)
-def hooks() -> Iterator[CollectingSink]:
-    with collecting_sink() as sink:
-        openai_hooks.instrument()
-        yield sink
-        openai_hooks.uninstrument()
+pytestmark = pytest.mark.usefixtures("hooks")  # instrumented, a collecting sink
 
 
 def azure(sandbox, **kw) -> AzureOpenAI:

@@ -6,28 +6,20 @@ price (half the standard price: https://platform.openai.com/docs/guides/batch, r
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
 from openai import AsyncOpenAI, OpenAI
 from sqlalchemy import func, select
 
-from tests.helpers import CollectingSink, collecting_sink
-from tokenmeter import OpenAICall, batches, openai_hooks
+from tokenmeter import OpenAICall, batches
 from tokenmeter.context import set_sink, usage_scope
 from tokenmeter.sink import DatabaseSink, FileSpool
 
 M = Decimal(1_000_000)
 
 
-@pytest.fixture(autouse=True)
-def hooks() -> Iterator[CollectingSink]:
-    with collecting_sink() as sink:
-        openai_hooks.instrument()
-        yield sink
-        openai_hooks.uninstrument()
-    batches._seen.clear()
+pytestmark = pytest.mark.usefixtures("hooks")  # instrumented, a collecting sink
 
 
 def run_batch(client: OpenAI, models: list[str]) -> str:

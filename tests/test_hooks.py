@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-from collections.abc import Iterator
 from decimal import Decimal
 
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.helpers import STREAM_DROPPED, CollectingSink, collecting_sink
+from tests.helpers import STREAM_DROPPED, CollectingSink
 from tokenmeter import maintained, openai_hooks
 from tokenmeter.context import UsageScope, usage_scope
 from tokenmeter.openai_hooks import track_openai_call
@@ -26,12 +25,7 @@ HI = [{"role": "user", "content": "hi"}]
 M = Decimal(1_000_000)
 
 
-@pytest.fixture(autouse=True)
-def hooks() -> Iterator[CollectingSink]:
-    with collecting_sink() as sink:
-        openai_hooks.instrument()
-        yield sink
-        openai_hooks.uninstrument()
+pytestmark = pytest.mark.usefixtures("hooks")  # instrumented, a collecting sink
 
 
 def assert_matches_ground_truth(scope: UsageScope, sandbox) -> None:

@@ -10,12 +10,11 @@ with what was billed.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.helpers import CollectingSink, collecting_sink, wait_for
+from tests.helpers import wait_for
 from tokenmeter import openai_hooks
 from tokenmeter.context import close_scope, open_scope, usage_scope
 from tokenmeter.openai_hooks import track_openai_call
@@ -23,12 +22,7 @@ from tokenmeter.openai_hooks import track_openai_call
 HI = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(autouse=True)
-def hooks() -> Iterator[CollectingSink]:
-    with collecting_sink() as sink:
-        openai_hooks.instrument()
-        yield sink
-        openai_hooks.uninstrument()
+pytestmark = pytest.mark.usefixtures("hooks")  # instrumented, a collecting sink
 
 
 def billed(sandbox, request_id: str):

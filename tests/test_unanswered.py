@@ -9,25 +9,18 @@ NULL, whose client request id finds what the provider billed.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.helpers import CollectingSink, collecting_sink, wait_for
-from tokenmeter import openai_hooks
+from tests.helpers import wait_for
 from tokenmeter.context import usage_scope
 
 HI = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(autouse=True)
-def hooks() -> Iterator[CollectingSink]:
-    with collecting_sink() as sink:
-        openai_hooks.instrument()
-        yield sink
-        openai_hooks.uninstrument()
+pytestmark = pytest.mark.usefixtures("hooks")  # instrumented, a collecting sink
 
 
 def billed_under(sandbox, client_request_id: str):
