@@ -524,10 +524,12 @@ class Run:
     def pending_recovery(self) -> int:
         """Batches still waiting in a spool or a write-ahead log (Redis's, when the broker is
         Redis; the local files of dead worker processes always)."""
-        waiting = sum(1 for _ in (self.workdir / "spool").glob("*.json"))
-        if self.args.broker == "redis":
-            waiting += int(self.broker_redis.llen("tokenmeter:spool"))
-            waiting += int(self.broker_redis.hlen("tokenmeter:wal:open"))
+        waiting = sum(1 for _ in (self.workdir / "spool").rglob("*.json"))
+        if self.args.broker == "redis":  # keys named by the ledger: tokenmeter:<id>:...
+            for key in self.broker_redis.scan_iter("tokenmeter:*:spool"):
+                waiting += int(self.broker_redis.llen(key))
+            for key in self.broker_redis.scan_iter("tokenmeter:*:wal:open"):
+                waiting += int(self.broker_redis.hlen(key))
         local = FileWriteAheadLog(self.workdir / "wal")
         waiting += sum(
             1 for path in (self.workdir / "wal").glob("*.jsonl") if not local._writer_alive(path)

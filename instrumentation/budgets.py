@@ -87,7 +87,9 @@ class Budgets:
         redis_client: Any | None = None,
         *,
         fail_open: bool = True,
+        namespace: str = "tokenmeter",
     ) -> None:
+        self.namespace = namespace  # the ledger's: two ledgers on one Redis keep two counters
         self.task_budget_usd = task_budget_usd
         self.daily_budget_usd = daily_budget_usd
         self.redis = redis_client
@@ -159,9 +161,9 @@ class Budgets:
         label = scope.root.labels.get(BUDGET_LABEL)
         return Decimal(label) if label is not None else self.task_budget_usd
 
-    @staticmethod
-    def _daily_key() -> str:
-        return DAILY_KEY.format(day=datetime.now(UTC).date().isoformat())
+    def _daily_key(self) -> str:
+        key = DAILY_KEY.format(day=datetime.now(UTC).date().isoformat())
+        return key.replace("tokenmeter:", f"{self.namespace}:", 1)
 
     @staticmethod
     def _refuse(

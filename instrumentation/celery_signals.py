@@ -45,9 +45,10 @@ from .context import (
 )
 from .db import dispose_after_fork
 from .filewal import FileWriteAheadLog
+from .identity import fallback_identity, ledger_identity
 from .recovery import Recovery, RecoveryReport
 from .settings import get_settings
-from .sink import DatabaseSink, connect_redis, default_spool
+from .sink import DatabaseSink, RedisSpool, connect_redis, default_spool
 from .wal import WriteAheadLog, attach_write_ahead
 
 logger = logging.getLogger("tokenmeter.celery")
@@ -97,6 +98,8 @@ class CeleryMetering:
         self.sink: DatabaseSink | None = None
         self.wal: WriteAheadLog | None = None
         self.file_wal: FileWriteAheadLog | None = None
+        self.namespace = "tokenmeter"  # Redis keys: tokenmeter:<ledger id>:...
+        self._provisional: Recovery | None = None
         self.budgets: Budgets | None = None
         self.recovery_interval_s = 0.0
         self.metrics_port: int | None = None
@@ -274,7 +277,24 @@ class CeleryMetering:
         """Replay the spool and flush orphaned write-ahead executions."""
         if self.sink is None:
             raise RuntimeError("tokenmeter is not installed: call install() first")
-        return Recovery(self.sink, self.wal, self.file_wal).run_once()
+        report = Recovery(self.sink, self.wal, self.file_wal).run_once()
+        if self._provisional is not None:
+            self._provisional.run_once()
+        return report
+
+    def _provisional_recovery(self, ledger: str | None) -> Recovery | None:
+        """What a start before the ledger's id was known left under its provisional name
+        (``tokenmeter:url-...``): recovered into this ledger, which that name stands for."""
+        if self.redis is None or not ledger or ledger.startswith("url-"):
+            return None
+        name = fallback_identity()
+        sink = DatabaseSink(
+            self.sink.database_url if self.sink is not None else None,
+            spool=RedisSpool(self.redis, f"tokenmeter:{name}:spool"),
+            ledger_id=ledger,
+        )
+        lease = get_settings().tokenmeter_wal_lease_s
+        return Recovery(sink, attach_write_ahead(sink, self.redis, lease, f"tokenmeter:{name}"))
 
     def _recovery_loop(self) -> None:
         while not self._stop.is_set():
@@ -303,18 +323,28 @@ class CeleryMetering:
         settings = get_settings()
         self._owns_redis = self._options_redis is None
         self.redis = self._options_redis or connect_redis(_redis_url(self.app))
-        self.sink = self._options_sink or DatabaseSink(spool=default_spool(self.redis))
+        if self._options_sink is not None:
+            self.sink = self._options_sink
+            ledger = self.sink.ledger_id
+        else:
+            ledger = ledger_identity()
+            self.sink = DatabaseSink(
+                spool=default_spool(self.redis, ledger, f"tokenmeter:{ledger}"), ledger_id=ledger
+            )
+        namespace = f"tokenmeter:{ledger}" if ledger else "tokenmeter"
+        self.namespace = namespace
         use_wal = (
             settings.tokenmeter_write_ahead
             if self._options_write_ahead is None
             else self._options_write_ahead
         )
         self.wal = (
-            attach_write_ahead(self.sink, self.redis, settings.tokenmeter_wal_lease_s)
+            attach_write_ahead(self.sink, self.redis, settings.tokenmeter_wal_lease_s, namespace)
             if use_wal and self.redis is not None
             else None
         )
-        self.file_wal = FileWriteAheadLog(settings.wal_dir) if use_wal else None
+        self.file_wal = FileWriteAheadLog(settings.wal_dir, ledger) if use_wal else None
+        self._provisional = self._provisional_recovery(ledger)
         if self.file_wal is not None:
             self.sink.after_flush.append(self.file_wal.after_flush)
         self.budgets = self._options_budgets
@@ -327,6 +357,7 @@ class CeleryMetering:
                 settings.tokenmeter_daily_budget_usd,
                 self.redis,
                 fail_open=settings.tokenmeter_budget_fail_open,
+                namespace=namespace,
             )
         self.recovery_interval_s = (
             settings.tokenmeter_recovery_interval_s
@@ -396,6 +427,7 @@ class CeleryMetering:
             if self._owns_redis and self.redis is not None:
                 self.redis.close()
             self.redis = self.sink = self.wal = self.file_wal = self.budgets = None
+            self._provisional = None
             self.installed = False
             if _active is self:
                 _active = None

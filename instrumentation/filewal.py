@@ -38,8 +38,9 @@ COMPACT_BYTES = 1 << 20
 class FileWriteAheadLog:
     """Per-process append-only files of captured calls, for recovery after a crash."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, ledger: str | None = None) -> None:
         self.directory = Path(directory)
+        self.ledger = ledger  # stamped on each execution: a shared folder never mixes ledgers
         self.host = socket.gethostname()
         self._lock = threading.Lock()
         self._pid = 0
@@ -80,6 +81,7 @@ class FileWriteAheadLog:
                     "task_id": root.task_id,
                     "task_name": root.task_name,
                     "attempt": root.attempt,
+                    "ledger": self.ledger,
                 }
                 self._write({"e": eid, "t": "open", "meta": meta})
                 self._open.add(eid)
@@ -173,6 +175,10 @@ class FileWriteAheadLog:
             if eid in done:
                 continue
             batch = WriteAheadLog._batch(eid, meta.get(eid, {}), raw)
+            batch.ledger = meta.get(eid, {}).get("ledger")
+            if not sink.accepts(batch):  # another ledger's worker shared this folder
+                failed = True  # kept for its own ledger's recovery
+                continue
             logger.warning(
                 "recovering %d calls of task %s (%s) whose worker process (%s) is gone",
                 len(batch.calls),
@@ -182,6 +188,8 @@ class FileWriteAheadLog:
             )
             if sink.flush(batch):
                 recovered += 1
+                with path.open("a", encoding="utf-8") as fh:  # the writer is dead: ours to note
+                    fh.write(json.dumps({"e": eid, "t": "done"}) + "\n")
             else:
                 failed = True  # kept: the next recovery writes it (idempotent)
         if not failed:

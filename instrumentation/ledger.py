@@ -162,3 +162,14 @@ class PendingRollup(LedgerBase):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
     dead: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+
+
+class LedgerIdentity(LedgerBase):
+    """The ledger's one identity, created with it: write-ahead entries, spooled batches and
+    budget counters carry it (and Redis keys are named by it), so two applications or
+    environments sharing one Redis never write into each other's ledger."""
+
+    __tablename__ = "tokenmeter_ledger"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from .filewal import FileWriteAheadLog
+from .identity import ledger_identity
 from .settings import get_settings
 from .sink import DatabaseSink, connect_redis, default_spool
 from .wal import WriteAheadLog, attach_write_ahead
@@ -41,10 +42,14 @@ class Recovery:
         """Recovery over the spool and write-ahead logs: this host's files, and Redis's."""
         settings = get_settings()
         client = connect_redis(redis_url)
-        sink = DatabaseSink(database_url, spool=default_spool(client))
+        ledger = ledger_identity(database_url)
+        namespace = f"tokenmeter:{ledger}"
+        sink = DatabaseSink(
+            database_url, spool=default_spool(client, ledger, namespace), ledger_id=ledger
+        )
         lease_s = settings.tokenmeter_wal_lease_s
-        wal = attach_write_ahead(sink, client, lease_s) if client is not None else None
-        return cls(sink, wal, FileWriteAheadLog(settings.wal_dir))
+        wal = attach_write_ahead(sink, client, lease_s, namespace) if client is not None else None
+        return cls(sink, wal, FileWriteAheadLog(settings.wal_dir, ledger))
 
     def run_once(self) -> RecoveryReport:
         replayed = recovered = 0

@@ -105,6 +105,7 @@ class FlushBatch:
     attempt: int = 0
     state: str | None = None
     batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    ledger: str | None = None  # the identity of the ledger it belongs to (None: any)
 
     @classmethod
     def from_scope(cls, scope: UsageScope, state: str | None = None) -> FlushBatch:
@@ -138,6 +139,7 @@ class FlushBatch:
                 "task_name": self.task_name,
                 "attempt": self.attempt,
                 "state": self.state,
+                "ledger": self.ledger,
                 "calls": [call_to_json(c) for c in self.calls],
                 "rollups": [{"rollup": r.rollup, "seqs": r.seqs} for r in self.rollups],
             },
@@ -156,6 +158,7 @@ class FlushBatch:
             attempt=data.get("attempt") or 0,
             state=data.get("state"),
             batch_id=data.get("batch_id") or uuid.uuid4().hex,
+            ledger=data.get("ledger"),
         )
 
 
@@ -453,11 +456,16 @@ def connect_redis(url: str | None) -> Any | None:
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
 
-def default_spool(redis_client: Any | None = None) -> Spool:
-    """Redis (with a local-file fallback) when a client is given, else a local file spool."""
-    local = FileSpool(get_settings().spool_dir)
+def default_spool(
+    redis_client: Any | None = None, ledger: str | None = None, namespace: str = "tokenmeter"
+) -> Spool:
+    """Redis (with a local-file fallback) when a client is given, else a local file spool;
+    both named by the ledger's identity when it is given (``<namespace>:spool``,
+    ``spool/<ledger>/``), so ledgers sharing a Redis or a data dir keep apart."""
+    folder = get_settings().spool_dir
+    local = FileSpool(folder / ledger if ledger else folder)
     if redis_client is not None:
-        return FallbackSpool(RedisSpool(redis_client), local)
+        return FallbackSpool(RedisSpool(redis_client, f"{namespace}:spool"), local)
     return local
 
 
@@ -473,10 +481,12 @@ class DatabaseSink:
         database_url: str | None = None,
         spool: Spool | None = None,
         after_flush: list[FlushHook] | None = None,
+        ledger_id: str | None = None,
     ) -> None:
         self.database_url = database_url
         self.spool: Spool = spool if spool is not None else default_spool()
         self.after_flush: list[FlushHook] = list(after_flush or [])
+        self.ledger_id = ledger_id  # stamped on every batch; replay takes only its own
 
     # Sink protocol
     def scope_closed(self, scope: UsageScope) -> None:
@@ -541,9 +551,19 @@ class DatabaseSink:
                 conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
             yield conn
 
+    def accepts(self, batch: FlushBatch) -> bool:
+        """Is ``batch`` this ledger's to write?  (One stamped by another ledger never is.)"""
+        if batch.ledger is None or batch.ledger == self.ledger_id:
+            return True
+        from .identity import accepted
+
+        return accepted(batch.ledger, self.database_url)
+
     def flush(self, batch: FlushBatch) -> bool:
         """Write ``batch`` now, or spool it.  True when it reached the database.  Never raises."""
         started = time.perf_counter()
+        if batch.ledger is None:
+            batch.ledger = self.ledger_id
         try:
             new_calls = self.write(batch)
         except Exception as exc:
@@ -620,6 +640,10 @@ class DatabaseSink:
         while limit is None or done < limit:
             want = chunk if limit is None else min(chunk, limit - done)
             payloads = self.spool.peek_many(want)
+            foreign = [p for p in payloads if not self.accepts(FlushBatch.from_json(p))]
+            if foreign:  # another ledger's batches: left for it (and never written here)
+                logger.warning("%d spooled batches belong to another ledger: left", len(foreign))
+                payloads = [p for p in payloads if p not in foreign]
             if not payloads:
                 break
             try:

@@ -51,9 +51,18 @@ class WriteAheadLog:
     """Per-execution Redis lists of captured calls, for recovery after a hard crash."""
 
     def __init__(
-        self, client: Any, lease_s: float = DEFAULT_LEASE_S, *, host: str | None = None
+        self,
+        client: Any,
+        lease_s: float = DEFAULT_LEASE_S,
+        *,
+        host: str | None = None,
+        namespace: str = "tokenmeter",
+        ledger: str | None = None,
     ) -> None:
         self.client = client
+        self.open_key = f"{namespace}:wal:open"
+        self.entry_prefix = f"{namespace}:wal:"
+        self.ledger = ledger
         self.host = host or socket.gethostname()
         self.lease_s = lease_s
         self._lock = threading.Lock()
@@ -81,6 +90,7 @@ class WriteAheadLog:
             "pid": pid,
             "started": process_started(pid),
             "opened": time.time(),
+            "ledger": self.ledger,
         }
 
     def _push(self, scope: UsageScope, entry: dict[str, Any]) -> None:
@@ -90,9 +100,9 @@ class WriteAheadLog:
             known = self._open.get(eid)
             meta = known[1] if known is not None else self._meta(root)
             self._open[eid] = (root, meta)
-        key = ENTRY_PREFIX + eid
+        key = self.entry_prefix + eid
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(OPEN_KEY, eid, json.dumps({**meta, "renewed": time.time()}))
+        pipe.hset(self.open_key, eid, json.dumps({**meta, "renewed": time.time()}))
         pipe.rpush(key, json.dumps(entry, separators=(",", ":")))
         pipe.expire(key, ENTRY_TTL_S)
         length = pipe.execute()[1]
@@ -105,7 +115,7 @@ class WriteAheadLog:
             "write-ahead log of task %s was recovered elsewhere while it ran; listing it again",
             root.task_id,
         )
-        key = ENTRY_PREFIX + root.execution_id
+        key = self.entry_prefix + root.execution_id
         pipe = self.client.pipeline(transaction=False)
         for scope in root.walk():
             for rollup in list(scope.rollups):
@@ -164,7 +174,8 @@ class WriteAheadLog:
             owned = [(eid, meta) for eid, (_, meta) in self._open.items()]
         if owned:
             self.client.hset(
-                OPEN_KEY, mapping={eid: json.dumps({**meta, "renewed": now}) for eid, meta in owned}
+                self.open_key,
+                mapping={eid: json.dumps({**meta, "renewed": now}) for eid, meta in owned},
             )
         return len(owned)
 
@@ -183,15 +194,15 @@ class WriteAheadLog:
         with self._lock:
             self._open.pop(execution_id, None)
         pipe = self.client.pipeline(transaction=False)
-        pipe.delete(ENTRY_PREFIX + execution_id)
-        pipe.hdel(OPEN_KEY, execution_id)
+        pipe.delete(self.entry_prefix + execution_id)
+        pipe.hdel(self.open_key, execution_id)
         pipe.execute()
 
     def _forget_if_unchanged(self, execution_id: str, entries: int) -> bool:
         """Forget a recovered execution unless its owner appended meanwhile (it is alive)."""
         from redis.exceptions import WatchError
 
-        key = ENTRY_PREFIX + execution_id
+        key = self.entry_prefix + execution_id
         with self.client.pipeline() as pipe:
             try:
                 pipe.watch(key)
@@ -200,7 +211,7 @@ class WriteAheadLog:
                     return False
                 pipe.multi()
                 pipe.delete(key)
-                pipe.hdel(OPEN_KEY, execution_id)
+                pipe.hdel(self.open_key, execution_id)
                 pipe.execute()
                 return True
             except WatchError:
@@ -225,7 +236,7 @@ class WriteAheadLog:
         return self._batch(execution_id, meta, self._entries(execution_id))
 
     def _entries(self, execution_id: str) -> list[Any]:
-        return list(self.client.lrange(ENTRY_PREFIX + execution_id, 0, -1))
+        return list(self.client.lrange(self.entry_prefix + execution_id, 0, -1))
 
     @staticmethod
     def _batch(execution_id: str, meta: dict[str, Any], raw: list[Any]) -> FlushBatch:
@@ -274,13 +285,16 @@ class WriteAheadLog:
     def recover(self, sink: DatabaseSink) -> int:
         """Flush every orphaned execution; returns how many were recovered."""
         recovered = 0
-        for raw_id, raw_meta in self.client.hgetall(OPEN_KEY).items():
+        for raw_id, raw_meta in self.client.hgetall(self.open_key).items():
             execution_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
             meta = json.loads(raw_meta)
             if not self.is_orphan(meta):
                 continue
             raw = self._entries(execution_id)
             batch = self._batch(execution_id, meta, raw)
+            batch.ledger = meta.get("ledger")
+            if not sink.accepts(batch):  # another ledger's (a shared namespace): not ours
+                continue
             if not (batch.calls or batch.rollups):  # its entries expired or never came
                 self._forget_if_unchanged(execution_id, 0)
                 continue
@@ -302,9 +316,12 @@ class WriteAheadLog:
 
 
 def attach_write_ahead(
-    sink: DatabaseSink, client: Any, lease_s: float = DEFAULT_LEASE_S
+    sink: DatabaseSink,
+    client: Any,
+    lease_s: float = DEFAULT_LEASE_S,
+    namespace: str = "tokenmeter",
 ) -> WriteAheadLog:
     """A write-ahead log on ``client`` that ``sink`` forgets once a batch is durable."""
-    wal = WriteAheadLog(client, lease_s)
+    wal = WriteAheadLog(client, lease_s, namespace=namespace, ledger=sink.ledger_id)
     sink.after_flush.append(wal.after_flush)
     return wal

@@ -279,9 +279,13 @@ def test_recovery_replays_a_real_redis_spool(
     client = redis_db.client()
     run_id = make_run()
     batch = commission_attempt(run_id, 0, "r", captured)
-    down = Recovery.connect(url, database_url=UNREACHABLE_PG)
+    down = Recovery.connect(url)  # the ledger's identity is read while the database is up
+    ledger = down.sink.ledger_id
+    assert ledger and len(ledger) == 32
+    down.sink.database_url = UNREACHABLE_PG  # then it goes away
     assert down.sink.flush(batch) is False
-    assert client.llen("tokenmeter:spool") == 1
+    assert client.llen(f"tokenmeter:{ledger}:spool") == 1  # named by the ledger
+    assert client.llen("tokenmeter:spool") == 0
     assert down.run_once().still_spooled == 1
 
     report = Recovery.connect(url).run_once()

@@ -297,13 +297,23 @@ def test_database_outage_is_spooled_and_replayed(stack: Stack) -> None:
     stack.proxy.stop()  # PostgreSQL "goes down" for the worker
     run_mixed(stack, 30)  # tasks still succeed: metering never fails a task
     spool = redis.Redis.from_url(stack.env["CELERY_BROKER_URL"])
-    wait_for(lambda: spool.llen("tokenmeter:spool") >= 30, 30, "flushes to be spooled")
+    key = f"tokenmeter:{ledger_id(stack.db_url)}:spool"  # named by the ledger's identity
+    wait_for(lambda: spool.llen(key) >= 30, 30, "flushes to be spooled")
     assert len(stack.ledger_rows()) < len(stack.sandbox.ledger)
 
     stack.proxy.start()  # back up, same port
     stack.assert_ledger_matches_ground_truth(timeout=60)
-    wait_for(lambda: spool.llen("tokenmeter:spool") == 0, 30, "the spool to drain")
-    assert spool.llen("tokenmeter:spool:dead") == 0
+    wait_for(lambda: spool.llen(key) == 0, 30, "the spool to drain")
+    assert spool.llen(f"{key}:dead") == 0
+
+
+def ledger_id(db_url: str) -> str:
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return str(conn.execute(text("SELECT id FROM tokenmeter_ledger")).scalar_one())
+    finally:
+        engine.dispose()
 
 
 def test_sigkill_mid_task_loses_nothing_and_counts_once(stack: Stack) -> None:
