@@ -131,7 +131,7 @@ class PriceTable:
         for row in rows:  # a later row with the same key and start replaces an earlier one
             by_key[((row.model, row.service_tier, row.batch), row.starts)] = row
         self._rows: dict[_Key, list[PriceRow]] = {}
-        for (key, _), row in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[1].starts)):
+        for (key, _), row in sorted(by_key.items(), key=lambda kv: kv[1].starts):
             self._rows.setdefault(key, []).append(row)
         self._models = {key[0] for key in self._rows}
 
@@ -244,12 +244,7 @@ class Prices:
     ) -> Price:
         row = table.price_for(model, at, tier, call.batch)
         if row is None:
-            day = at.date()
-            what = (
-                f"{model} ({tier}{' batch' if call.batch else ''}) on {day}"
-                if tier != "default" or call.batch
-                else f"{model} on {day}"
-            )
+            what = f"{model} ({tier}{' batch' if call.batch else ''}) on {at.date()}"
             self.warn_unknown(what, f"{table.source} has no row in force")
             return Price(None, table.source)
         if row.images is None and not call.usage_reported:
@@ -319,27 +314,28 @@ def _cost(row: PriceRow, call: CallRecord) -> Decimal | None:
     )
     if any(used and price is None for used, price in needed):
         return None
-    input_price = row.input if row.input is not None else Decimal(0)
+    input_price = row.input
     cached_price = row.cached_input if row.cached_input is not None else input_price
     image_input_price = row.image_input if row.image_input is not None else input_price
-    cached = min(call.cached_input_tokens, call.input_tokens)
-    image_in = call.input_image_tokens
-    parts = [
-        (cached, cached_price),
-        (image_in, image_input_price),
+    # (count, USD per 1M): input tokens by kind (the plain rest last), then output tokens by
+    # kind; every price used is known (checked above), so only counts of 0 meet a None price
+    input_parts = [
+        (min(call.cached_input_tokens, call.input_tokens), cached_price),
+        (call.input_image_tokens, image_input_price),
         (call.cache_write_tokens, row.cache_write),
         (call.input_audio_tokens, row.input_audio),
     ]
-    text_in = call.input_tokens - sum(n for n, _ in parts)
-    total = text_in * input_price + sum(n * (p or 0) for n, p in parts)
-    audio_out = call.output_audio_tokens
-    if row.output is not None:  # (output tokens without an output price returned above)
-        total += (call.output_tokens - audio_out) * row.output
-    total += audio_out * (row.output_audio or 0)
-    fees = call.web_search_calls * (row.web_search or 0) + call.file_search_calls * (
-        row.file_search or 0
-    )
-    return total / PER_MILLION + fees / PER_THOUSAND
+    text_in = call.input_tokens - sum(n for n, _ in input_parts)
+    parts = [
+        *input_parts,
+        (text_in, input_price),
+        (call.output_tokens - call.output_audio_tokens, row.output),
+        (call.output_audio_tokens, row.output_audio),
+    ]
+    total = sum((n * price for n, price in parts if n and price is not None), Decimal(0))
+    fees = [(call.web_search_calls, row.web_search), (call.file_search_calls, row.file_search)]
+    per_thousand = sum((n * price for n, price in fees if n and price is not None), Decimal(0))
+    return total / PER_MILLION + per_thousand / PER_THOUSAND
 
 
 # A cache of loaded tables (its size and its presence change no price: equivalent mutants).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -355,3 +355,88 @@ def test_a_price_that_changes_mid_day_prices_each_call_by_its_own_moment(tmp_pat
     assert cost(prices, morning) == Decimal("0.003")
     assert cost(prices, noon) == Decimal("0.007")
     assert prices.cost_of(noon).version == "acme-llm@2026-12-01T12:00:00+00:00"
+
+
+def _one_row(**prices: str) -> Prices:
+    row = PriceRow(
+        model="acme-llm", effective=date(2025, 1, 1), **{k: Decimal(v) for k, v in prices.items()}
+    )
+    return Prices(PriceTable([row], "test"), PriceTable([], "tokenmeter"))
+
+
+def test_a_row_prices_every_dimension_at_its_own_rate() -> None:
+    """Found by mutation testing: each of these rates was unchecked in a user's row."""
+    prices = _one_row(
+        input="1",
+        cached_input="0.1",
+        cache_write="1.25",
+        image_input="2",
+        input_audio="4",
+        output="8",
+        output_audio="16",
+        web_search="10",
+        file_search="2.5",
+    )
+    call = chat(
+        "acme-llm",
+        10_000,
+        3_000,
+        cached=1_000,
+        cache_write_tokens=2_000,
+        input_image_tokens=500,
+        input_audio_tokens=1_500,
+        output_audio_tokens=1_000,
+        web_search_calls=3,
+        file_search_calls=2,
+    )
+    text_in = 10_000 - 1_000 - 2_000 - 500 - 1_500
+    tokens = (
+        text_in * 1
+        + 1_000 * Decimal("0.1")
+        + 2_000 * Decimal("1.25")
+        + 500 * 2
+        + 1_500 * 4
+        + (3_000 - 1_000) * 8
+        + 1_000 * 16
+    )
+    assert cost(prices, call) == tokens / M + (3 * 10 + 2 * Decimal("2.5")) / 1000
+
+
+def test_a_row_without_a_cached_rate_bills_cached_input_as_input() -> None:
+    prices = _one_row(input="1", output="2")
+    assert cost(prices, chat("acme-llm", 1_000, 0, cached=600)) == Decimal("0.001")
+
+
+def test_unreported_usage_and_per_image_rows() -> None:
+    prices = Prices.load()
+    dalle = CallRecord(
+        operation="image", requested_model="dall-e-3", image_count=2, usage_reported=False
+    )
+    assert prices.cost_of(dalle).cost == Decimal("0.08")  # dall-e reports no usage: per image
+    tokens = _one_row(input="1", output="2")
+    assert cost(tokens, chat("acme-llm", 0, 0, usage_reported=False)) is None
+
+
+def test_rows_in_force_a_naive_moment_and_the_batch_default() -> None:
+    rows = [
+        PriceRow(model="m", effective=date(2025, 1, 1), input=Decimal(1)),
+        PriceRow(model="m", effective=datetime(2025, 6, 1, 12), input=Decimal(2)),  # naive: UTC
+        PriceRow(model="m", effective=date(2025, 1, 1), batch=True, input=Decimal("0.5")),
+    ]
+    table = PriceTable(rows, "test")
+    assert [r.input for r in table.rows(date(2025, 3, 1))] == [Decimal(1), Decimal("0.5")]
+    assert [r.input for r in table.rows(date(2024, 3, 1))] == []
+    at_noon = datetime(2025, 6, 1, 12, tzinfo=UTC)
+    assert table.price_for("m", at_noon).input == Decimal(2)  # not the batch row
+    assert table.price_for("m", at_noon - timedelta(seconds=1)).input == Decimal(1)
+    prices = Prices(table, PriceTable([], "tokenmeter"))
+    price, call = prices.quote("m", at=date(2025, 3, 1))
+    # the default row, not the batch one (no output price: the 1M output tokens are unknown)
+    assert not call.batch and price.version == "m@2025-01-01" and price.cost is None
+
+
+def test_a_price_is_immutable() -> None:
+    from dataclasses import FrozenInstanceError
+
+    with pytest.raises(FrozenInstanceError):
+        Price(Decimal(1)).cost = Decimal(0)  # type: ignore[misc]
