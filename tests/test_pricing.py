@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -233,6 +233,8 @@ def test_a_users_tier_row(tmp_path: Path) -> None:
     )
     prices = Prices.load(override)
     assert cost(prices, chat("acme-llm", 1000, 1000, service_tier="flex")) == Decimal("0.0015")
+    flex = prices.cost_of(chat("acme-llm", 1, 1, service_tier="flex"))
+    assert flex.version == "acme-llm@2025-01-01 flex"
     assert cost(prices, chat("acme-llm", 1000, 1000)) == Decimal("0.003")
     assert cost(prices, chat("acme-llm", 1000, 1000, service_tier="priority")) is None
 
@@ -440,3 +442,24 @@ def test_a_price_is_immutable() -> None:
 
     with pytest.raises(FrozenInstanceError):
         Price(Decimal(1)).cost = Decimal(0)  # type: ignore[misc]
+
+
+def test_a_row_names_a_real_tier() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="service_tier"):
+        PriceRow(model="m", effective=date(2025, 1, 1), service_tier="flexx")
+
+
+def test_a_moment_in_another_time_zone_is_compared_in_utc() -> None:
+    """02:00 at +05:00 on the 10th is 21:00 UTC on the 9th: the row of the 10th is not yet in
+    force (found by mutation testing)."""
+    rows = [
+        PriceRow(model="m", effective=date(2025, 6, 1), input=Decimal(1)),
+        PriceRow(model="m", effective=date(2025, 6, 10), input=Decimal(2)),
+    ]
+    prices = Prices(PriceTable(rows, "test"), PriceTable([], "tokenmeter"))
+    plus5 = timezone(timedelta(hours=5))
+    early = chat("m", 1_000_000, 0, at=datetime(2025, 6, 10, 2, tzinfo=plus5))
+    late = chat("m", 1_000_000, 0, at=datetime(2025, 6, 10, 6, tzinfo=plus5))
+    assert (cost(prices, early), cost(prices, late)) == (Decimal(1), Decimal(2))
