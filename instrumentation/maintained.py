@@ -43,19 +43,14 @@ def source() -> str:
     return f"genai-prices {genai_prices.__version__}"
 
 
-def _find(model: str) -> Any | None:
-    """The package's model for ``model`` (its own curated match rules), or None."""
+def _find(model: str) -> tuple[Any, Any] | None:
+    """(provider, model) of the package for ``model`` (its own curated match rules), or None."""
     from genai_prices.data_snapshot import get_snapshot
 
     try:
-        _, info = get_snapshot().find_provider_model(model, None, PROVIDER, None)
+        return get_snapshot().find_provider_model(model, None, PROVIDER, None)
     except LookupError:
         return None
-    return info
-
-
-def knows(model: str | None) -> bool:
-    return bool(model) and _find(model or "") is not None
 
 
 def _row_start(info: Any, at: datetime) -> date | None:
@@ -92,11 +87,12 @@ _PRICED_PARTS = {
 
 def quote(call: CallRecord, model: str, tier: str, batch: bool) -> Quote | None:
     """The maintained price of ``call`` as ``model``; None when the data has no such model."""
-    from genai_prices import Usage, calc_price
+    from genai_prices import Usage
 
-    info = _find(model)
-    if info is None:
+    found = _find(model)
+    if found is None:
         return None
+    provider, info = found
     at = call.created_at if call.created_at.tzinfo else call.created_at.replace(tzinfo=UTC)
     start = _row_start(info, at)
     version = f"{info.id}@{start.isoformat() if start else 'listed'}"
@@ -107,7 +103,8 @@ def quote(call: CallRecord, model: str, tier: str, batch: bool) -> Quote | None:
     elif batch:
         context = {"processing": "batch"}
         version += " batch"
-    if context is not None and not _variant_active(info, context, at):
+    own = any(info is m for m in provider.models)  # variants belong to their provider's models
+    if context is not None and not (own and _variant_active(info, context, at)):
         what = f"the {tier} tier" if tier != "default" else "batch processing"
         return Quote(None, info.id, version, f"{info.id} has no price for {what} on {at.date()}")
     if not call.usage_reported:  # the usage is unknown, not the price
@@ -128,17 +125,11 @@ def quote(call: CallRecord, model: str, tier: str, batch: bool) -> Quote | None:
             reason = f"{info.id} has no price for {field_name.replace('_', ' ')}"
             return Quote(None, info.id, version, reason)
         usage[usage_key] = used
-    try:
-        result = calc_price(
-            Usage(**usage),
-            info.id,
-            provider_id=PROVIDER,
-            genai_request_timestamp=at,
-            price_context=context,
-        )
+    try:  # the very rates checked above: no second lookup
+        result = prices.calc_price(Usage(**usage))
     except (LookupError, ValueError) as exc:
         return Quote(None, info.id, version, f"{info.id}: {exc}")
-    return Quote(Decimal(result.total_price), info.id, version)
+    return Quote(Decimal(result["total_price"]), info.id, version)
 
 
 def openai_models() -> list[str]:
