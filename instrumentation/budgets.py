@@ -41,7 +41,7 @@ from .money import MONEY_SCALE, to_money
 logger = logging.getLogger("tokenmeter.budgets")
 
 BUDGET_LABEL = "budget_usd"
-DAILY_KEY = "tokenmeter:budget:daily:{day}"
+DAILY_KEY = "{namespace}:budget:daily:{day}"
 
 
 class BudgetExceeded(RuntimeError):
@@ -162,8 +162,7 @@ class Budgets:
         return Decimal(label) if label is not None else self.task_budget_usd
 
     def _daily_key(self) -> str:
-        key = DAILY_KEY.format(day=datetime.now(UTC).date().isoformat())
-        return key.replace("tokenmeter:", f"{self.namespace}:", 1)
+        return DAILY_KEY.format(namespace=self.namespace, day=datetime.now(UTC).date().isoformat())
 
     @staticmethod
     def _refuse(

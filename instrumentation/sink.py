@@ -639,16 +639,18 @@ class DatabaseSink:
         done = 0
         while limit is None or done < limit:
             want = chunk if limit is None else min(chunk, limit - done)
-            payloads = self.spool.peek_many(want)
-            foreign = [p for p in payloads if not self.accepts(FlushBatch.from_json(p))]
-            if foreign:  # another ledger's batches: left for it (and never written here)
-                logger.warning("%d spooled batches belong to another ledger: left", len(foreign))
-                payloads = [p for p in payloads if p not in foreign]
+            parsed = [(p, FlushBatch.from_json(p)) for p in self.spool.peek_many(want)]
+            ours = [(p, b) for p, b in parsed if self.accepts(b)]
+            if len(ours) < len(parsed):  # another ledger's batches: left for it, never written
+                logger.warning(
+                    "%d spooled batches belong to another ledger: left", len(parsed) - len(ours)
+                )
+            payloads = [p for p, _ in ours]
             if not payloads:
                 break
             try:
                 with self._transaction() as conn:
-                    write_batches(conn, [FlushBatch.from_json(p) for p in payloads])
+                    write_batches(conn, [b for _, b in ours])
             except Exception as exc:
                 if is_interrupt(exc):
                     raise
