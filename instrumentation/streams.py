@@ -374,45 +374,66 @@ def _text(piece: Any) -> str:
     return piece.decode("utf-8", "replace") if isinstance(piece, bytes) else str(piece)
 
 
-def _tap_chunks(tap: BodyTap, chunks: Iterator[Any]) -> Iterator[Any]:
-    """``iter_bytes`` / ``iter_text`` as the caller reads them (SSE: whole events, the injected
-    usage event left out)."""
-    if not tap.sse:
-        for chunk in chunks:
-            tap.body(_text(chunk))
-            yield chunk
-        return
-    tap.fed = True
-    buffer: Any = None
-    for chunk in chunks:
-        events, buffer = _split_events(chunk[:0] if buffer is None else buffer, chunk)
-        for event in events:
-            if tap.event(_text(event)):
-                yield event
-    if buffer:
-        tap.event(_text(buffer))
-        yield buffer
+class _Chunks:
+    """``iter_bytes`` / ``iter_text`` as the caller reads them: a JSON body is seen as it
+    passes; an SSE body is handed on in whole events, the injected usage event left out."""
+
+    def __init__(self, tap: BodyTap) -> None:
+        self.tap = tap
+        self.buffer: Any = None
+
+    def feed(self, chunk: Any) -> list[Any]:
+        if not self.tap.sse:
+            self.tap.body(_text(chunk))
+            return [chunk]
+        self.tap.fed = True
+        events, self.buffer = _split_events(
+            chunk[:0] if self.buffer is None else self.buffer, chunk
+        )
+        return [e for e in events if self.tap.event(_text(e))]
+
+    def end(self) -> list[Any]:
+        if not self.buffer:
+            return []
+        self.tap.event(_text(self.buffer))
+        return [self.buffer]
 
 
-def _tap_lines(tap: BodyTap, lines: Iterator[str]) -> Iterator[str]:
-    """``iter_lines``: SSE lines, the injected usage event (and its blank line) left out."""
-    if not tap.sse:
-        for line in lines:
-            tap.body(line + "\n")
-            yield line
-        return
-    tap.fed = True
-    held: list[str] = []
-    for line in lines:
+class _Lines:
+    """``iter_lines``: the same rules, line by line (an event ends at its blank line)."""
+
+    def __init__(self, tap: BodyTap) -> None:
+        self.tap = tap
+        self.held: list[str] = []
+
+    def feed(self, line: str) -> list[str]:
+        if not self.tap.sse:
+            self.tap.body(line + "\n")
+            return [line]
+        self.tap.fed = True
         if line:
-            held.append(line)
-            continue
-        if tap.event("\n".join(held)):
-            yield from held
-            yield line
-        held = []
-    if held and tap.event("\n".join(held)):
-        yield from held
+            self.held.append(line)
+            return []
+        event, self.held = self.held, []
+        return [*event, line] if self.tap.event("\n".join(event)) else []
+
+    def end(self) -> list[str]:
+        event, self.held = self.held, []
+        return event if event and self.tap.event("\n".join(event)) else []
+
+
+def _through(step: _Chunks | _Lines, source: Iterator[Any]) -> Iterator[Any]:
+    for item in source:
+        yield from step.feed(item)
+    yield from step.end()
+
+
+async def _athrough(step: _Chunks | _Lines, source: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for item in source:
+        for out in step.feed(item):
+            yield out
+    for out in step.end():
+        yield out
 
 
 def _content(http_response: Any) -> bytes | None:
@@ -480,52 +501,14 @@ def watch_async_response(pending: PendingCall, response: Any) -> Any:
 def _tap_iterators(response: Any, tap: BodyTap) -> None:
     for name in ("iter_bytes", "iter_text"):
         original = getattr(response, name)
-        setattr(response, name, lambda *a, _o=original, **k: _tap_chunks(tap, _o(*a, **k)))
+        setattr(response, name, lambda *a, _o=original, **k: _through(_Chunks(tap), _o(*a, **k)))
     original_lines = response.iter_lines
-    response.iter_lines = lambda: _tap_lines(tap, original_lines())
+    response.iter_lines = lambda: _through(_Lines(tap), original_lines())
 
 
 def _tap_async_iterators(response: Any, tap: BodyTap) -> None:
-    async def chunks(source: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        # the same rules as the sync tap, fed from an async source
-        pending: deque[Any] = deque()
-        buffer: Any = None
-        async for chunk in source:
-            if not tap.sse:
-                tap.body(_text(chunk))
-                yield chunk
-                continue
-            tap.fed = True
-            events, buffer = _split_events(chunk[:0] if buffer is None else buffer, chunk)
-            pending.extend(e for e in events if tap.event(_text(e)))
-            while pending:
-                yield pending.popleft()
-        if buffer:
-            tap.event(_text(buffer))
-            yield buffer
-
-    async def lines(source: AsyncIterator[str]) -> AsyncIterator[str]:
-        held: list[str] = []
-        async for line in source:
-            if not tap.sse:
-                tap.body(line + "\n")
-                yield line
-                continue
-            tap.fed = True
-            if line:
-                held.append(line)
-                continue
-            if tap.event("\n".join(held)):
-                for h in held:
-                    yield h
-                yield line
-            held = []
-        if held and tap.event("\n".join(held)):
-            for h in held:
-                yield h
-
     for name in ("iter_bytes", "iter_text"):
         original = getattr(response, name)
-        setattr(response, name, lambda *a, _o=original, **k: chunks(_o(*a, **k)))
+        setattr(response, name, lambda *a, _o=original, **k: _athrough(_Chunks(tap), _o(*a, **k)))
     original_lines = response.iter_lines
-    response.iter_lines = lambda: lines(original_lines())
+    response.iter_lines = lambda: _athrough(_Lines(tap), original_lines())

@@ -194,3 +194,18 @@ class _nothing:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+async def test_async_streaming_response_read_as_lines_and_bytes(
+    async_openai_client: AsyncOpenAI, sandbox
+) -> None:
+    async with usage_scope("task", "async-lines") as scope:
+        raw = async_openai_client.chat.completions.with_streaming_response
+        async with raw.create(model="gpt-4o-mini", messages=HI, stream=True) as response:
+            lines = [line async for line in response.iter_lines()]
+        async with raw.create(model="gpt-4o-mini", messages=HI) as response:
+            body = b"".join([chunk async for chunk in response.iter_bytes()])
+    streamed, plain = scope.all_calls()
+    for call in (streamed, plain):
+        assert_exact(call, sandbox)
+    assert not any('"usage":{' in line for line in lines) and json.loads(body)["usage"]
