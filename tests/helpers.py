@@ -32,6 +32,7 @@ __all__ = [
     "CollectingSink",
     "clear_settings",
     "collecting_sink",
+    "dead_pid",
     "subprocess_env",
     "wait_for",
 ]
@@ -81,3 +82,13 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(every)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has just exited (a worker that "died")."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

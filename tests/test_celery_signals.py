@@ -7,8 +7,6 @@ The OpenAI call path is the one the hooks use: ``before_call`` (budget guards) t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from decimal import Decimal
 
@@ -18,6 +16,7 @@ from celery import Celery
 from sqlalchemy import func, select
 
 from models import AgentScannedPost, session_scope
+from tests.helpers import dead_pid
 from tokenmeter import OpenAICall
 from tokenmeter.budgets import BudgetExceeded, Budgets
 from tokenmeter.celery_signals import CeleryMetering, install
@@ -164,12 +163,6 @@ def test_task_filter_leaves_other_tasks_unscoped(app, db_url, redis_client, tmp_
         handle.uninstall()
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def test_write_ahead_log_recovers_a_killed_execution_once(db_url, redis_client, tmp_path) -> None:
     """A worker killed mid-task never flushes; recovery finds its calls in Redis, once."""
     wal = WriteAheadLog(redis_client)
@@ -192,7 +185,7 @@ def test_write_ahead_log_recovers_a_killed_execution_once(db_url, redis_client, 
     # The process "dies" here: no close_scope, no flush.  Pretend its pid is gone.
     _current.reset(token)
     meta = json.loads(redis_client.hget(OPEN_KEY, root.execution_id))
-    meta["pid"] = _dead_pid()
+    meta["pid"] = dead_pid()
     redis_client.hset(OPEN_KEY, root.execution_id, json.dumps(meta))
 
     assert wal.recover(sink) == 1

@@ -5,8 +5,6 @@ files, spooled batches during an outage)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import fakeredis
 from sqlalchemy import create_engine, select
 
 import tokenmeter.migrate as ledger_migrations
+from tests.helpers import dead_pid
 from tokenmeter import OpenAICall
 from tokenmeter.context import CallRecord, _current, open_scope, record_call
 from tokenmeter.filewal import FileWriteAheadLog
@@ -87,12 +86,6 @@ class App:
             engine.dispose()
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def test_two_ledgers_on_one_redis_and_one_data_dir_never_mix(tmp_path: Path) -> None:
     redis = fakeredis.FakeRedis()
     urls = [f"sqlite:///{tmp_path / name}.sqlite" for name in ("shop", "blog")]
@@ -107,7 +100,7 @@ def test_two_ledgers_on_one_redis_and_one_data_dir_never_mix(tmp_path: Path) -> 
     shop.files.close()
     blog.files.close()
     # the processes that wrote the local files are gone too
-    dead = _dead_pid()
+    dead = dead_pid()
     for n, path in enumerate(sorted((tmp_path / "wal").glob("*.jsonl"))):
         path.rename(path.with_name(f"{shop.files.host}-{dead}-{n + 1}.jsonl"))
     for app in (shop, blog):  # each owner's Redis entries: their lease ran out

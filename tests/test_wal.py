@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from models import AgentScannedPost, session_scope
-from tests.helpers import wait_for
+from tests.helpers import dead_pid, wait_for
 from tokenmeter import OpenAICall
 from tokenmeter.context import CallRecord, _current, open_scope, record_call, usage_scope
 from tokenmeter.procs import process_started
@@ -194,7 +194,7 @@ def test_a_dead_writers_file_is_recovered_once_and_removed(tmp_path, sink, db_ur
     with written.open("a") as fh:
         fh.write('{"e": "cut-by-the-kil')  # the line being written when the process died
     assert log.recover(sink) == 0  # its writer (this process) is alive: left alone
-    dead = written.with_name(f"{log.host}-{_dead_pid()}-12345.jsonl")
+    dead = written.with_name(f"{log.host}-{dead_pid()}-12345.jsonl")
     written.rename(dead)
     assert log.recover(sink) == 1 and not dead.exists()
     assert log.recover(sink) == 0
@@ -203,12 +203,3 @@ def test_a_dead_writers_file_is_recovered_once_and_removed(tmp_path, sink, db_ur
         post_row = s.scalars(select(AgentScannedPost)).one()
     assert ids == ["req_f1", "req_f2"]  # the flushed execution is not written again
     assert post_row.prompt_tokens == 340
-
-
-def _dead_pid() -> int:
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
