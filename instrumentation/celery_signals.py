@@ -45,7 +45,7 @@ from .context import (
 )
 from .db import dispose_after_fork
 from .filewal import FileWriteAheadLog
-from .identity import fallback_identity, ledger_identity
+from .identity import fallback_identity, ledger_identity, redis_namespace
 from .recovery import Recovery, RecoveryReport
 from .settings import get_settings
 from .sink import DatabaseSink, RedisSpool, connect_redis, default_spool
@@ -287,14 +287,14 @@ class CeleryMetering:
         (``tokenmeter:url-...``): recovered into this ledger, which that name stands for."""
         if self.redis is None or not ledger or ledger.startswith("url-"):
             return None
-        name = fallback_identity()
+        namespace = redis_namespace(fallback_identity())
         sink = DatabaseSink(
             self.sink.database_url if self.sink is not None else None,
-            spool=RedisSpool(self.redis, f"tokenmeter:{name}:spool"),
+            spool=RedisSpool(self.redis, f"{namespace}:spool"),
             ledger_id=ledger,
         )
         lease = get_settings().tokenmeter_wal_lease_s
-        return Recovery(sink, attach_write_ahead(sink, self.redis, lease, f"tokenmeter:{name}"))
+        return Recovery(sink, attach_write_ahead(sink, self.redis, lease, namespace))
 
     def _recovery_loop(self) -> None:
         while not self._stop.is_set():
@@ -323,16 +323,12 @@ class CeleryMetering:
         settings = get_settings()
         self._owns_redis = self._options_redis is None
         self.redis = self._options_redis or connect_redis(_redis_url(self.app))
-        if self._options_sink is not None:
-            self.sink = self._options_sink
-            ledger = self.sink.ledger_id
-        else:
-            ledger = ledger_identity()
-            self.sink = DatabaseSink(
-                spool=default_spool(self.redis, ledger, f"tokenmeter:{ledger}"), ledger_id=ledger
-            )
-        namespace = f"tokenmeter:{ledger}" if ledger else "tokenmeter"
-        self.namespace = namespace
+        given = self._options_sink
+        ledger = given.ledger_id if given is not None else ledger_identity()
+        self.namespace = namespace = redis_namespace(ledger)
+        self.sink = given or DatabaseSink(
+            spool=default_spool(self.redis, ledger, namespace), ledger_id=ledger
+        )
         use_wal = (
             settings.tokenmeter_write_ahead
             if self._options_write_ahead is None

@@ -29,6 +29,11 @@ def _url_key(url: str) -> str:
     return hashlib.sha256(redacted.encode()).hexdigest()[:16]
 
 
+def redis_namespace(ledger: str | None) -> str:
+    """The prefix of a ledger's Redis keys (``tokenmeter`` alone for a sink without one)."""
+    return f"tokenmeter:{ledger}" if ledger else "tokenmeter"
+
+
 def fallback_identity(url: str | None = None) -> str:
     """The name a ledger goes by before its id could ever be read."""
     return f"url-{_url_key(url or get_settings().ledger_url)}"

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from .filewal import FileWriteAheadLog
-from .identity import ledger_identity
+from .identity import ledger_identity, redis_namespace
 from .settings import get_settings
 from .sink import DatabaseSink, connect_redis, default_spool
 from .wal import WriteAheadLog, attach_write_ahead
@@ -43,7 +43,7 @@ class Recovery:
         settings = get_settings()
         client = connect_redis(redis_url)
         ledger = ledger_identity(database_url)
-        namespace = f"tokenmeter:{ledger}"
+        namespace = redis_namespace(ledger)
         sink = DatabaseSink(
             database_url, spool=default_spool(client, ledger, namespace), ledger_id=ledger
         )

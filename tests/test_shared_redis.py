@@ -16,7 +16,7 @@ from tests.helpers import dead_pid
 from tokenmeter import OpenAICall
 from tokenmeter.context import CallRecord, _current, open_scope, record_call
 from tokenmeter.filewal import FileWriteAheadLog
-from tokenmeter.identity import ledger_identity
+from tokenmeter.identity import ledger_identity, redis_namespace
 from tokenmeter.recovery import Recovery
 from tokenmeter.sink import DatabaseSink, FlushBatch, default_spool
 from tokenmeter.wal import WriteAheadLog, attach_write_ahead
@@ -30,7 +30,7 @@ class App:
     def __init__(self, url: str, redis: fakeredis.FakeRedis, wal_dir: Path) -> None:
         self.url = url
         self.id = ledger_identity(url)
-        namespace = f"tokenmeter:{self.id}"
+        namespace = redis_namespace(self.id)
         self.sink = DatabaseSink(
             url, spool=default_spool(redis, self.id, namespace), ledger_id=self.id
         )
