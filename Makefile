@@ -72,7 +72,7 @@ compat-lowest: setup ## Only the lowest versions (unit and capture tests)
 	$(VENV)/bin/nox -s lowest
 
 MUTATION_VENV := .venv-mutation
-MUTATION_TARGETS ?= pricing sink
+MUTATION_TARGETS ?= pricing maintained sink
 mutation: setup ## Mutation testing of pricing and flush (cosmic-ray, about an hour) -> var/mutation-*.html
 	@test -x $(MUTATION_VENV)/bin/cosmic-ray || { $(PYTHON) -m venv $(MUTATION_VENV) && \
 	  $(MUTATION_VENV)/bin/pip install --quiet "cosmic-ray>=8.4,<9"; }
