@@ -6,6 +6,7 @@ The whole public surface is here::
 
     tokenmeter.install(app)                 # a Celery app: every task becomes a usage scope
     tokenmeter.uninstall()                  # exactly undoes install()
+    tokenmeter.flush()                      # wait until ended tasks are in the ledger
 
     tokenmeter.instrument()                 # a plain script: capture every openai call
     with tokenmeter.usage_scope("report", "weekly") as scope:
@@ -30,7 +31,7 @@ if __name__ != "tokenmeter":  # the repository folder `instrumentation/` install
     )
 
 from .budgets import BudgetExceeded
-from .celery_signals import CeleryMetering, install, uninstall
+from .celery_signals import CeleryMetering, flush, install, uninstall
 from .context import (
     CallRecord,
     UsageScope,
@@ -61,6 +62,7 @@ __all__ = [
     "UsageTotals",
     "__version__",
     "current_scope",
+    "flush",
     "install",
     "instrument",
     "is_instrumented",

@@ -23,6 +23,7 @@ the same frame Celery runs the task in.
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import logging
 import os
@@ -47,9 +48,10 @@ from .db import dispose_after_fork
 from .filewal import FileWriteAheadLog
 from .identity import fallback_identity, ledger_identity, redis_namespace
 from .recovery import Recovery, RecoveryReport
-from .settings import get_settings
+from .settings import get_settings, write_ahead_mode
 from .sink import DatabaseSink, RedisSpool, connect_redis, default_spool
 from .wal import WriteAheadLog, attach_write_ahead
+from .writer import BackgroundWriter
 
 logger = logging.getLogger("tokenmeter.celery")
 
@@ -78,7 +80,7 @@ class CeleryMetering:
         tasks: Iterable[str] | Callable[[Task], bool] | None = None,
         *,
         sink: DatabaseSink | None = None,
-        write_ahead: bool | None = None,
+        write_ahead: bool | str | None = None,
         redis_client: Any | None = None,
         budgets: Budgets | None = None,
         recovery_interval_s: float | None = None,
@@ -98,6 +100,7 @@ class CeleryMetering:
         self.sink: DatabaseSink | None = None
         self.wal: WriteAheadLog | None = None
         self.file_wal: FileWriteAheadLog | None = None
+        self.writer: BackgroundWriter | None = None
         self.namespace = "tokenmeter"  # Redis keys: tokenmeter:<ledger id>:...
         self._provisional: Recovery | None = None
         self.budgets: Budgets | None = None
@@ -218,6 +221,8 @@ class CeleryMetering:
         self._metrics_ready = prepare_multiprocess(self._data_dir) is not None
 
     def on_process_shutdown(self, pid: int | None = None, **_: Any) -> None:
+        if self.writer is not None:  # what is left is in the write-ahead file if this fails
+            self.writer.close(timeout=get_settings().database_timeout_s * 2)
         if self.metrics_port and self._metrics is not None:
             from .metrics import mark_process_dead
 
@@ -247,6 +252,8 @@ class CeleryMetering:
     def on_worker_shutdown(self, **_: Any) -> None:
         self._stop.set()
         self._wake.set()
+        if self.writer is not None:  # solo and threads pools run tasks in this process
+            self.writer.close(timeout=get_settings().database_timeout_s * 2)
         if self.wal is not None:
             self.wal.stop()
         if self.sink is not None:  # a child killed just before the stop: its calls, now
@@ -271,6 +278,12 @@ class CeleryMetering:
 
         on_process_down._tokenmeter = True  # type: ignore[attr-defined]
         pool.on_process_down = on_process_down
+
+    # -- the writer ----------------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every task that ended in this process so far is in the ledger (or
+        spooled); False if that took longer than ``timeout`` seconds."""
+        return self.writer is None or self.writer.flush(timeout)
 
     # -- recovery ----------------------------------------------------------------------------
     def recover_once(self) -> RecoveryReport:
@@ -329,20 +342,23 @@ class CeleryMetering:
         self.sink = given or DatabaseSink(
             spool=default_spool(self.redis, ledger, namespace), ledger_id=ledger
         )
-        use_wal = (
+        mode = write_ahead_mode(
             settings.tokenmeter_write_ahead
             if self._options_write_ahead is None
             else self._options_write_ahead
         )
         self.wal = (
             attach_write_ahead(self.sink, self.redis, settings.tokenmeter_wal_lease_s, namespace)
-            if use_wal and self.redis is not None
+            if mode == "redis" and self.redis is not None
             else None
         )
-        self.file_wal = FileWriteAheadLog(settings.wal_dir, ledger) if use_wal else None
+        self.file_wal = FileWriteAheadLog(settings.wal_dir, ledger) if mode != "off" else None
         self._provisional = self._provisional_recovery(ledger)
         if self.file_wal is not None:
             self.sink.after_flush.append(self.file_wal.after_flush)
+            if settings.tokenmeter_flush == "background":  # the writer runs behind the log
+                self.writer = BackgroundWriter(self.sink, on_queued=[self.file_wal.closed])
+                self.sink.writer = self.writer
         self.budgets = self._options_budgets
         if self.budgets is None and (
             settings.tokenmeter_task_budget_usd is not None
@@ -412,6 +428,10 @@ class CeleryMetering:
                 signal.disconnect(dispatch_uid=f"tokenmeter.{handler}")
             if self.budgets is not None:
                 self.budgets.uninstall()
+            if self.writer is not None:
+                self.writer.close()
+                if self.sink is not None and self.sink.writer is self.writer:
+                    self.sink.writer = None
             if self.wal is not None:
                 self.wal.stop()
             if self.file_wal is not None:
@@ -423,6 +443,7 @@ class CeleryMetering:
             if self._owns_redis and self.redis is not None:
                 self.redis.close()
             self.redis = self.sink = self.wal = self.file_wal = self.budgets = None
+            self.writer = None
             self._provisional = None
             self.installed = False
             if _active is self:
@@ -467,3 +488,24 @@ def uninstall() -> None:
     current = _active
     if current is not None:
         current.uninstall()
+
+
+def flush(timeout: float | None = None) -> bool:
+    """Wait until every task that ended in this process so far is durable in the ledger (or,
+    with the database down, in the spool).  False if ``timeout`` seconds passed first.
+
+    The worker writes closed tasks from a background thread, so a row is visible shortly after
+    its task ends (milliseconds when idle; see the README for the latency under load); tests
+    and scripts that read the ledger right after running tasks call this first.
+    """
+    from .writer import flush_all
+
+    return flush_all(timeout)
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    """A script or an eager run ending: write what its writer still holds."""
+    current = _active
+    if current is not None and current.writer is not None:
+        current.writer.close(timeout=get_settings().database_timeout_s * 2)

@@ -35,6 +35,15 @@ logger = logging.getLogger("tokenmeter.wal")
 COMPACT_BYTES = 1 << 20
 
 
+def _execution_of(line: str) -> str | None:
+    """The execution a line belongs to (lines are ``{"e":"<id>",...}``)."""
+    try:
+        found = json.loads(line).get("e")
+        return found if isinstance(found, str) else None
+    except ValueError:
+        return None  # a line cut by a kill
+
+
 class FileWriteAheadLog:
     """Per-process append-only files of captured calls, for recovery after a crash."""
 
@@ -98,6 +107,19 @@ class FileWriteAheadLog:
     def _on_rollup(self, scope: UsageScope, rollup: Rollup) -> None:
         self._append(scope, {"t": "rollup", "path": scope.path, "rollup": rollup.to_json()})
 
+    def closed(self, batch: FlushBatch) -> None:
+        """Writer hook: the task ended and its batch is queued (``tokenmeter flush --wait``
+        waits for the ``done`` that follows)."""
+        eid = batch.execution_id
+        if not eid or eid not in self._open or self._pid != os.getpid():
+            return
+        try:
+            self._write({"e": eid, "t": "closed"})
+        except Exception as exc:
+            if is_interrupt(exc):
+                raise
+            logger.warning("local write-ahead log unavailable (%s: %s)", type(exc).__name__, exc)
+
     def after_flush(self, batch: FlushBatch, _new_calls: list[CallRecord]) -> None:
         """Sink hook: the execution is durable elsewhere; mark it done (and compact)."""
         eid = batch.execution_id
@@ -108,13 +130,63 @@ class FileWriteAheadLog:
             self._open.discard(eid)
             with self._lock:
                 handle = self._file
-                if handle is not None and not self._open and handle.tell() > COMPACT_BYTES:
-                    handle.truncate(0)
-                    handle.seek(0)
+                if handle is not None and handle.tell() > COMPACT_BYTES:
+                    self._compact(handle)
         except Exception as exc:
             if is_interrupt(exc):
                 raise
             logger.warning("local write-ahead log unavailable (%s: %s)", type(exc).__name__, exc)
+
+    def _compact(self, handle: IO[str]) -> None:
+        """Rewrite the file with only the lines of executions still open (under the lock).
+
+        The new file replaces the old one in one rename, so a reader sees one or the other;
+        the executions left out are all done (in the database or the spool).
+        """
+        path = Path(handle.name)
+        handle.flush()
+        keep = self._open
+        if keep:
+            lines = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if _execution_of(line) in keep
+            ]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(lines), encoding="utf-8")
+            os.replace(tmp, path)
+            handle.close()
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        else:
+            handle.truncate(0)
+            handle.seek(0)
+
+    def pending(self) -> int:
+        """Executions of this host's live writers that ended and are not yet durable."""
+        if not self.directory.is_dir():
+            return 0
+        waiting = 0
+        for path in self.directory.glob("*.jsonl"):
+            if not self._writer_alive(path):
+                continue  # a dead writer's: recovery's, not a writer's, to finish
+            try:
+                text = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                continue
+            closed: set[str] = set()
+            for line in text.splitlines():
+                if "closed" not in line and "done" not in line:
+                    continue  # a call or a rollup (most lines): not parsed
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("t") == "closed":
+                    closed.add(entry.get("e"))
+                elif entry.get("t") == "done":
+                    closed.discard(entry.get("e"))
+            waiting += len(closed)
+        return waiting
 
     def close(self) -> None:
         with self._lock:
@@ -189,7 +261,7 @@ class FileWriteAheadLog:
             if sink.flush(batch):
                 recovered += 1
                 with path.open("a", encoding="utf-8") as fh:  # the writer is dead: ours to note
-                    fh.write(json.dumps({"e": eid, "t": "done"}) + "\n")
+                    fh.write(json.dumps({"e": eid, "t": "done"}, separators=(",", ":")) + "\n")
             else:
                 failed = True  # kept: the next recovery writes it (idempotent)
         if not failed:

@@ -35,7 +35,7 @@ class Quote:
     reason: str | None = None  # why the cost is unknown
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=1)  # pragma: no mutate  (a cache only: the same answer without it)
 def source() -> str:
     """``genai-prices <version>``: the data's version (the package carries no data date)."""
     import genai_prices
@@ -115,7 +115,8 @@ def quote(call: CallRecord, model: str, tier: str, batch: bool) -> Quote | None:
         "cache_read_tokens": min(call.cached_input_tokens, call.input_tokens),
         "output_tokens": call.output_tokens,
     }
-    if call.input_image_tokens and getattr(prices, "input_image_mtok", None) is not None:
+    image_rate = getattr(prices, "input_image_mtok", None)
+    if call.input_image_tokens and image_rate is not None:  # pragma: no mutate  (`or`: adds 0)
         usage["input_image_tokens"] = call.input_image_tokens  # (else billed as input tokens)
     for field_name, (usage_key, price_key) in _PRICED_PARTS.items():
         used = getattr(call, field_name)
@@ -137,7 +138,7 @@ def openai_models() -> list[str]:
     from genai_prices.data_snapshot import get_snapshot
 
     for provider in get_snapshot().providers:
-        if provider.id == PROVIDER:
+        if provider.id == PROVIDER:  # pragma: no mutate  (ids are unique; openai precedes >=)
             return [m.id for m in provider.models]
     return []
 

@@ -96,7 +96,10 @@ class PriceRow(BaseModel):
 
     @cached_property
     def version(self) -> str:
-        variant = "" if self.service_tier == "default" else f" {self.service_tier}"
+        # (equivalent mutants: tiers are served_tier()'s "default", "flex", "priority",
+        # "scale"..., none sorting before "default" nor a second "default" object)
+        standard = self.service_tier == "default"  # pragma: no mutate
+        variant = "" if standard else f" {self.service_tier}"
         return f"{self.model}@{self.effective.isoformat()}{variant}{' batch' if self.batch else ''}"
 
 
@@ -272,10 +275,9 @@ class Prices:
             batch=batch,
         )
         if at is not None:
-            # midday of the day asked for (any hour of it answers "on that day")
-            call.created_at = datetime(
-                at.year, at.month, at.day, 12, tzinfo=UTC
-            )  # pragma: no mutate
+            # midday of the day asked for (an arbitrary hour of it, hence no mutation)
+            noon = 12  # pragma: no mutate
+            call.created_at = datetime(at.year, at.month, at.day, noon, tzinfo=UTC)
         return self.cost_of(call), call
 
     def warn_unknown(self, what: str | None, why: str) -> None:

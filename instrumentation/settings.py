@@ -13,8 +13,9 @@ import os
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,6 +23,22 @@ def default_data_dir() -> Path:
     """``$XDG_DATA_HOME/tokenmeter``, else ``~/.local/share/tokenmeter`` (never the cwd)."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base).expanduser().resolve() / "tokenmeter"
+
+
+WriteAhead = Literal["local", "redis", "off"]
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def write_ahead_mode(value: object) -> WriteAhead:
+    """``local``, ``redis`` or ``off`` from a setting (booleans: true is local, false off)."""
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return "local"
+    if text in _FALSE:
+        return "off"
+    if text in ("local", "redis"):
+        return text  # type: ignore[return-value]
+    raise ValueError(f"TOKENMETER_WRITE_AHEAD must be local, redis or off, not {value!r}")
 
 
 class TokenmeterSettings(BaseSettings):
@@ -53,10 +70,17 @@ class TokenmeterSettings(BaseSettings):
     tokenmeter_spool_dir: Path | None = Field(
         default=None, description="Local spool folder (default: spool/ in the data dir)."
     )
-    tokenmeter_write_ahead: bool = Field(
-        default=True,
-        description="Log each call as it happens, to a local file per process (and to Redis "
-        "when there is one): a killed process's calls are recovered.",
+    tokenmeter_write_ahead: WriteAhead = Field(
+        default="local",
+        description="Log each call as it happens so a killed process's calls are recovered: "
+        "'local' (a file per process, no network), 'redis' (also to Redis, one round trip "
+        "per call: survives the loss of the host's disk), 'off'.  true/false mean local/off.",
+    )
+    tokenmeter_flush: Literal["background", "inline"] = Field(
+        default="background",
+        description="'background': a writer thread per process writes closed tasks to the "
+        "ledger, many per transaction, behind the write-ahead log; 'inline': each task writes "
+        "its own at its end (always so with the write-ahead log off).",
     )
     tokenmeter_wal_lease_s: float = Field(
         default=120.0,
@@ -89,6 +113,11 @@ class TokenmeterSettings(BaseSettings):
         description="Bearer token for the usage API; the API refuses to start without one.",
     )
     tokenmeter_metrics_port: int | None = None
+
+    @field_validator("tokenmeter_write_ahead", mode="before")
+    @classmethod
+    def _write_ahead(cls, value: object) -> WriteAhead:
+        return write_ahead_mode(value)
 
     @property
     def ledger_url(self) -> str:

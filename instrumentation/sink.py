@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Connection, Insert, String, Table
 from sqlalchemy import exc as sa_exc
@@ -39,6 +39,9 @@ from .db import get_engine
 from .ledger import OpenAICall
 from .rollups import TableRollup
 from .settings import get_settings
+
+if TYPE_CHECKING:
+    from .writer import BackgroundWriter
 
 logger = logging.getLogger("tokenmeter.sink")
 
@@ -487,13 +490,16 @@ class DatabaseSink:
         self.spool: Spool = spool if spool is not None else default_spool()
         self.after_flush: list[FlushHook] = list(after_flush or [])
         self.ledger_id = ledger_id  # stamped on every batch; replay takes only its own
+        #: When set, closed scopes are queued for it (written off the task's path, many per
+        #: transaction); else each is written at once, in the closing thread.
+        self.writer: BackgroundWriter | None = None
 
     # Sink protocol
     def scope_closed(self, scope: UsageScope) -> None:
-        self.flush(FlushBatch.from_scope(scope))
+        self.deliver(FlushBatch.from_scope(scope))
 
     def unscoped_call(self, call: CallRecord) -> None:
-        self.flush(
+        self.deliver(
             FlushBatch(
                 calls=[call],
                 execution_id=call.execution_id,
@@ -502,6 +508,14 @@ class DatabaseSink:
                 attempt=call.attempt,
             )
         )
+
+    def deliver(self, batch: FlushBatch) -> None:
+        """Hand ``batch`` to the writer, or write it now when there is none."""
+        writer = self.writer
+        if writer is None:
+            self.flush(batch)
+        else:
+            writer.submit(batch)
 
     def write(self, batch: FlushBatch) -> list[CallRecord]:
         """Write ``batch`` in one transaction.  If a rollup cannot apply, the calls are written
@@ -572,6 +586,44 @@ class DatabaseSink:
             if is_interrupt(exc):  # spooled, nothing lost; the interrupt goes on to the task
                 raise
             return False
+        self._log_flushed(batch, new_calls, started)
+        self._run_hooks(batch, new_calls)
+        return True
+
+    def flush_many(self, batches: list[FlushBatch]) -> None:
+        """Write ``batches`` in one transaction (the writer's commit), or spool them.
+
+        A database that is down spools every batch; any other failure (a rollup that cannot
+        apply, one bad batch) writes them one by one, so no batch holds the others back.
+        Never raises (but an interrupt, after spooling).
+        """
+        if not batches:
+            return
+        started = time.perf_counter()
+        for batch in batches:
+            if batch.ledger is None:
+                batch.ledger = self.ledger_id
+        try:
+            with self._transaction() as conn:
+                new_per_batch = write_batches(conn, batches)
+        except Exception as exc:
+            if is_connectivity_error(exc) or is_interrupt(exc):
+                for batch in batches:
+                    if self._spool(batch, exc):
+                        self._run_hooks(batch, [])
+                if is_interrupt(exc):
+                    raise
+                return
+            for batch in batches:
+                self.flush(batch)
+            return
+        for batch, new_calls in zip(batches, new_per_batch, strict=True):
+            self._log_flushed(batch, new_calls, started)
+            self._run_hooks(batch, new_calls)
+
+    def _log_flushed(self, batch: FlushBatch, new_calls: list[CallRecord], started: float) -> None:
+        if not logger.isEnabledFor(logging.INFO):
+            return
         totals = batch.totals
         logger.info(
             "flushed %s %s attempt %d: %d calls (%d new), %d in / %d cached / %d out tokens, "
@@ -598,8 +650,6 @@ class DatabaseSink:
                 "cost_usd": str(totals.cost_usd),
             },
         )
-        self._run_hooks(batch, new_calls)
-        return True
 
     def _spool(self, batch: FlushBatch, exc: BaseException) -> bool:
         try:

@@ -384,6 +384,60 @@ def rollups(
         raise typer.Exit(1)
 
 
+@app.command()
+def flush(
+    wait: bool = typer.Option(
+        False, "--wait", help="First wait until every task that ended on this host is written."
+    ),
+    timeout: float = typer.Option(60.0, min=0, help="How long --wait waits, in seconds."),
+    database_url: str | None = typer.Option(None, "--database-url", envvar="DATABASE_URL"),
+    redis_url: str | None = typer.Option(
+        None,
+        "--redis-url",
+        envvar=["TOKENMETER_REDIS_URL", "CELERY_BROKER_URL"],
+        help="The Redis of the spool and write-ahead log (when the broker is Redis).",
+    ),
+) -> None:
+    """Write what waits: the spool, the calls of worker processes that died, kept rollups.
+
+    With --wait, first wait for the running workers' writers (task end -> row visible).  Exit 1
+    when something is still waiting at the end (the database is down, or --wait timed out)."""
+    import time
+
+    from tokenmeter.filewal import FileWriteAheadLog
+    from tokenmeter.recovery import Recovery
+    from tokenmeter.settings import get_settings
+
+    ledger_engine(database_url)  # a missing ledger is one line, not a traceback
+    out = console()
+    pending = 0
+    if wait:
+        wal = FileWriteAheadLog(get_settings().wal_dir)
+        deadline = time.monotonic() + timeout
+        said = -1
+        while (pending := wal.pending()) and time.monotonic() < deadline:
+            if pending != said:
+                out.print(f"waiting for {pending} ended tasks to be written ...")
+                said = pending
+            time.sleep(0.05)
+    report = Recovery.connect(redis_url, database_url).run_once()
+    out.print(
+        f"replayed {report.replayed} spooled batches, recovered {report.recovered} executions "
+        f"of dead processes, applied {report.rollups_applied} kept rollups"
+    )
+    problems = []
+    if pending:
+        problems.append(f"{pending} ended tasks not yet written after {timeout:g} s")
+    if report.still_spooled > 0:
+        problems.append(f"{report.still_spooled} batches still spooled (is the database up?)")
+    if report.rollups_pending:
+        problems.append(f"{report.rollups_pending} rollups kept (tokenmeter rollups)")
+    if problems:
+        out.print("still waiting: " + "; ".join(problems))
+        raise typer.Exit(1)
+    out.print("everything that ended is in the ledger")
+
+
 def ledger_engine(database_url: str | None) -> Any:
     """A read-only engine on a migrated ledger, or one line saying what to run (exit 2)."""
     from tokenmeter.migrate import LedgerUnavailable, require_ledger

@@ -15,6 +15,7 @@ import pytest
 from celery import Celery
 from sqlalchemy import func, select
 
+import tokenmeter
 from models import AgentScannedPost, session_scope
 from tests.helpers import dead_pid
 from tokenmeter import OpenAICall
@@ -69,7 +70,7 @@ def metering(app: Celery, db_url: str, redis_client, tmp_path) -> Iterator[Celer
         app,
         sink=DatabaseSink(spool=FileSpool(tmp_path / "spool")),
         redis_client=redis_client,
-        write_ahead=True,
+        write_ahead="redis",  # the per-call Redis log too: the tests below look at it
         recovery_interval_s=0,
         instrument_openai=False,
     )
@@ -78,6 +79,8 @@ def metering(app: Celery, db_url: str, redis_client, tmp_path) -> Iterator[Celer
 
 
 def ledger() -> list[OpenAICall]:
+    """The ledger, once the background writer has written every task that ended."""
+    assert tokenmeter.flush(timeout=30)
     with session_scope() as s:
         return list(s.scalars(select(OpenAICall).order_by(OpenAICall.id)))
 

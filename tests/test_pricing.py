@@ -15,6 +15,7 @@ import re
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -115,6 +116,126 @@ def test_a_price_cut_prices_each_call_by_its_own_day(prices) -> None:
     assert cost(prices, before) == (1000 * Decimal(10) + 1000 * Decimal(40)) / M
     assert cost(prices, after) == (1000 * Decimal(2) + 1000 * Decimal(8)) / M
     assert prices.cost_of(after).version == "o3@2025-06-10"
+    assert prices.cost_of(before).version == "o3@listed"  # the launch row has no start date
+
+
+def test_a_tier_read_from_a_response_is_compared_by_value() -> None:
+    """Tier names arrive as fresh strings (parsed JSON), never the interned literals."""
+    fresh = "".join
+    call = chat("gpt-5-mini-2025-08-07", 1000, 100)
+    flex = maintained.quote(call, "gpt-5-mini", fresh(["fl", "ex"]), False)
+    standard = maintained.quote(call, "gpt-5-mini", fresh(["def", "ault"]), False)
+    assert flex is not None and flex.cost is not None and flex.version.endswith(" flex")
+    assert standard is not None and standard.cost is not None and " " not in standard.version
+    assert flex.cost < standard.cost
+
+
+def test_the_maintained_quote_says_why_it_is_unknown() -> None:
+    batch = maintained.quote(
+        chat("text-embedding-3-small", 10, 0), "text-embedding-3-small", "default", True
+    )
+    assert batch is not None and batch.cost is None
+    assert batch.reason is not None and "no price for batch processing" in batch.reason
+    # usage the data's rules reject (more image tokens than input tokens): unknown, not raised
+    bad = chat("gpt-image-1", 10, 1, input_image_tokens=50)
+    rejected = maintained.quote(bad, "gpt-image-1", "default", False)
+    assert rejected is not None and rejected.cost is None
+    assert rejected.reason is not None and "cannot exceed" in rejected.reason
+    with pytest.raises(AttributeError):
+        rejected.cost = Decimal(0)  # type: ignore[misc]
+
+
+def test_a_naive_moment_is_read_as_utc_by_the_maintained_data() -> None:
+    aware = chat("o3-2025-04-16", 1000, 1000, at=datetime(2025, 6, 10, 0, 1, tzinfo=UTC))
+    naive = chat("o3-2025-04-16", 1000, 1000, at=datetime(2025, 6, 10, 0, 1))
+    quotes = [maintained.quote(c, "o3", "default", False) for c in (aware, naive)]
+    assert quotes[0] == quotes[1] and quotes[0] is not None
+    assert quotes[0].version == "o3@2025-06-10"
+
+
+def test_the_data_s_age_is_its_newest_checked_day_up_to_today(monkeypatch) -> None:
+    newest = maintained.newest_date()
+    assert newest is not None and newest <= datetime.now(UTC).date()
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[override]
+            return datetime(newest.year, newest.month, newest.day, 12, tzinfo=tz)
+
+    monkeypatch.setattr(maintained, "datetime", Frozen)
+    assert maintained.newest_date() == newest  # a day checked today counts
+    day_before = newest - timedelta(days=1)
+
+    class Earlier(datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[override]
+            return datetime(day_before.year, day_before.month, day_before.day, tzinfo=tz)
+
+    monkeypatch.setattr(maintained, "datetime", Earlier)
+    older = maintained.newest_date()
+    assert older is None or older <= day_before  # a day after "today" never counts
+
+
+class _Starts:
+    """A genai-prices start-date constraint, as the data shapes it."""
+
+    def __init__(self, day: date) -> None:
+        self.start_date = day
+
+    def active(self, at: datetime) -> bool:
+        return at.date() >= self.start_date
+
+
+def _rows(*constraints: object) -> SimpleNamespace:
+    return SimpleNamespace(prices=[SimpleNamespace(constraint=c) for c in constraints])
+
+
+def test_the_row_in_force_and_the_variants_of_the_day() -> None:
+    jan, jun = _Starts(date(2025, 1, 1)), _Starts(date(2025, 6, 1))
+    dated = _rows(jan, jun)
+    assert maintained._row_start(dated, datetime(2025, 7, 1, tzinfo=UTC)) == date(2025, 6, 1)
+    assert maintained._row_start(dated, datetime(2025, 2, 1, tzinfo=UTC)) == date(2025, 1, 1)
+    # before every row: the first row's start (the data's earliest figure), not the last's
+    assert maintained._row_start(dated, datetime(2024, 1, 1, tzinfo=UTC)) == date(2025, 1, 1)
+    assert maintained._row_start(SimpleNamespace(prices="one row"), NOW) is None
+
+    flex = {"service_tier": "flex"}
+    info = SimpleNamespace(
+        price_variants=[
+            SimpleNamespace(constraint=jun, when=flex),  # not yet in force in February
+            SimpleNamespace(constraint=None, when={"processing": "batch"}),
+            SimpleNamespace(constraint=jan, when=flex),
+        ]
+    )
+    feb = datetime(2025, 2, 1, tzinfo=UTC)
+    assert maintained._variant_active(info, flex, feb)  # found past the one not in force
+    assert maintained._variant_active(info, {"processing": "batch"}, feb)
+    assert not maintained._variant_active(info, {"service_tier": "priority"}, feb)
+    assert not maintained._variant_active(
+        SimpleNamespace(price_variants=[SimpleNamespace(constraint=jun, when=flex)]), flex, feb
+    )
+
+
+def test_a_variant_of_another_provider_s_model_is_not_this_one_s(monkeypatch) -> None:
+    """A model the data finds through another provider keeps its own variants to itself."""
+    info = SimpleNamespace(
+        id="borrowed",
+        prices="one row",
+        price_variants=[SimpleNamespace(constraint=None, when={"service_tier": "flex"})],
+    )
+    provider = SimpleNamespace(models=[SimpleNamespace(id="a"), SimpleNamespace(id="b")])
+    monkeypatch.setattr(maintained, "_find", lambda model: (provider, info))
+    quote = maintained.quote(chat("borrowed", 10, 1), "borrowed", "flex", False)
+    assert quote is not None and quote.cost is None
+    assert quote.reason is not None and "no price for the flex tier" in quote.reason
+
+
+def test_openai_models_are_the_openai_provider_s_only() -> None:
+    from genai_prices.data_snapshot import get_snapshot
+
+    [openai] = [p for p in get_snapshot().providers if p.id == "openai"]
+    assert maintained.openai_models() == [m.id for m in openai.models]
+    assert "gpt-4o-mini" in maintained.openai_models()
 
 
 def test_web_search_calls_carry_their_fee(prices) -> None:
@@ -428,6 +549,10 @@ def test_rows_in_force_a_naive_moment_and_the_batch_default() -> None:
     table = PriceTable(rows, "test")
     assert [r.input for r in table.rows(date(2025, 3, 1))] == [Decimal(1), Decimal("0.5")]
     assert [r.input for r in table.rows(date(2024, 3, 1))] == []
+    # "on a day" is its end: a row taking effect in the day's last second is the day's row
+    late = PriceTable([PriceRow(model="m", effective=datetime(2025, 2, 1, 23, 59, 59))], "t")
+    assert [r.model for r in late.rows(date(2025, 2, 1))] == ["m"]
+    assert late.rows(date(2025, 1, 31)) == []
     at_noon = datetime(2025, 6, 1, 12, tzinfo=UTC)
     assert table.price_for("m", at_noon).input == Decimal(2)  # not the batch row
     assert table.price_for("m", at_noon - timedelta(seconds=1)).input == Decimal(1)

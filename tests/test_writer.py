@@ -1,0 +1,359 @@
+"""The background writer: a task's end never touches the database, and nothing is lost.
+
+Each guarantee the inline flush had is checked again with the writer between the task and the
+ledger: many tasks per commit, off the task's thread; a process killed before the commit
+(SIGKILL, for real) loses nothing and counts nothing twice; a database that is down sends the
+writer's batches to the spool; ``tokenmeter.flush()`` and ``tokenmeter flush --wait`` wait for
+the writer; a forked child never writes its parent's queue.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+import tokenmeter
+from models import AgentScannedPost, session_scope
+from tests.helpers import dead_pid, subprocess_env
+from tokenmeter import OpenAICall
+from tokenmeter.context import (
+    CallRecord,
+    close_scope,
+    open_scope,
+    record_call,
+    set_sink,
+    usage_scope,
+)
+from tokenmeter.filewal import FileWriteAheadLog
+from tokenmeter.reporting.cli import app as cli
+from tokenmeter.settings import get_settings
+from tokenmeter.sink import DatabaseSink, FileSpool, FlushBatch
+from tokenmeter.writer import BackgroundWriter
+
+ROOT = Path(__file__).resolve().parent.parent
+COST = Decimal("0.0000270000")
+
+
+def call(tag: str, n_in: int = 100, n_out: int = 20) -> CallRecord:
+    return record_call(
+        CallRecord(
+            operation="chat",
+            requested_model="gpt-4o-mini",
+            request_id=f"req_{tag}",
+            input_tokens=n_in,
+            output_tokens=n_out,
+            cost_usd=COST,
+        )
+    )
+
+
+def ledger() -> list[OpenAICall]:
+    with session_scope() as s:
+        return list(s.scalars(select(OpenAICall).order_by(OpenAICall.id)))
+
+
+class Gate:
+    """Holds the writer's first commit until released (tasks queue up meanwhile)."""
+
+    def __init__(self, sink: DatabaseSink, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.sizes: list[int] = []
+        self.threads: set[str] = set()
+        original = sink.flush_many
+        gate = self
+
+        def held(batches: list[FlushBatch]) -> None:
+            gate.sizes.append(len(batches))
+            gate.threads.add(threading.current_thread().name)
+            gate.entered.set()
+            gate.open.wait(30)
+            original(batches)
+
+        monkeypatch.setattr(sink, "flush_many", held)
+
+
+@pytest.fixture
+def app(no_installation: None) -> Celery:
+    app = Celery("writer_test")
+    app.conf.update(task_always_eager=True, broker_url="memory://")
+    return app
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> DatabaseSink:
+    return DatabaseSink(spool=FileSpool(tmp_path / "spool"))
+
+
+@pytest.fixture
+def metering(app: Celery, db_url: str, sink: DatabaseSink) -> Iterator[tokenmeter.CeleryMetering]:
+    handle = tokenmeter.install(app, sink=sink, recovery_interval_s=0, instrument_openai=False)
+    yield handle
+    handle.uninstall()
+
+
+def test_tasks_end_without_the_database_and_the_writer_commits_many_at_once(
+    app, metering, sink, monkeypatch
+) -> None:
+    transactions: list[str] = []
+    original = sink._transaction
+
+    def watched():
+        transactions.append(threading.current_thread().name)
+        return original()
+
+    monkeypatch.setattr(sink, "_transaction", watched)
+    gate = Gate(sink, monkeypatch)
+
+    @app.task(name="demo.two_calls")
+    def two_calls(i: int) -> None:
+        call(f"{i}-a")
+        call(f"{i}-b")
+
+    two_calls.apply(args=(0,))
+    assert gate.entered.wait(10)  # the writer holds the first task's batch
+    for i in range(1, 20):
+        two_calls.apply(args=(i,))
+    assert tokenmeter.flush(timeout=0.2) is False  # still held: flush says so, never hangs
+    assert transactions == []  # 20 tasks ended; none of them opened a transaction
+    gate.open.set()
+    assert tokenmeter.flush(timeout=30) is True
+
+    rows = ledger()
+    assert len(rows) == 40 and len({r.request_id for r in rows}) == 40
+    assert gate.sizes == [1, 19]  # the 19 that queued behind the first: one commit
+    assert gate.threads == {"tokenmeter-writer"}
+    assert set(transactions) == {"tokenmeter-writer"} and len(transactions) == 2
+
+
+def test_uninstall_writes_what_is_queued(app, db_url, sink, monkeypatch) -> None:
+    handle = tokenmeter.install(app, sink=sink, recovery_interval_s=0, instrument_openai=False)
+    gate = Gate(sink, monkeypatch)
+
+    @app.task(name="demo.one_call")
+    def one_call(i: int) -> None:
+        call(f"u{i}")
+
+    for i in range(3):
+        one_call.apply(args=(i,))
+    gate.open.set()
+    handle.uninstall()
+    assert sorted(r.request_id for r in ledger()) == ["req_u0", "req_u1", "req_u2"]
+
+
+CHILD = """
+import os, signal, sys, threading
+from celery import Celery
+import tokenmeter
+from models import AgentScannedPost
+from tokenmeter.context import CallRecord, record_call, usage_scope
+from tokenmeter.rollups import TableRollup
+from tokenmeter.sink import DatabaseSink
+
+DatabaseSink.flush_many = lambda self, batches: threading.Event().wait()  # never commits
+
+app = Celery("killed", broker="memory://")
+app.conf.task_always_eager = True
+tokenmeter.install(app, recovery_interval_s=0, instrument_openai=False)
+
+@app.task(name="demo.scan")
+def scan(i):
+    with usage_scope("scanned_post", f"p{i}") as post:
+        post.bind_rollup(TableRollup(
+            AgentScannedPost, key={"post_id": f"p{i}"},
+            sums={"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens"},
+            cost_column="total_cost_usd",
+            values={"agent_model": "m"}))
+        for part in ("rate", "reply"):
+            record_call(CallRecord(operation="chat", requested_model="gpt-4o-mini",
+                request_id=f"req_{i}_{part}", input_tokens=300, output_tokens=40,
+                cost_usd=__import__("decimal").Decimal("0.0000690000")))
+
+for i in range(5):
+    scan.apply(args=(i,))
+print("ended", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_process_killed_before_the_writer_commits_loses_nothing(db_url, tmp_path) -> None:
+    """SIGKILL after five tasks ended, their batches queued and not committed: ``tokenmeter
+    flush`` (the recovery every worker also runs) writes them from the write-ahead file, once."""
+    with session_scope() as s:  # the application writes its rows; the rollups add to them
+        s.add_all(AgentScannedPost(post_id=f"p{i}", subreddit="crafts") for i in range(5))
+    env = subprocess_env(
+        PYTHONPATH=str(ROOT),
+        DATABASE_URL=db_url,
+        TOKENMETER_DATA_DIR=str(tmp_path / "data"),
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == -9, child.stderr
+    assert child.stdout.strip() == "ended"
+    assert ledger() == []  # nothing reached the database: recovery must do it all
+
+    for _ in range(2):  # twice: the second finds nothing left and changes nothing
+        done = subprocess.run(
+            [sys.executable, "-m", "tokenmeter.reporting.cli", "flush"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+    rows = ledger()
+    assert sorted(r.request_id for r in rows) == sorted(
+        f"req_{i}_{part}" for i in range(5) for part in ("rate", "reply")
+    )
+    with session_scope() as s:
+        posts = list(s.scalars(select(AgentScannedPost).order_by(AgentScannedPost.post_id)))
+    assert [(p.post_id, p.prompt_tokens, p.completion_tokens) for p in posts] == [
+        (f"p{i}", 600, 80) for i in range(5)
+    ]
+    assert all(p.total_cost_usd == Decimal("0.0001380000") for p in posts)
+
+
+def test_the_writer_spools_when_the_database_is_down(db_url, tmp_path) -> None:
+    spool = FileSpool(tmp_path / "spool")
+    down = DatabaseSink(f"sqlite:///{tmp_path / 'missing' / 'dir' / 'x.sqlite'}", spool=spool)
+    writer = BackgroundWriter(down)
+    for i in range(4):
+        writer.submit(FlushBatch(calls=[_record(f"down{i}", i)], execution_id=f"e{i}"))
+    assert writer.flush(timeout=30)
+    assert len(spool) == 4 and ledger() == []
+    assert DatabaseSink(spool=spool).replay() == 4
+    assert sorted(r.request_id for r in ledger()) == [f"req_down{i}" for i in range(4)]
+    writer.close()
+
+
+def _record(tag: str, seq: int) -> CallRecord:
+    return CallRecord(
+        operation="chat",
+        requested_model="gpt-4o-mini",
+        request_id=f"req_{tag}",
+        input_tokens=10,
+        output_tokens=2,
+        cost_usd=COST,
+        execution_id=f"e{seq}",
+        seq=0,
+    )
+
+
+def test_flush_wait_waits_for_the_live_writers_of_this_host(
+    no_installation, db_url, sink, monkeypatch, tmp_path
+) -> None:
+    wal = FileWriteAheadLog(get_settings().wal_dir)
+    sink.after_flush.append(wal.after_flush)
+    writer = BackgroundWriter(sink, on_queued=[wal.closed])
+    sink.writer = writer
+    gate = Gate(sink, monkeypatch)
+    previous = set_sink(sink)
+    try:
+        root, token = open_scope("task", "t1", task_id="t1", task_name="demo.wait")
+        wal.attach(root)
+        call("wait")
+        close_scope(root, token)
+    finally:
+        set_sink(previous)
+    assert gate.entered.wait(10)
+    assert wal.pending() == 1
+
+    runner = CliRunner()
+    held = runner.invoke(cli, ["flush", "--wait", "--timeout", "0.3"])
+    assert held.exit_code == 1, held.output
+    assert "1 ended tasks not yet written" in held.output
+
+    threading.Timer(0.3, gate.open.set).start()
+    started = time.monotonic()
+    done = runner.invoke(cli, ["flush", "--wait", "--timeout", "30"])
+    assert done.exit_code == 0, done.output
+    assert time.monotonic() - started < 20
+    assert [r.request_id for r in ledger()] == ["req_wait"]
+    assert wal.pending() == 0
+    writer.close()
+    wal.close()
+
+
+def test_the_write_ahead_file_compacts_while_an_execution_stays_open(
+    no_installation, db_url, sink, monkeypatch, tmp_path
+) -> None:
+    """Under load some task is always open; the file must still shrink, keeping its lines."""
+    import tokenmeter.filewal as filewal
+
+    monkeypatch.setattr(filewal, "COMPACT_BYTES", 4000)
+    wal = FileWriteAheadLog(tmp_path / "wal")
+    sink.after_flush.append(wal.after_flush)
+    previous = set_sink(sink)
+    long_task = contextvars.Context()  # a task of its own (another thread, in a worker)
+    try:
+        long_root, long_token = long_task.run(
+            open_scope, "task", "long", task_id="long", task_name="demo.long"
+        )
+        wal.attach(long_root)
+        long_task.run(call, "long-1")
+        for i in range(60):
+            with usage_scope("task", f"short{i}", task_id=f"short{i}") as short:
+                assert short.parent is None
+                wal.attach(short)
+                call(f"short{i}")
+    finally:
+        set_sink(previous)
+    [path] = (tmp_path / "wal").glob("*.jsonl")
+    assert path.stat().st_size < 8000  # the 60 executions written: over 30 kB
+    text = path.read_text()
+    assert "req_long-1" in text and "req_short0" not in text
+
+    # the process "dies" with the long task open: its calls are recovered, the others not again
+    dead = path.with_name(f"{wal.host}-{dead_pid()}-1.jsonl")
+    shutil.copy(path, dead)
+    assert FileWriteAheadLog(tmp_path / "wal").recover(DatabaseSink(spool=sink.spool)) == 1
+    rows = [r.request_id for r in ledger()]
+    assert rows.count("req_long-1") == 1 and len(rows) == 61
+    long_task.run(close_scope, long_root, long_token)
+    wal.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_child_never_writes_its_parents_queue(db_url, sink, monkeypatch) -> None:
+    writer = BackgroundWriter(sink)
+    gate = Gate(sink, monkeypatch)
+    writer.submit(FlushBatch(calls=[_record("parent0", 0)], execution_id="e0"))
+    assert gate.entered.wait(10)
+    writer.submit(FlushBatch(calls=[_record("parent1", 1)], execution_id="e1"))
+    assert writer.pending == 2
+    pid = os.fork()
+    if pid == 0:  # the child: an empty queue, no thread, flush() returns at once
+        ok = writer.pending == 0 and writer._thread is None and writer.flush(timeout=1)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    gate.open.set()
+    assert writer.flush(timeout=30)
+    assert sorted(r.request_id for r in ledger()) == ["req_parent0", "req_parent1"]
+    writer.close()
+
+
+def test_write_ahead_setting_reads_booleans_and_modes(monkeypatch) -> None:
+    from tokenmeter.settings import TokenmeterSettings
+
+    for given, mode in [("true", "local"), ("0", "off"), ("redis", "redis"), ("local", "local")]:
+        monkeypatch.setenv("TOKENMETER_WRITE_AHEAD", given)
+        assert TokenmeterSettings().tokenmeter_write_ahead == mode
+    assert TokenmeterSettings().tokenmeter_flush == "background"
+    monkeypatch.setenv("TOKENMETER_WRITE_AHEAD", "sometimes")
+    with pytest.raises(ValueError, match="local, redis or off"):
+        TokenmeterSettings()
