@@ -134,13 +134,13 @@ class TokenmeterTool(Tool):
     def off(self) -> None:
         import tokenmeter
 
-        getattr(tokenmeter, "flush", lambda: None)()
+        tokenmeter.flush()
         tokenmeter.uninstall()
 
     def settle(self) -> None:
         import tokenmeter
 
-        getattr(tokenmeter, "flush", lambda: None)()
+        tokenmeter.flush()
 
     @contextmanager
     def call_scope(self) -> Iterator[None]:
@@ -169,15 +169,23 @@ class OpenTelemetryTool(Tool):
 
         self.provider = TracerProvider()
         self.provider.add_span_processor(BatchSpanProcessor(Discard()))
-        self.celery, self.openai = CeleryInstrumentor(), OpenAIInstrumentor()
+        self.celery = CeleryInstrumentor()
+        # the openai instrumentor cannot be undone and redone cleanly (its wrappers stay):
+        # toggled by swapping the patched attributes, as bench/peers.py does
+        from bench.peers import PatchToggle
+
+        self.toggle = PatchToggle()
+        OpenAIInstrumentor().instrument(tracer_provider=self.provider)
+        self.toggle.patched()
+        self.toggle.off()
 
     def on(self) -> None:
         self.celery.instrument(tracer_provider=self.provider)
-        self.openai.instrument(tracer_provider=self.provider)
+        self.toggle.on()
 
     def off(self) -> None:
         self.provider.force_flush()
-        self.openai.uninstrument()
+        self.toggle.off()
         self.celery.uninstrument()
 
     def settle(self) -> None:

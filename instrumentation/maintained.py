@@ -126,11 +126,81 @@ def quote(call: CallRecord, model: str, tier: str, batch: bool) -> Quote | None:
             reason = f"{info.id} has no price for {field_name.replace('_', ' ')}"
             return Quote(None, info.id, version, reason)
         usage[usage_key] = used
+    if len(usage) == len(_TOKENS):  # input, cached and output tokens only: the common call
+        rates = linear_rates(prices)
+        if rates is not None:
+            base, per_input, per_cached, per_output = rates
+            cost = (
+                base
+                + per_input * usage["input_tokens"]
+                + per_cached * usage["cache_read_tokens"]
+                + per_output * usage["output_tokens"]
+            )
+            return Quote(cost, info.id, version)
     try:  # the very rates checked above: no second lookup
         result = prices.calc_price(Usage(**usage))
     except (LookupError, ValueError) as exc:
         return Quote(None, info.id, version, f"{info.id}: {exc}")
     return Quote(Decimal(result["total_price"]), info.id, version)
+
+
+_TOKENS = ("input_tokens", "cache_read_tokens", "output_tokens")
+_Rates = tuple[Decimal, Decimal, Decimal, Decimal]
+_rates: dict[tuple[Any, ...], _Rates | None] = {}
+
+
+def linear_rates(prices: Any) -> _Rates | None:
+    """The package's own price of (input, cached, output) tokens as a linear function:
+    (per call, per input token, per cached token on top, per output token), or None.
+
+    ``calc_price`` spends about 50 us a call resolving units and decomposing usage, the same
+    work for every call of a model.  Where the rates are flat (no tiers), a cost is linear in
+    the three counts, so the coefficients are read once from ``calc_price`` itself (unit
+    probes) and checked against it at a point off the probes; tiered prices (long context)
+    and any price that fails the check keep going through ``calc_price``.  Exact: Decimal
+    throughout, the per-token rates are the listed ones divided by a million.
+    """
+    try:
+        key = tuple(sorted((k, v) for k, v in vars(prices).items() if v is not None))
+        found = _rates.get(key, _MISSING)
+    except TypeError:  # an unhashable (tiered) price
+        return None
+    if found is not _MISSING:
+        return found  # type: ignore[return-value]
+    rates = _probe(prices)
+    if len(_rates) < 4096:  # pragma: no mutate  (a bound on the cache only)
+        _rates[key] = rates
+    return rates
+
+
+_MISSING = object()
+
+
+def _probe(prices: Any) -> _Rates | None:
+    from genai_prices import Usage
+    from genai_prices.types import TieredPrices
+
+    if any(isinstance(v, TieredPrices) for v in vars(prices).values()):
+        return None
+    million = 1_000_000
+
+    def cost(n_in: int, cached: int, n_out: int) -> Decimal:
+        usage = Usage(input_tokens=n_in, cache_read_tokens=cached, output_tokens=n_out)
+        return Decimal(prices.calc_price(usage)["total_price"])
+
+    try:
+        base = cost(0, 0, 0)
+        uncached = cost(million, 0, 0)
+        per_input = (uncached - base) / million
+        per_cached = (cost(million, million, 0) - uncached) / million
+        per_output = (cost(0, 0, million) - base) / million
+        n_in, cached, n_out = 1_234_567, 345_679, 76_543
+        linear = base + per_input * n_in + per_cached * cached + per_output * n_out
+        if linear != cost(n_in, cached, n_out):
+            return None
+    except (LookupError, ValueError):
+        return None
+    return base, per_input, per_cached, per_output
 
 
 def openai_models() -> list[str]:

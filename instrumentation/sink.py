@@ -206,16 +206,59 @@ def write_batches(conn: Connection, batches: list[FlushBatch]) -> list[list[Call
 
 
 def _insert_calls(conn: Connection, batches: list[FlushBatch]) -> list[list[CallRecord]]:
-    """One multi-row insert of every call; per batch, the calls that were new."""
+    """Every call in one statement; per batch, the calls that were new.
+
+    PostgreSQL: ``COPY`` into a per-session staging table, then one ``INSERT ... SELECT ...
+    ON CONFLICT DO NOTHING RETURNING``; a multi-row ``INSERT`` elsewhere (SQLite is local).
+    """
     calls = [c for b in batches for c in b.calls]
     inserted: set[tuple[str, int]] = set()
-    if calls:
+    if calls and conn.dialect.name == "postgresql":
+        inserted = _copy_calls(conn, calls)
+    elif calls:
         stmt = insert_ignore(conn, _LEDGER).returning(_LEDGER.c.execution_id, _LEDGER.c.seq)
         inserted = {
             (row.execution_id, row.seq)
             for row in conn.execute(stmt, [_ledger_row(c) for c in calls])
         }
     return [[c for c in b.calls if (c.execution_id, c.seq) in inserted] for b in batches]
+
+
+_COPY_COLUMNS = [c for c in _LEDGER.columns if c.name != "id"]
+_STAGE = "tokenmeter_stage_calls"
+
+
+def _copy_calls(conn: Connection, calls: list[CallRecord]) -> set[tuple[str, int]]:
+    """Stage ``calls`` with COPY and move the new ones into the ledger; their keys."""
+    dialect = conn.dialect
+    processors = [c.type.dialect_impl(dialect).bind_processor(dialect) for c in _COPY_COLUMNS]
+    names = ", ".join(dialect.identifier_preparer.quote(c.name) for c in _COPY_COLUMNS)
+    ledger = dialect.identifier_preparer.format_table(_LEDGER)
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        # a temporary table of the session, emptied at each commit (and on rollback)
+        cursor.execute(
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGE} ON COMMIT DELETE ROWS AS "
+            f"SELECT {names} FROM {ledger} WITH NO DATA"
+        )
+        with cursor.copy(f"COPY {_STAGE} ({names}) FROM STDIN") as copy:
+            for call in calls:
+                row = _ledger_row(call)
+                copy.write_row(
+                    [
+                        value if process is None else process(value)
+                        for value, process in zip(
+                            (row[c.name] for c in _COPY_COLUMNS), processors, strict=True
+                        )
+                    ]
+                )
+        cursor.execute(
+            f"INSERT INTO {ledger} ({names}) SELECT {names} FROM {_STAGE} "
+            "ON CONFLICT DO NOTHING RETURNING execution_id, seq"
+        )
+        return {(eid, seq) for eid, seq in cursor.fetchall()}
+    finally:
+        cursor.close()
 
 
 def _bound(

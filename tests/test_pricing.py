@@ -588,3 +588,55 @@ def test_a_moment_in_another_time_zone_is_compared_in_utc() -> None:
     early = chat("m", 1_000_000, 0, at=datetime(2025, 6, 10, 2, tzinfo=plus5))
     late = chat("m", 1_000_000, 0, at=datetime(2025, 6, 10, 6, tzinfo=plus5))
     assert (cost(prices, early), cost(prices, late)) == (Decimal(1), Decimal(2))
+
+
+def test_the_fast_linear_price_is_the_package_s_own_for_every_openai_model() -> None:
+    """``linear_rates`` stands in for ``calc_price`` on plain calls: it must agree to the last
+    digit on every OpenAI price row, tier and batch variant of the data, at many usages; a
+    tiered (long-context) price is never linearised."""
+    import random
+
+    from genai_prices import Usage
+    from genai_prices.data_snapshot import get_snapshot
+    from genai_prices.types import TieredPrices
+
+    [openai] = [p for p in get_snapshot().providers if p.id == "openai"]
+    rng = random.Random(7)
+    checked = tiered = 0
+    days = [datetime(2024, 6, 1, tzinfo=UTC), datetime(2025, 7, 1, tzinfo=UTC), NOW]
+    contexts = [None, {"service_tier": "flex"}, {"service_tier": "priority"}]
+    contexts.append({"processing": "batch"})
+    for info in openai.models:
+        for at in days:
+            for context in contexts:
+                try:
+                    prices = info.get_prices(at, context)
+                except LookupError:
+                    continue
+                rates = maintained.linear_rates(prices)
+                if any(isinstance(v, TieredPrices) for v in vars(prices).values()):
+                    assert rates is None
+                    tiered += 1
+                    continue
+                assert rates is not None, info.id
+                base, per_in, per_cached, per_out = rates
+                for _ in range(5):
+                    n_in = rng.choice([0, 1, 7, 999, 128_000, 1_999_999])
+                    cached = rng.randint(0, n_in)
+                    n_out = rng.choice([0, 1, 33, 65_536])
+                    usage = Usage(input_tokens=n_in, cache_read_tokens=cached, output_tokens=n_out)
+                    expected = Decimal(prices.calc_price(usage)["total_price"])
+                    got = base + per_in * n_in + per_cached * cached + per_out * n_out
+                    assert got == expected, (info.id, at, context, n_in, cached, n_out)
+                    checked += 1
+    assert checked > 500 and tiered > 0
+
+
+def test_a_call_priced_the_fast_way_and_the_package_s_way_cost_the_same(
+    prices, monkeypatch
+) -> None:
+    plain = chat("gpt-5-mini-2025-08-07", 12_345, 678, cached=10_000)
+    fast = cost(prices, plain)
+    assert fast == (2_345 * Decimal("0.25") + 10_000 * Decimal("0.025") + 678 * Decimal(2)) / M
+    monkeypatch.setattr(maintained, "linear_rates", lambda _prices: None)
+    assert cost(prices, plain) == fast  # through calc_price

@@ -357,3 +357,23 @@ def test_write_ahead_setting_reads_booleans_and_modes(monkeypatch) -> None:
     monkeypatch.setenv("TOKENMETER_WRITE_AHEAD", "sometimes")
     with pytest.raises(ValueError, match="local, redis or off"):
         TokenmeterSettings()
+
+
+def test_one_commit_of_many_batches_counts_a_redelivered_call_once(db_url, sink) -> None:
+    """The writer's statement (COPY + INSERT ... SELECT on PostgreSQL): a batch redelivered
+    into the same commit, an exact tenth-of-a-nano-dollar cost and an oversized label."""
+    batches = [FlushBatch(calls=[_record(f"many{i}", i)], execution_id=f"e{i}") for i in range(300)]
+    again = FlushBatch(calls=[_record("many7", 7)], execution_id="e7")
+    odd = _record("odd", 999)
+    odd.cost_usd = Decimal("0.0000000001")
+    odd.scope_ref = "r" * 5000  # a label a user controls, far over its column
+    sink.flush_many([*batches, again, FlushBatch(calls=[odd], execution_id="e999")])
+    rows = ledger()
+    assert len(rows) == 301
+    assert [r.request_id for r in rows].count("req_many7") == 1
+    [stored] = [r for r in rows if r.request_id == "req_odd"]
+    assert stored.cost_usd == Decimal("0.0000000001")
+    assert stored.scope_ref is not None and len(stored.scope_ref) == 255
+    assert sum((r.cost_usd for r in rows), Decimal(0)) == 300 * COST + Decimal("0.0000000001")
+    sink.flush_many(batches)  # the whole commit again: nothing new
+    assert len(ledger()) == 301
