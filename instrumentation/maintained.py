@@ -89,11 +89,86 @@ def quote(call: CallRecord, model: str, tier: str, batch: bool) -> Quote | None:
     """The maintained price of ``call`` as ``model``; None when the data has no such model."""
     from genai_prices import Usage
 
-    found = _find(model)
-    if found is None:
+    created = call.created_at
+    at = created.astimezone(UTC) if created.tzinfo else created.replace(tzinfo=UTC)
+    terms = _terms(model, tier, batch, at)
+    if terms is None:
         return None
-    provider, info = found
-    at = call.created_at if call.created_at.tzinfo else call.created_at.replace(tzinfo=UTC)
+    model_id, version, prices, reason, rates = terms
+    if prices is None:
+        return Quote(None, model_id, version, reason)
+    if not call.usage_reported:  # the usage is unknown, not the price
+        return Quote(None, model_id, version)
+    usage: dict[str, int] = {
+        "input_tokens": call.input_tokens,
+        "cache_read_tokens": min(call.cached_input_tokens, call.input_tokens),
+        "output_tokens": call.output_tokens,
+    }
+    image = call.input_image_tokens
+    if image and getattr(prices, "input_image_mtok", None) is not None:  # pragma: no mutate
+        usage["input_image_tokens"] = call.input_image_tokens  # (else billed as input tokens)
+    for field_name, (usage_key, price_key) in _PRICED_PARTS.items():
+        used = getattr(call, field_name)
+        if not used:
+            continue
+        if getattr(prices, price_key, None) is None:
+            reason = f"{model_id} has no price for {field_name.replace('_', ' ')}"
+            return Quote(None, model_id, version, reason)
+        usage[usage_key] = used
+    if len(usage) == len(_TOKENS) and rates is not None:  # input, cached, output tokens only
+        base, per_input, per_cached, per_output = rates
+        cost = (
+            base
+            + per_input * usage["input_tokens"]
+            + per_cached * usage["cache_read_tokens"]
+            + per_output * usage["output_tokens"]
+        )
+        return Quote(cost, model_id, version)
+    try:  # the very rates checked above: no second lookup
+        result = prices.calc_price(Usage(**usage))
+    except (LookupError, ValueError) as exc:
+        return Quote(None, model_id, version, f"{model_id}: {exc}")
+    return Quote(Decimal(result["total_price"]), model_id, version)
+
+
+_Rates = tuple[Decimal, Decimal, Decimal, Decimal]
+#: (model id, version, its prices or None, why they are None, their linear rates) of a model
+#: on a tier that day
+_Terms = tuple[str, str, Any, str | None, "_Rates | None"]
+_terms_by_day: dict[tuple[str, str, bool, date], _Terms | None] = {}
+
+
+def _terms(model: str, tier: str, batch: bool, at: datetime) -> _Terms | None:
+    """What prices ``model`` at ``at`` (UTC), or None when the data has no such model.
+
+    The same for a whole UTC day when every constraint of the model is a start date (all of
+    OpenAI's in the data): kept by day, so a call pays a dictionary lookup, not the search.
+    """
+    key = (model, tier, batch, at.date())
+    if key in _terms_by_day:
+        return _terms_by_day[key]
+    found = _find(model)
+    terms = None if found is None else _terms_at(*found, tier, batch, at)
+    if found is None or _daily(found[1]):
+        _remember(_terms_by_day, key, terms)
+    return terms
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) < 65536:  # pragma: no mutate  (a bound on the cache only)
+        cache[key] = value
+
+
+def _daily(info: Any) -> bool:
+    """Does the price of ``info`` change only at the start of a (UTC) day?"""
+    from genai_prices.types import StartDateConstraint
+
+    rows = info.prices if isinstance(info.prices, list) else []
+    constraints = [r.constraint for r in rows] + [v.constraint for v in info.price_variants or ()]
+    return all(c is None or isinstance(c, StartDateConstraint) for c in constraints)
+
+
+def _terms_at(provider: Any, info: Any, tier: str, batch: bool, at: datetime) -> _Terms:
     start = _row_start(info, at)
     version = f"{info.id}@{start.isoformat() if start else 'listed'}"
     context: dict[str, str] | None = None
@@ -106,46 +181,12 @@ def quote(call: CallRecord, model: str, tier: str, batch: bool) -> Quote | None:
     own = any(info is m for m in provider.models)  # variants belong to their provider's models
     if context is not None and not (own and _variant_active(info, context, at)):
         what = f"the {tier} tier" if tier != "default" else "batch processing"
-        return Quote(None, info.id, version, f"{info.id} has no price for {what} on {at.date()}")
-    if not call.usage_reported:  # the usage is unknown, not the price
-        return Quote(None, info.id, version)
+        return info.id, version, None, f"{info.id} has no price for {what} on {at.date()}", None
     prices = info.get_prices(at, context)
-    usage: dict[str, int] = {
-        "input_tokens": call.input_tokens,
-        "cache_read_tokens": min(call.cached_input_tokens, call.input_tokens),
-        "output_tokens": call.output_tokens,
-    }
-    image_rate = getattr(prices, "input_image_mtok", None)
-    if call.input_image_tokens and image_rate is not None:  # pragma: no mutate  (`or`: adds 0)
-        usage["input_image_tokens"] = call.input_image_tokens  # (else billed as input tokens)
-    for field_name, (usage_key, price_key) in _PRICED_PARTS.items():
-        used = getattr(call, field_name)
-        if not used:
-            continue
-        if getattr(prices, price_key, None) is None:
-            reason = f"{info.id} has no price for {field_name.replace('_', ' ')}"
-            return Quote(None, info.id, version, reason)
-        usage[usage_key] = used
-    if len(usage) == len(_TOKENS):  # input, cached and output tokens only: the common call
-        rates = linear_rates(prices)
-        if rates is not None:
-            base, per_input, per_cached, per_output = rates
-            cost = (
-                base
-                + per_input * usage["input_tokens"]
-                + per_cached * usage["cache_read_tokens"]
-                + per_output * usage["output_tokens"]
-            )
-            return Quote(cost, info.id, version)
-    try:  # the very rates checked above: no second lookup
-        result = prices.calc_price(Usage(**usage))
-    except (LookupError, ValueError) as exc:
-        return Quote(None, info.id, version, f"{info.id}: {exc}")
-    return Quote(Decimal(result["total_price"]), info.id, version)
+    return info.id, version, prices, None, linear_rates(prices)
 
 
 _TOKENS = ("input_tokens", "cache_read_tokens", "output_tokens")
-_Rates = tuple[Decimal, Decimal, Decimal, Decimal]
 _rates: dict[tuple[Any, ...], _Rates | None] = {}
 
 
@@ -168,8 +209,7 @@ def linear_rates(prices: Any) -> _Rates | None:
     if found is not _MISSING:
         return found  # type: ignore[return-value]
     rates = _probe(prices)
-    if len(_rates) < 4096:  # pragma: no mutate  (a bound on the cache only)
-        _rates[key] = rates
+    _remember(_rates, key, rates)
     return rates
 
 

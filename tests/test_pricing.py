@@ -640,3 +640,16 @@ def test_a_call_priced_the_fast_way_and_the_package_s_way_cost_the_same(
     assert fast == (2_345 * Decimal("0.25") + 10_000 * Decimal("0.025") + 678 * Decimal(2)) / M
     monkeypatch.setattr(maintained, "linear_rates", lambda _prices: None)
     assert cost(prices, plain) == fast  # through calc_price
+
+
+def test_only_prices_that_change_at_midnight_are_kept_by_day() -> None:
+    from genai_prices.types import StartDateConstraint
+
+    starts = StartDateConstraint(start_date=date(2025, 6, 10))
+    daily = SimpleNamespace(prices=[SimpleNamespace(constraint=None)], price_variants=None)
+    daily.prices.append(SimpleNamespace(constraint=starts))
+    assert maintained._daily(daily)
+    hourly = SimpleNamespace(
+        prices="one row", price_variants=[SimpleNamespace(constraint=_Starts(date(2025, 1, 1)))]
+    )
+    assert not maintained._daily(hourly)  # any other constraint: looked up for every call
