@@ -357,7 +357,11 @@ class CeleryMetering:
         if self.file_wal is not None:
             self.sink.after_flush.append(self.file_wal.after_flush)
             if settings.tokenmeter_flush == "background":  # the writer runs behind the log
-                self.writer = BackgroundWriter(self.sink, on_queued=[self.file_wal.closed])
+                self.writer = BackgroundWriter(
+                    self.sink,
+                    on_queued=[self.file_wal.closed],
+                    linger_s=settings.tokenmeter_flush_interval_s,
+                )
                 self.sink.writer = self.writer
         self.budgets = self._options_budgets
         if self.budgets is None and (

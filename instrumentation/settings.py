@@ -82,6 +82,14 @@ class TokenmeterSettings(BaseSettings):
         "ledger, many per transaction, behind the write-ahead log; 'inline': each task writes "
         "its own at its end (always so with the write-ahead log off).",
     )
+    tokenmeter_flush_interval_s: float = Field(
+        default=0.2,
+        ge=0,
+        le=10,
+        description="The background writer waits this long after a task ends for more to "
+        "write in the same transaction (0: commit at once; a row is visible within this plus "
+        "one commit; tokenmeter.flush() does not wait for it).",
+    )
     tokenmeter_wal_lease_s: float = Field(
         default=120.0,
         gt=0,

@@ -46,10 +46,14 @@ class BackgroundWriter:
         sink: DatabaseSink,
         on_queued: list[Callable[[FlushBatch], None]] | None = None,
         max_calls: int = MAX_CALLS_PER_COMMIT,
+        linger_s: float = 0.0,
     ) -> None:
         self.sink = sink
         self.on_queued = list(on_queued or [])
         self.max_calls = max_calls
+        #: After the first batch arrives, wait this long for more before committing (fewer,
+        #: bigger commits: the task-end-to-row latency is at most this plus one commit).
+        self.linger_s = linger_s
         self._reset()
         _writers.add(self)
 
@@ -62,6 +66,8 @@ class BackgroundWriter:
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._closed = False
+        self._hurry = False  # flush() asked: commit now, do not linger
+        self._queued_calls = 0
         self.commits = 0  # transactions written (for the benchmarks)
 
     # -- the task's side ---------------------------------------------------------------------
@@ -78,6 +84,7 @@ class BackgroundWriter:
                 closed = False
                 self._queue.append(batch)
                 self._queued += 1
+                self._queued_calls += len(batch.calls)
                 if self._thread is None:
                     self._start()
                 self._cond.notify_all()
@@ -95,6 +102,9 @@ class BackgroundWriter:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             target = self._queued
+            if self._done < target:
+                self._hurry = True
+                self._cond.notify_all()
             while self._done < target:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -128,7 +138,19 @@ class BackgroundWriter:
             batch = self._queue.popleft()
             taken.append(batch)
             calls += len(batch.calls)
+        self._queued_calls -= calls
+        if not self._queue:
+            self._hurry = False
         return taken
+
+    def _linger(self) -> None:
+        """Wait (holding the condition) for more batches, up to ``linger_s``."""
+        deadline = time.monotonic() + self.linger_s
+        while not (self._closed or self._hurry or self._queued_calls >= self.max_calls):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
 
     def _run(self) -> None:
         while True:
@@ -137,6 +159,8 @@ class BackgroundWriter:
                     self._cond.wait()
                 if not self._queue:
                     return
+                if self.linger_s > 0:
+                    self._linger()
                 taken = self._take()
             try:
                 self.sink.flush_many(taken)
