@@ -330,7 +330,9 @@ def run(args: argparse.Namespace, broker: str) -> None:
             time_block(task, args.block, tool)
         profiler.disable()
         tool.off()
-        pstats.Stats(profiler).sort_stats("cumulative").print_stats(r"tokenmeter|celery/app/trace|celery/utils/dispatch", 40)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(
+            r"tokenmeter|celery/app/trace|celery/utils/dispatch", 40
+        )
         return
 
     kinds = ("task", "chat", "stream")

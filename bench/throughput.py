@@ -6,7 +6,9 @@
 Starts the sandbox and a real ``celery worker`` per measurement (Redis broker, PostgreSQL
 ledger in a throwaway database), interleaving the modes over several rounds so drift on a noisy
 machine hits them alike, and prints the median tasks/second of each mode and the ratios.
-Target: metered / bare >= 0.97.
+Metered modes also give the flush latency: a thread polls the ledger every 10 ms and notes
+when each task's first row appears; latency = that moment minus the moment the task's work
+ended (the task returns it).  Targets: metered / bare >= 0.95; p99 latency <= 1 s.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,21 +26,61 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import redis  # noqa: E402
 from celery import Celery  # noqa: E402
 
+from bench.env import subprocess_env  # noqa: E402
 from bench.pg import create_database, drop_database  # noqa: E402
+from bench.redisdb import ClaimedDB, claimed_databases  # noqa: E402
 from models import migrate  # noqa: E402
 from tokenmeter.sandbox.runner import SandboxServers  # noqa: E402
 
 MODES = {
     "bare": {"TOKENMETER_DISABLED": "1"},
-    "metered": {"TOKENMETER_WRITE_AHEAD": "true"},
-    "metered, no write-ahead": {"TOKENMETER_WRITE_AHEAD": "false"},
+    "metered (defaults)": {},
+    "metered, write-ahead to Redis too": {"TOKENMETER_WRITE_AHEAD": "redis"},
+    "metered, inline flush": {"TOKENMETER_FLUSH": "inline"},
 }
 
 
-def measure(env: dict[str, str], app: Celery, args: argparse.Namespace) -> float:
+class RowWatch:
+    """Notes when each task's first ledger row becomes visible (polling, 10 ms)."""
+
+    def __init__(self, db_url: str) -> None:
+        from sqlalchemy import create_engine
+
+        self.engine = create_engine(db_url)
+        self.seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._last = 0
+        with self.engine.connect() as conn:
+            self._last = conn.exec_driver_sql(
+                "SELECT coalesce(max(id), 0) FROM openai_calls"
+            ).scalar_one()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        # every task id above the baseline each time: ids are not committed in their order
+        # (two processes), so a high-water mark would miss a row that commits late
+        while not self._stop.wait(0.01):
+            with self.engine.connect() as conn:
+                rows = conn.exec_driver_sql(
+                    "SELECT DISTINCT task_id FROM openai_calls WHERE id > %s", (self._last,)
+                ).all()
+            now = time.time()
+            for (task_id,) in rows:
+                self.seen.setdefault(task_id, now)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.engine.dispose()
+
+
+def measure(
+    env: dict[str, str], app: Celery, args: argparse.Namespace, db_url: str | None
+) -> tuple[float, list[float]]:
+    """Tasks/second of one worker, and (when ``db_url``) each task's flush latency."""
     worker = subprocess.Popen(
         [
             sys.executable,
@@ -70,11 +113,22 @@ def measure(env: dict[str, str], app: Celery, args: argparse.Namespace) -> float
                 raise SystemExit("worker did not start")
         for r in [app.send_task("bench.calls", args=(args.calls,)) for _ in range(10)]:
             r.get(timeout=60)  # warm up: imports, connections, pools
+        watch = RowWatch(db_url) if db_url else None
         started = time.perf_counter()
         results = [app.send_task("bench.calls", args=(args.calls,)) for _ in range(args.tasks)]
-        for r in results:
-            r.get(timeout=600)
-        return args.tasks / (time.perf_counter() - started)
+        ended = {r.id: r.get(timeout=600) for r in results}
+        rate = args.tasks / (time.perf_counter() - started)
+        latencies: list[float] = []
+        if watch is not None:
+            deadline = time.monotonic() + 30
+            while len(set(ended) & set(watch.seen)) < len(ended) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            watch.stop()
+            missing = set(ended) - set(watch.seen)
+            if missing:
+                raise SystemExit(f"{len(missing)} tasks have no ledger row after 30 s")
+            latencies = [watch.seen[t] - ended[t] for t in ended]
+        return rate, latencies
     finally:
         worker.terminate()
         worker.wait(timeout=60)
@@ -100,13 +154,16 @@ def main() -> None:
 
     db_url = create_database(args.pg_url, "tokenmeter_bench")
     migrate.upgrade(db_url)
-    broker, backend = f"{args.redis_url}/9", f"{args.redis_url}/8"
-    for url in (broker, backend):
-        redis.Redis.from_url(url).flushdb()
+    with claimed_databases(args.redis_url, 2) as (broker_db, backend_db):
+        run(args, db_url, broker_db, backend_db)
+
+
+def run(args: argparse.Namespace, db_url: str, broker_db: ClaimedDB, backend_db: ClaimedDB) -> None:
+    broker, backend = broker_db.url, backend_db.url
     sandbox = SandboxServers().start()
     app = Celery("bench_client", broker=broker, backend=backend)
     base_env = {
-        **os.environ,
+        **subprocess_env(),
         "PYTHONPATH": str(ROOT),
         "DATABASE_URL": db_url,
         "CELERY_BROKER_URL": broker,
@@ -115,14 +172,21 @@ def main() -> None:
         "OPENAI_API_KEY": "sk-sandbox",
         "BENCH_LATENCY_MS": str(args.latency_ms),
         "TOKENMETER_RECOVERY_INTERVAL_S": "30",
+        "TOKENMETER_DATA_DIR": f"/tmp/tokenmeter-throughput-{os.getpid()}",
     }
     rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    latencies: dict[str, list[float]] = {mode: [] for mode in MODES}
     try:
         for round_no in range(args.rounds):
-            for mode, extra in MODES.items():
-                rate = measure({**base_env, **extra}, app, args)
+            order = list(MODES.items())
+            order = order[round_no % len(order) :] + order[: round_no % len(order)]
+            for mode, extra in order:
+                metered = "TOKENMETER_DISABLED" not in extra
+                rate, lat = measure({**base_env, **extra}, app, args, db_url if metered else None)
                 rates[mode].append(rate)
-                print(f"round {round_no + 1}: {mode:<24} {rate:8.1f} tasks/s", flush=True)
+                latencies[mode].extend(lat)
+                p99 = f"  p99 flush {_pct(lat, 99) * 1e3:6.0f} ms" if lat else ""
+                print(f"round {round_no + 1}: {mode:<34} {rate:8.1f} tasks/s{p99}", flush=True)
     finally:
         sandbox.stop()
         app.close()
@@ -134,12 +198,18 @@ def main() -> None:
         f"-c {args.concurrency}, sandbox latency {args.latency_ms} ms, "
         f"median of {args.rounds} rounds"
     )
-    print(f"{'mode':<26}{'tasks/s':>10}{'ratio':>8}")
+    print(f"{'mode':<36}{'tasks/s':>10}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}")
     rows = []
     for mode in MODES:
         median = statistics.median(rates[mode])
-        print(f"{mode:<26}{median:>10.1f}{median / bare:>8.3f}")
-        rows.append(f"| {mode} | {median:,.1f} | {median / bare:.3f} |")
+        lat = latencies[mode]
+        cells = (
+            [f"{_pct(lat, q) * 1e3:,.0f}" for q in (50, 99)] + [f"{max(lat) * 1e3:,.0f}"]
+            if lat
+            else ["", "", ""]
+        )
+        print(f"{mode:<36}{median:>10.1f}{median / bare:>8.3f}" + "".join(f"{c:>9}" for c in cells))
+        rows.append(f"| {mode} | {median:,.1f} | {median / bare:.3f} | " + " | ".join(cells) + " |")
     if args.results:
         from bench.results import write_section
 
@@ -153,15 +223,22 @@ def main() -> None:
                 f"### Worker throughput, sandbox latency {args.latency_ms} ms",
                 "",
                 f"`{command}`: real `celery worker -P {args.pool} -c {args.concurrency}`, Redis "
-                "broker, PostgreSQL ledger; median tasks/s of the rounds, modes interleaved.",
+                "broker, PostgreSQL ledger; median tasks/s of the rounds, modes interleaved "
+                "(order rotated each round). Flush latency: task's work ended -> its first "
+                "ledger row visible (a 10 ms poll), over every task of the rounds.",
                 "",
-                "| mode | tasks/s | ratio to bare |",
-                "| --- | ---: | ---: |",
+                "| mode | tasks/s | ratio to bare | flush p50 (ms) | p99 (ms) | max (ms) |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |",
                 *rows,
             ]
         )
         write_section(args.results, f"throughput-{args.latency_ms}ms", body)
         print(f"written to {args.results}")
+
+
+def _pct(values: list[float], q: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 if __name__ == "__main__":

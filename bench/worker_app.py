@@ -8,6 +8,7 @@ to model a real provider's latency.
 from __future__ import annotations
 
 import os
+import time
 
 from celery import Celery
 from openai import OpenAI
@@ -32,7 +33,8 @@ _headers = {"X-Sandbox-Fault": f"slow={_latency}"} if _latency else None
 
 
 @app.task(name="bench.calls")
-def calls(k: int) -> int:
+def calls(k: int) -> float:
+    """K chat calls; returns when the task's work ended (the flush-latency bench's start)."""
     global _client
     if _client is None:
         _client = OpenAI(max_retries=0)
@@ -42,4 +44,4 @@ def calls(k: int) -> int:
             messages=[{"role": "user", "content": f"rate post {n}"}],
             extra_headers=_headers,
         )
-    return k
+    return time.time()

@@ -16,13 +16,13 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from openai import APIStatusError
 
 from .context import CallRecord, UsageScope, is_interrupt, record_call
+from .ids import new_id
 from .pricing import cost_of
 
 logger = logging.getLogger("tokenmeter.openai")
@@ -59,7 +59,7 @@ def may_have_been_billed(exc: BaseException) -> bool:
 
 
 def new_client_request_id() -> str:
-    return f"tm-{uuid.uuid4().hex}"
+    return f"tm-{new_id()}"
 
 
 @dataclass

@@ -360,8 +360,10 @@ class CeleryMetering:
                 self.writer = BackgroundWriter(
                     self.sink,
                     on_queued=[self.file_wal.closed],
+                    on_committed=[self.file_wal.committed],
                     linger_s=settings.tokenmeter_flush_interval_s,
                 )
+                self.file_wal.defer_done = True
                 self.sink.writer = self.writer
         self.budgets = self._options_budgets
         if self.budgets is None and (

@@ -17,13 +17,14 @@ import contextvars
 import itertools
 import logging
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from types import TracebackType
 from typing import Any, Protocol
+
+from .ids import new_id
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ class UsageScope:
         self.error: BaseException | None = None
         self.opened_at = _utcnow()
         if parent is None:
-            self.execution_id = uuid.uuid4().hex
+            self.execution_id = new_id()
             self._scope_ids = itertools.count(0)
             self.task_id, self.task_name, self.attempt, self.hostname = (
                 task_id,
@@ -434,7 +435,7 @@ def record_call(call: CallRecord, scope: UsageScope | object | None = _CURRENT) 
         scope._attribute(call)
         call.execution_id = ""
     if not call.execution_id:
-        call.execution_id = uuid.uuid4().hex  # an unscoped call is an execution of its own
+        call.execution_id = new_id()  # an unscoped call is an execution of its own
     try:
         _sink.unscoped_call(call)
     except Exception as exc:

@@ -22,7 +22,7 @@ import os
 import socket
 import threading
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .context import CallRecord, Rollup, UsageScope, is_interrupt
 from .procs import pid_alive, process_started
@@ -53,8 +53,14 @@ class FileWriteAheadLog:
         self.host = socket.gethostname()
         self._lock = threading.Lock()
         self._pid = 0
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
+        self._path: Path | None = None
         self._open: set[str] = set()  # executions of this process not yet done
+        self._done: list[bytes] = []  # ``done`` lines held for the end of the writer's commit
+        #: Set when a background writer calls :meth:`committed` after each commit: the done
+        #: lines of a commit are then written together (they only spare recovery some work,
+        #: so they need not reach the OS one by one).
+        self.defer_done = False
         self.unavailable = 0
 
     # -- writing (in the task's process) ---------------------------------------------------
@@ -66,20 +72,21 @@ class FileWriteAheadLog:
     def _name(self, pid: int) -> str:
         return f"{self.host}-{pid}-{process_started(pid) or 0}.jsonl"
 
-    def _handle(self) -> IO[str]:
+    def _handle(self) -> int:
         pid = os.getpid()
-        if self._file is None or self._pid != pid:  # a forked child opens a file of its own
+        if self._fd is None or self._pid != pid:  # a forked child opens a file of its own
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.directory / self._name(pid), "a", encoding="utf-8")  # noqa: SIM115
-            self._pid, self._open = pid, set()
-        return self._file
+            self._path = self.directory / self._name(pid)
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._pid, self._open, self._done = pid, set(), []
+        return self._fd
 
-    def _write(self, entry: dict[str, Any]) -> None:
-        line = json.dumps(entry, separators=(",", ":")) + "\n"
+    def _write(self, *entries: dict[str, Any]) -> None:
+        """Append ``entries`` in one write(2): in the OS once this returns (it outlives this
+        process), with no buffer of Python's in between."""
+        data = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries).encode()
         with self._lock:
-            handle = self._handle()
-            handle.write(line)
-            handle.flush()  # to the OS now: it outlives this process
+            os.write(self._handle(), data)
 
     def _append(self, scope: UsageScope, entry: dict[str, Any]) -> None:
         root = scope.root
@@ -92,9 +99,10 @@ class FileWriteAheadLog:
                     "attempt": root.attempt,
                     "ledger": self.ledger,
                 }
-                self._write({"e": eid, "t": "open", "meta": meta})
+                self._write({"e": eid, "t": "open", "meta": meta}, {"e": eid, **entry})
                 self._open.add(eid)
-            self._write({"e": eid, **entry})
+            else:
+                self._write({"e": eid, **entry})
         except Exception as exc:
             if is_interrupt(exc):
                 raise
@@ -126,26 +134,41 @@ class FileWriteAheadLog:
         if not eid or eid not in self._open or self._pid != os.getpid():
             return
         try:
-            self._write({"e": eid, "t": "done"})
-            self._open.discard(eid)
+            line = json.dumps({"e": eid, "t": "done"}, separators=(",", ":")) + "\n"
             with self._lock:
-                handle = self._file
-                if handle is not None and handle.tell() > COMPACT_BYTES:
-                    self._compact(handle)
+                self._done.append(line.encode())
+                self._open.discard(eid)
+            if not self.defer_done:
+                self.committed()
         except Exception as exc:
             if is_interrupt(exc):
                 raise
             logger.warning("local write-ahead log unavailable (%s: %s)", type(exc).__name__, exc)
 
-    def _compact(self, handle: IO[str]) -> None:
+    def committed(self) -> None:
+        """Write the done lines held so far (one write), and compact the file if it is big."""
+        if self._pid != os.getpid():
+            return
+        try:
+            with self._lock:
+                if self._done and self._fd is not None:
+                    os.write(self._fd, b"".join(self._done))
+                    self._done = []
+                if self._fd is not None and os.fstat(self._fd).st_size > COMPACT_BYTES:
+                    self._compact()
+        except Exception as exc:
+            if is_interrupt(exc):
+                raise
+            logger.warning("local write-ahead log unavailable (%s: %s)", type(exc).__name__, exc)
+
+    def _compact(self) -> None:
         """Rewrite the file with only the lines of executions still open (under the lock).
 
         The new file replaces the old one in one rename, so a reader sees one or the other;
         the executions left out are all done (in the database or the spool).
         """
-        path = Path(handle.name)
-        handle.flush()
-        keep = self._open
+        assert self._path is not None and self._fd is not None
+        path, keep = self._path, self._open
         if keep:
             lines = [
                 line
@@ -155,11 +178,10 @@ class FileWriteAheadLog:
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(lines), encoding="utf-8")
             os.replace(tmp, path)
-            handle.close()
-            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            os.close(self._fd)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         else:
-            handle.truncate(0)
-            handle.seek(0)
+            os.ftruncate(self._fd, 0)  # O_APPEND: the next write goes to the new end
 
     def pending(self) -> int:
         """Executions of this host's live writers that ended and are not yet durable."""
@@ -189,10 +211,11 @@ class FileWriteAheadLog:
         return waiting
 
     def close(self) -> None:
+        self.committed()
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+            self._fd = None
 
     # -- recovery (any process of the host) --------------------------------------------------
     def _writer_alive(self, path: Path) -> bool:

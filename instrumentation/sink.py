@@ -36,6 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from . import deferred
 from .context import CallRecord, UsageScope, UsageTotals, is_interrupt
 from .db import get_engine
+from .ids import new_id
 from .ledger import OpenAICall
 from .rollups import TableRollup
 from .settings import get_settings
@@ -66,15 +67,14 @@ def fit(value: str, limit: int) -> str:
 
 
 # -- (de)serialisation ------------------------------------------------------------------------
+_CALL_FIELDS = tuple(f.name for f in fields(CallRecord))
+
+
 def call_to_json(call: CallRecord) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in fields(call):
-        value = getattr(call, f.name)
-        if isinstance(value, Decimal):
-            value = str(value)
-        elif isinstance(value, datetime):
-            value = value.isoformat()
-        out[f.name] = value
+    out = {name: getattr(call, name) for name in _CALL_FIELDS}
+    if out["cost_usd"] is not None:
+        out["cost_usd"] = str(out["cost_usd"])
+    out["created_at"] = out["created_at"].isoformat()
     return out
 
 
@@ -107,7 +107,7 @@ class FlushBatch:
     task_name: str | None = None
     attempt: int = 0
     state: str | None = None
-    batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    batch_id: str = field(default_factory=new_id)
     ledger: str | None = None  # the identity of the ledger it belongs to (None: any)
 
     @classmethod

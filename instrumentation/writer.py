@@ -45,11 +45,13 @@ class BackgroundWriter:
         self,
         sink: DatabaseSink,
         on_queued: list[Callable[[FlushBatch], None]] | None = None,
+        on_committed: list[Callable[[], None]] | None = None,
         max_calls: int = MAX_CALLS_PER_COMMIT,
         linger_s: float = 0.0,
     ) -> None:
         self.sink = sink
         self.on_queued = list(on_queued or [])
+        self.on_committed = list(on_committed or [])  # after each commit (or spooling)
         self.max_calls = max_calls
         #: After the first batch arrives, wait this long for more before committing (fewer,
         #: bigger commits: the task-end-to-row latency is at most this plus one commit).
@@ -87,9 +89,13 @@ class BackgroundWriter:
                 self._queued_calls += len(batch.calls)
                 if self._thread is None:
                     self._start()
-                self._cond.notify_all()
+                # wake the writer only when it waits for a first batch or the commit is full:
+                # while it lingers, waking it for each task would only cost the task the GIL
+                if len(self._queue) == 1 or self._queued_calls >= self.max_calls:
+                    self._cond.notify_all()
         if closed:
             self.sink.flush(batch)
+            self._committed()
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tokenmeter-writer", daemon=True)
@@ -169,10 +175,18 @@ class BackgroundWriter:
                 for batch in taken:  # one by one: each is written or spooled
                     self.sink.flush(batch)
             finally:
+                self._committed()
                 with self._cond:
                     self._done += len(taken)
                     self.commits += 1
                     self._cond.notify_all()
+
+    def _committed(self) -> None:
+        for hook in self.on_committed:
+            try:
+                hook()
+            except Exception:
+                logger.exception("an after-commit hook failed")
 
 
 def flush_all(timeout: float | None = None) -> bool:

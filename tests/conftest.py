@@ -71,6 +71,8 @@ def _fresh_settings(
     monkeypatch.setenv("TOKENMETER_DATA_DIR", str(var))
     clear_settings()
     yield
+    # what the test's tasks queued is written to the test's own database, not the next one's
+    tokenmeter.flush(timeout=30)
     clear_settings()
     dispose_all()
 
