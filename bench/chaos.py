@@ -319,6 +319,7 @@ def run_chaos(
                     app,
                     sink=DatabaseSink(proxied_db, spool=default_spool(redis_client)),
                     redis_client=redis_client,
+                    write_ahead="redis",  # the "dead" tasks below come back through Redis's log
                     budgets=Budgets(),
                     recovery_interval_s=0,
                 )
@@ -370,9 +371,11 @@ def run_chaos(
 
 
 def _settle(handle: Any, direct_redis: Any, timeout: float = 60) -> None:
-    """Recover until nothing waits: the spool is empty and no write-ahead execution is open."""
+    """Recover until nothing waits: the writer has written (or spooled) every ended task, the
+    spool is empty and no write-ahead execution is open."""
     deadline = time.monotonic() + timeout
     while True:
+        handle.flush(timeout=max(0.0, deadline - time.monotonic()))
         result = handle.recover_once()
         if result.still_spooled == 0 and not direct_redis.hlen(OPEN_KEY):
             return

@@ -523,7 +523,8 @@ class Run:
 
     def pending_recovery(self) -> int:
         """Batches still waiting in a spool or a write-ahead log (Redis's, when the broker is
-        Redis; the local files of dead worker processes always)."""
+        Redis; the local files of dead worker processes always), and ended tasks the live
+        workers' writers still hold (what ``tokenmeter flush --wait`` waits for)."""
         waiting = sum(1 for _ in (self.workdir / "spool").rglob("*.json"))
         if self.args.broker == "redis":  # keys named by the ledger: tokenmeter:<id>:...
             for key in self.broker_redis.scan_iter("tokenmeter:*:spool"):
@@ -534,7 +535,7 @@ class Run:
         waiting += sum(
             1 for path in (self.workdir / "wal").glob("*.jsonl") if not local._writer_alive(path)
         )
-        return waiting
+        return waiting + local.pending()  # ended tasks the live writers have not written yet
 
     def wait(self, label: str, until: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout

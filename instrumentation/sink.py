@@ -228,10 +228,40 @@ _COPY_COLUMNS = [c for c in _LEDGER.columns if c.name != "id"]
 _STAGE = "tokenmeter_stage_calls"
 
 
+_copy_plans: dict[str, list[tuple[str, int | None, Any]]] = {}
+
+
+def _copy_plan(dialect: Any) -> list[tuple[str, int | None, Any]]:
+    """Per column of the COPY: (name, text limit, bind processor), built once per dialect."""
+    plan = _copy_plans.get(dialect.name)
+    if plan is None:
+        plan = [
+            (
+                c.name,
+                _TEXT_LIMITS.get(c.name),
+                c.type.dialect_impl(dialect).bind_processor(dialect),
+            )
+            for c in _COPY_COLUMNS
+        ]
+        _copy_plans[dialect.name] = plan
+    return plan
+
+
+def _copy_row(call: CallRecord, plan: list[tuple[str, int | None, Any]]) -> list[Any]:
+    """The ledger row of ``call`` in COPY column order (what ``_ledger_row`` gives, as a list)."""
+    row = []
+    for name, limit, process in plan:
+        value = getattr(call, name)
+        if limit is not None and isinstance(value, str) and len(value) > limit:
+            value = fit(value, limit)
+        row.append(value if process is None else process(value))
+    return row
+
+
 def _copy_calls(conn: Connection, calls: list[CallRecord]) -> set[tuple[str, int]]:
     """Stage ``calls`` with COPY and move the new ones into the ledger; their keys."""
     dialect = conn.dialect
-    processors = [c.type.dialect_impl(dialect).bind_processor(dialect) for c in _COPY_COLUMNS]
+    plan = _copy_plan(dialect)
     names = ", ".join(dialect.identifier_preparer.quote(c.name) for c in _COPY_COLUMNS)
     ledger = dialect.identifier_preparer.format_table(_LEDGER)
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
@@ -243,15 +273,7 @@ def _copy_calls(conn: Connection, calls: list[CallRecord]) -> set[tuple[str, int
         )
         with cursor.copy(f"COPY {_STAGE} ({names}) FROM STDIN") as copy:
             for call in calls:
-                row = _ledger_row(call)
-                copy.write_row(
-                    [
-                        value if process is None else process(value)
-                        for value, process in zip(
-                            (row[c.name] for c in _COPY_COLUMNS), processors, strict=True
-                        )
-                    ]
-                )
+                copy.write_row(_copy_row(call, plan))
         cursor.execute(
             f"INSERT INTO {ledger} ({names}) SELECT {names} FROM {_STAGE} "
             "ON CONFLICT DO NOTHING RETURNING execution_id, seq"

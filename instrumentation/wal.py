@@ -71,6 +71,7 @@ class WriteAheadLog:
         self._heartbeat_pid = 0
         self._stop = threading.Event()
         self._recovering: dict[str, int] = {}  # execution -> entries read by recover()
+        self._unforgotten: set[str] = set()  # durable, but Redis was down to forget them
         self.unavailable = 0  # entries that could not be logged ahead (Redis unreachable)
 
     # -- writing (in the task's process) ---------------------------------------------------
@@ -167,8 +168,19 @@ class WriteAheadLog:
             except Exception:
                 logger.warning("could not renew the write-ahead lease", exc_info=True)
 
+    def retry_forgets(self) -> int:
+        """Forget the durable executions whose forget failed (Redis was down); how many."""
+        done = 0
+        for execution_id in list(self._unforgotten):
+            self.forget(execution_id)  # raises while Redis is still down: tried again later
+            self._unforgotten.discard(execution_id)
+            done += 1
+        return done
+
     def renew(self) -> int:
         """Renew the lease of every execution this process has open; returns how many."""
+        if self._unforgotten:
+            self.retry_forgets()
         now = time.time()
         with self._lock:
             owned = [(eid, meta) for eid, (_, meta) in self._open.items()]
@@ -223,7 +235,14 @@ class WriteAheadLog:
             return
         entries = self._recovering.pop(batch.execution_id, None)
         if entries is None:
-            self.forget(batch.execution_id)
+            try:
+                self.forget(batch.execution_id)
+            except Exception as exc:
+                if is_interrupt(exc):
+                    raise
+                # kept to forget later: listed by a live owner, nobody else would drop it
+                self._unforgotten.add(batch.execution_id)
+                logger.warning("could not forget task %s's write-ahead log yet", batch.task_id)
         elif not self._forget_if_unchanged(batch.execution_id, entries):
             logger.warning(
                 "task %s appended to its write-ahead log while it was recovered: kept",
@@ -285,6 +304,7 @@ class WriteAheadLog:
     def recover(self, sink: DatabaseSink) -> int:
         """Flush every orphaned execution; returns how many were recovered."""
         recovered = 0
+        self.retry_forgets()
         for raw_id, raw_meta in self.client.hgetall(self.open_key).items():
             execution_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
             meta = json.loads(raw_meta)

@@ -203,3 +203,26 @@ def test_a_dead_writers_file_is_recovered_once_and_removed(tmp_path, sink, db_ur
         post_row = s.scalars(select(AgentScannedPost)).one()
     assert ids == ["req_f1", "req_f2"]  # the flushed execution is not written again
     assert post_row.prompt_tokens == 340
+
+
+def test_a_forget_that_fails_while_redis_is_down_is_retried(
+    redis, owner, sink, monkeypatch
+) -> None:
+    """A live owner's execution, durable in the ledger, must not stay listed forever because
+    Redis was down the moment it was to be forgotten (nobody else would ever drop it)."""
+    sink.after_flush.append(owner.after_flush)
+    root, token = start_task(owner, "t-forget")
+    call("f")
+    _current.reset(token)
+    real_forget = owner.forget
+
+    def down(execution_id):
+        raise ConnectionError("Redis is down")
+
+    monkeypatch.setattr(owner, "forget", down)
+    assert sink.flush(FlushBatch.from_scope(root))  # in the ledger; the forget failed
+    assert ledger_count() == 1 and redis.hexists(OPEN_KEY, root.execution_id)
+    monkeypatch.setattr(owner, "forget", real_forget)
+    owner.renew()  # Redis is back: the next renewal (or recovery pass) forgets it
+    assert not redis.hexists(OPEN_KEY, root.execution_id)
+    assert not redis.exists(owner.entry_prefix + root.execution_id)
