@@ -55,9 +55,11 @@ migrate: setup ## Create/upgrade the demo app's database (tokenmeter's ledger + 
 check-usage: setup ## Usage of the last 7 days by model (ARGS="--by task --since 30d")
 	$(VENV)/bin/tokenmeter check-usage $(ARGS)
 
-bench: setup ## Peers side by side, throughput, spool replay -> bench/RESULTS.md
+bench: setup ## Per task and call vs OpenTelemetry, peers, throughput, writer -> bench/RESULTS.md
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) bench/per_task.py --results bench/RESULTS.md
 	$(PY) bench/peers.py --results bench/RESULTS.md
+	$(PY) bench/writer.py --results bench/RESULTS.md
 	$(PY) bench/throughput.py --results bench/RESULTS.md
 	$(PY) bench/throughput.py --latency-ms 200 --tasks 60 --rounds 2 --results bench/RESULTS.md
 	$(PY) bench/spool_replay.py --results bench/RESULTS.md
