@@ -281,7 +281,7 @@ class FileWriteAheadLog:
                 batch.task_name,
                 path.name,
             )
-            if sink.flush(batch):
+            if sink.persist(batch):  # in the ledger or the spool: never spooled again
                 recovered += 1
                 with path.open("a", encoding="utf-8") as fh:  # the writer is dead: ours to note
                     fh.write(json.dumps({"e": eid, "t": "done"}, separators=(",", ":")) + "\n")

@@ -221,7 +221,19 @@ def _insert_calls(conn: Connection, batches: list[FlushBatch]) -> list[list[Call
             (row.execution_id, row.seq)
             for row in conn.execute(stmt, [_ledger_row(c) for c in calls])
         }
-    return [[c for c in b.calls if (c.execution_id, c.seq) in inserted] for b in batches]
+    # A call new to the ledger is new to ONE batch: the same batch twice in one transaction
+    # (spooled again by a recovery pass while the database was down) adds it once.
+    claimed: set[tuple[str, int]] = set()
+    per_batch: list[list[CallRecord]] = []
+    for batch in batches:
+        new: list[CallRecord] = []
+        for call in batch.calls:
+            key = (call.execution_id, call.seq)
+            if key in inserted and key not in claimed:
+                claimed.add(key)
+                new.append(call)
+        per_batch.append(new)
+    return per_batch
 
 
 _COPY_COLUMNS = [c for c in _LEDGER.columns if c.name != "id"]
@@ -640,20 +652,28 @@ class DatabaseSink:
 
     def flush(self, batch: FlushBatch) -> bool:
         """Write ``batch`` now, or spool it.  True when it reached the database.  Never raises."""
+        return self._flush(batch) == "written"
+
+    def persist(self, batch: FlushBatch) -> bool:
+        """:meth:`flush`, True when ``batch`` is durable: in the database or in the spool."""
+        return self._flush(batch) != "lost"
+
+    def _flush(self, batch: FlushBatch) -> str:
         started = time.perf_counter()
         if batch.ledger is None:
             batch.ledger = self.ledger_id
         try:
             new_calls = self.write(batch)
         except Exception as exc:
-            if self._spool(batch, exc):
+            spooled = self._spool(batch, exc)
+            if spooled:
                 self._run_hooks(batch, [])
             if is_interrupt(exc):  # spooled, nothing lost; the interrupt goes on to the task
                 raise
-            return False
+            return "spooled" if spooled else "lost"
         self._log_flushed(batch, new_calls, started)
         self._run_hooks(batch, new_calls)
-        return True
+        return "written"
 
     def flush_many(self, batches: list[FlushBatch]) -> None:
         """Write ``batches`` in one transaction (the writer's commit), or spool them.

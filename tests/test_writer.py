@@ -31,6 +31,7 @@ from tests.helpers import dead_pid, subprocess_env
 from tokenmeter import OpenAICall
 from tokenmeter.context import (
     CallRecord,
+    _current,
     close_scope,
     open_scope,
     record_call,
@@ -39,8 +40,9 @@ from tokenmeter.context import (
 )
 from tokenmeter.filewal import FileWriteAheadLog
 from tokenmeter.reporting.cli import app as cli
+from tokenmeter.rollups import TableRollup
 from tokenmeter.settings import get_settings
-from tokenmeter.sink import DatabaseSink, FileSpool, FlushBatch
+from tokenmeter.sink import BoundRollup, DatabaseSink, FileSpool, FlushBatch
 from tokenmeter.writer import BackgroundWriter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -377,3 +379,74 @@ def test_one_commit_of_many_batches_counts_a_redelivered_call_once(db_url, sink)
     assert sum((r.cost_usd for r in rows), Decimal(0)) == 300 * COST + Decimal("0.0000000001")
     sink.flush_many(batches)  # the whole commit again: nothing new
     assert len(ledger()) == 301
+
+
+def _scan_batch(post: str, execution: str) -> FlushBatch:
+    rollup = TableRollup(
+        AgentScannedPost,
+        key={"post_id": post},
+        sums={"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens"},
+        cost_column="total_cost_usd",
+    )
+    calls = [
+        CallRecord(
+            operation="chat",
+            requested_model="gpt-4o-mini",
+            request_id=f"req_{execution}_{seq}",
+            input_tokens=100,
+            output_tokens=20,
+            cost_usd=COST,
+            execution_id=execution,
+            seq=seq,
+        )
+        for seq in range(2)
+    ]
+    return FlushBatch(
+        calls=calls, rollups=[BoundRollup(rollup.to_json(), [0, 1])], execution_id=execution
+    )
+
+
+def _post(post: str) -> AgentScannedPost:
+    with session_scope() as s:
+        return s.scalars(select(AgentScannedPost).where(AgentScannedPost.post_id == post)).one()
+
+
+def test_the_same_batch_twice_in_one_commit_adds_its_calls_once(db_url, sink) -> None:
+    """A recovery pass that spooled a batch again while the database was down, then a replay
+    of both copies in one transaction: the rollup grows by the calls once (found by
+    ``make reconcile --faults``: a run's row at 15 times its calls)."""
+    with session_scope() as s:
+        s.add(AgentScannedPost(post_id="dup", subreddit="crafts"))
+    batch = _scan_batch("dup", "e-dup")
+    twice = [FlushBatch.from_json(batch.to_json()) for _ in range(2)]
+    sink.flush_many(twice)
+    post = _post("dup")
+    assert (post.prompt_tokens, post.completion_tokens) == (200, 40)
+    assert post.total_cost_usd == 2 * COST
+    for _ in range(3):
+        sink.spool.push(batch.to_json())
+    assert sink.replay() == 3  # three copies in one chunk: nothing more
+    post = _post("dup")
+    assert (post.prompt_tokens, post.completion_tokens) == (200, 40)
+    assert len(ledger()) == 2
+
+
+def test_a_dead_writers_file_is_spooled_once_while_the_database_is_down(db_url, tmp_path) -> None:
+    """Recovery passes during an outage: the first spools the dead process's calls and marks
+    them done in its file, the next ones find nothing to spool again."""
+    spool = FileSpool(tmp_path / "spool")
+    down = DatabaseSink(f"sqlite:///{tmp_path / 'missing' / 'x.sqlite'}", spool=spool)
+    wal = FileWriteAheadLog(tmp_path / "wal")
+    root, token = open_scope("task", "t-dead", task_id="t-dead", task_name="demo.dead")
+    try:
+        wal.attach(root)
+        call("dead-1")
+    finally:
+        _current.reset(token)
+    [path] = (tmp_path / "wal").glob("*.jsonl")
+    shutil.move(path, path.with_name(f"{wal.host}-{dead_pid()}-1.jsonl"))
+    recovery = FileWriteAheadLog(tmp_path / "wal")
+    assert recovery.recover(down) == 1
+    assert recovery.recover(down) == 0 and len(spool) == 1
+    assert DatabaseSink(spool=spool).replay() == 1
+    assert [r.request_id for r in ledger()] == ["req_dead-1"]
