@@ -151,6 +151,15 @@ def test_a_naive_moment_is_read_as_utc_by_the_maintained_data() -> None:
     quotes = [maintained.quote(c, "o3", "default", False) for c in (aware, naive)]
     assert quotes[0] == quotes[1] and quotes[0] is not None
     assert quotes[0].version == "o3@2025-06-10"
+    # 01:00 in Berlin on the day of the cut is 23:00 UTC the day before: the launch price
+    berlin = chat(
+        "o3-2025-04-16",
+        1000,
+        1000,
+        at=datetime(2025, 6, 10, 1, 0, tzinfo=timezone(timedelta(hours=2))),
+    )
+    before = maintained.quote(berlin, "o3", "default", False)
+    assert before is not None and before.version == "o3@listed"
 
 
 def test_the_data_s_age_is_its_newest_checked_day_up_to_today(monkeypatch) -> None:
