@@ -43,6 +43,7 @@ from rich.console import Console  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
+from bench.pg import SERVER_URL as PG_SERVER_URL  # noqa: E402
 from bench.pg import create_database, drop_database  # noqa: E402
 from bench.reconcile import Reconciliation, reconcile, report_table  # noqa: E402
 from bench.redisdb import claimed_databases  # noqa: E402
@@ -60,9 +61,7 @@ from tokenmeter.settings import get_settings  # noqa: E402
 from tokenmeter.sink import DatabaseSink, connect_redis, default_spool  # noqa: E402
 from tokenmeter.wal import OPEN_KEY  # noqa: E402
 
-DEFAULT_PG = os.environ.get(
-    "TOKENMETER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+DEFAULT_PG = PG_SERVER_URL
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
 MODELS = ("gpt-4o-mini", "gpt-4o", "o3-mini")
 ACTIONS = (

@@ -41,6 +41,8 @@ import httpx2 as httpx  # noqa: E402  (the openai SDK 3.x transport)
 from celery import Celery  # noqa: E402
 from openai import OpenAI  # noqa: E402
 
+from bench.pg import SERVER_URL as PG_SERVER_URL  # noqa: E402
+
 CHAT = {
     "id": "chatcmpl-bench",
     "object": "chat.completion",
@@ -274,9 +276,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4, help="blocks per mode per round")
     parser.add_argument(
         "--pg-url",
-        default=os.environ.get(
-            "TOKENMETER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-        ),
+        default=PG_SERVER_URL,
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379")
     parser.add_argument("--profile", help="cProfile this mode's task blocks instead")
@@ -406,13 +406,9 @@ def report(
             *rows,
         ]
     )
-    print()
-    print(body)
-    if args.results:
-        from bench.results import write_section
+    from bench.results import publish
 
-        write_section(args.results, "per-task", body)
-        print(f"written to {args.results}")
+    publish(body, args.results, "per-task")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 from sqlalchemy import create_engine, text
@@ -29,3 +30,9 @@ def drop_database(server_url: str, url: str) -> None:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
     finally:
         engine.dispose()
+
+
+#: The PostgreSQL server the benches make their throwaway databases on.
+SERVER_URL = os.environ.get(
+    "TOKENMETER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)

@@ -64,6 +64,7 @@ from sqlalchemy.engine import Engine  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from bench.env import subprocess_env  # noqa: E402
+from bench.pg import SERVER_URL as PG_SERVER_URL  # noqa: E402
 from bench.pg import create_database, drop_database  # noqa: E402
 from bench.redisdb import claimed_databases  # noqa: E402
 from models import migrate  # noqa: E402
@@ -717,9 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--pg-url",
-        default=os.environ.get(
-            "TOKENMETER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-        ),
+        default=PG_SERVER_URL,
         help="an existing database; the run creates (and drops) its own next to it",
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379")

@@ -23,3 +23,12 @@ def write_section(path: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def publish(body: str, results: Path | None, name: str) -> None:
+    """Print a benchmark's table and, when asked (``--results``), write it as its section."""
+    print()
+    print(body)
+    if results:
+        write_section(results, name, body)
+        print(f"written to {results}")

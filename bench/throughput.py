@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from celery import Celery  # noqa: E402
 
 from bench.env import subprocess_env  # noqa: E402
+from bench.pg import SERVER_URL as PG_SERVER_URL  # noqa: E402
 from bench.pg import create_database, drop_database  # noqa: E402
 from bench.redisdb import ClaimedDB, claimed_databases  # noqa: E402
 from models import migrate  # noqa: E402
@@ -144,9 +145,7 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=int, default=0, help="sandbox response delay")
     parser.add_argument(
         "--pg-url",
-        default=os.environ.get(
-            "TOKENMETER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-        ),
+        default=PG_SERVER_URL,
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379")
     parser.add_argument("--results", type=Path, help="write the Markdown report here")

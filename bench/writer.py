@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.pg import SERVER_URL as PG_SERVER_URL  # noqa: E402
 from tokenmeter.sink import FlushBatch  # noqa: E402
 
 
@@ -71,9 +72,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--pg-url",
-        default=os.environ.get(
-            "TOKENMETER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-        ),
+        default=PG_SERVER_URL,
     )
     parser.add_argument("--results", type=Path, help="write the Markdown report here")
     args = parser.parse_args()
@@ -142,13 +141,9 @@ def main() -> None:
             f"{statistics.median(commits):.0f} |",
         ]
     )
-    print()
-    print(body)
-    if args.results:
-        from bench.results import write_section
+    from bench.results import publish
 
-        write_section(args.results, "writer", body)
-        print(f"written to {args.results}")
+    publish(body, args.results, "writer")
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ import importlib.util
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from decimal import Decimal
 from typing import Any
 
 import openai
 
 from bench.env import subprocess_env
-from tokenmeter.context import CallRecord, UsageScope, set_sink
+from tokenmeter.context import CallRecord, UsageScope, record_call, set_sink
 
 #: What a stream cut mid-way raises in the caller: openai wraps it in APIConnectionError in
 #: its later 3.x releases; openai 3.0 lets the transport's own error through.
@@ -30,6 +31,7 @@ STREAM_DROPPED: tuple[type[BaseException], ...] = (
 __all__ = [
     "STREAM_DROPPED",
     "CollectingSink",
+    "chat_call",
     "clear_settings",
     "collecting_sink",
     "dead_pid",
@@ -61,6 +63,22 @@ def collecting_sink() -> Iterator[CollectingSink]:
         yield sink
     finally:
         set_sink(previous)
+
+
+def chat_call(
+    tag: str, n_in: int = 100, n_out: int = 20, cost: Decimal = Decimal("0.0000270000")
+) -> CallRecord:
+    """Record a chat call ``req_<tag>`` in the current scope (as the openai hook would)."""
+    return record_call(
+        CallRecord(
+            operation="chat",
+            requested_model="gpt-4o-mini",
+            request_id=f"req_{tag}",
+            input_tokens=n_in,
+            output_tokens=n_out,
+            cost_usd=cost,
+        )
+    )
 
 
 def clear_settings() -> None:

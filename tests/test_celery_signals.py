@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 import tokenmeter
 from models import AgentScannedPost, session_scope
-from tests.helpers import dead_pid
+from tests.helpers import chat_call, dead_pid
 from tokenmeter import OpenAICall
 from tokenmeter.budgets import BudgetExceeded, Budgets
 from tokenmeter.celery_signals import CeleryMetering, install
@@ -40,16 +40,7 @@ COST = Decimal("0.000045")
 
 def fake_openai_call(tag: str, n_in: int = 100, n_out: int = 20) -> CallRecord:
     before_call("chat", "gpt-4o-mini")
-    return record_call(
-        CallRecord(
-            operation="chat",
-            requested_model="gpt-4o-mini",
-            request_id=f"req_{tag}",
-            input_tokens=n_in,
-            output_tokens=n_out,
-            cost_usd=COST,
-        )
-    )
+    return chat_call(tag, n_in, n_out, COST)
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import func, select
 
 from models import AgentScannedPost, session_scope
-from tests.helpers import dead_pid, wait_for
+from tests.helpers import chat_call, dead_pid, wait_for
 from tokenmeter import OpenAICall
-from tokenmeter.context import CallRecord, _current, open_scope, record_call, usage_scope
+from tokenmeter.context import CallRecord, _current, open_scope, usage_scope
 from tokenmeter.procs import process_started
 from tokenmeter.rollups import TableRollup
 from tokenmeter.sink import DatabaseSink, FileSpool, FlushBatch
@@ -49,16 +49,7 @@ def other(redis, sink: DatabaseSink, lease_s: float = 0.4) -> WriteAheadLog:
 
 
 def call(tag: str, n_in: int = 100) -> CallRecord:
-    return record_call(
-        CallRecord(
-            operation="chat",
-            requested_model="gpt-4o-mini",
-            request_id=f"req_{tag}",
-            input_tokens=n_in,
-            output_tokens=10,
-            cost_usd=Decimal("0.00001"),
-        )
-    )
+    return chat_call(tag, n_in, 10, Decimal("0.00001"))
 
 
 def post_rollup() -> TableRollup:

@@ -27,14 +27,13 @@ from typer.testing import CliRunner
 
 import tokenmeter
 from models import AgentScannedPost, session_scope
-from tests.helpers import dead_pid, subprocess_env
+from tests.helpers import chat_call, dead_pid, subprocess_env
 from tokenmeter import OpenAICall
 from tokenmeter.context import (
     CallRecord,
     _current,
     close_scope,
     open_scope,
-    record_call,
     set_sink,
     usage_scope,
 )
@@ -49,17 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COST = Decimal("0.0000270000")
 
 
-def call(tag: str, n_in: int = 100, n_out: int = 20) -> CallRecord:
-    return record_call(
-        CallRecord(
-            operation="chat",
-            requested_model="gpt-4o-mini",
-            request_id=f"req_{tag}",
-            input_tokens=n_in,
-            output_tokens=n_out,
-            cost_usd=COST,
-        )
-    )
+def call(tag: str) -> CallRecord:
+    return chat_call(tag, cost=COST)
 
 
 def ledger() -> list[OpenAICall]:
