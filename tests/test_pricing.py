@@ -662,3 +662,45 @@ def test_only_prices_that_change_at_midnight_are_kept_by_day() -> None:
         prices="one row", price_variants=[SimpleNamespace(constraint=_Starts(date(2025, 1, 1)))]
     )
     assert not maintained._daily(hourly)  # any other constraint: looked up for every call
+
+
+def test_a_per_request_fee_is_linearised_too() -> None:
+    """A price with a fee per request (none of OpenAI's has one today): the fee is the
+    constant term, and the rates stay exact."""
+    from genai_prices import Usage
+    from genai_prices.types import ModelPrice
+
+    price = ModelPrice(
+        input_mtok=Decimal(1),
+        cache_read_mtok=Decimal("0.1"),
+        output_mtok=Decimal(2),
+        requests_kcount=Decimal(5),
+    )
+    rates = maintained.linear_rates(price)
+    assert rates == (Decimal("0.005"), Decimal("0.000001"), Decimal("-9E-7"), Decimal("0.000002"))
+    base, per_in, per_cached, per_out = rates
+    usage = Usage(input_tokens=5_000, cache_read_tokens=1_000, output_tokens=300)
+    assert base + per_in * 5_000 + per_cached * 1_000 + per_out * 300 == Decimal(
+        price.calc_price(usage)["total_price"]
+    )
+
+
+def test_a_plain_call_is_priced_without_calc_price(prices, monkeypatch) -> None:
+    """The fast path is taken for input, cached and output tokens (and only for them)."""
+    from genai_prices.types import ModelPrice
+
+    plain = chat("gpt-5-mini-2025-08-07", 1_000, 100, cached=200)
+    expected = cost(prices, plain)  # rates read (and kept) here
+
+    def refuse(self, usage):
+        raise AssertionError("calc_price called for a plain call")
+
+    monkeypatch.setattr(ModelPrice, "calc_price", refuse)
+    assert cost(prices, plain) == expected
+    with pytest.raises(AssertionError, match="calc_price called"):
+        maintained.quote(
+            chat("gpt-5-mini-2025-08-07", 1_000, 100, input_image_tokens=10, web_search_calls=1),
+            "gpt-5-mini",
+            "default",
+            False,
+        )
