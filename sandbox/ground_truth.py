@@ -10,8 +10,9 @@ as a decimal string).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from decimal import Decimal
 
 from .billing import amount_usd
@@ -36,6 +37,9 @@ class BilledRequest:
     batch: bool = False  # a line of a Batch API run, billed at the batch price
     cost_usd: Decimal | None = None  # the provider's charge (billing.py); None: not listed
     client_request_id: str | None = None  # the caller's X-Client-Request-Id, as logged
+    created: int = field(default_factory=lambda: int(time.time()))  # when it was billed
+    api_key_id: str | None = None  # which key called (an id, never the key: usage.py)
+    project_id: str | None = None  # the project it was billed to (OpenAI-Project header)
 
     def to_json(self) -> dict[str, object]:
         out = asdict(self)

@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import usage
 from .batches import ENDPOINTS, BatchStore, batch_object, output_line
 from .ground_truth import BilledRequest, Ledger
 from .http import DroppedConnection, JSONHandler, SandboxHTTPServer
@@ -470,6 +471,8 @@ class OpenAIHandler(JSONHandler):
                 self.send_header("Content-Length", str(len(stored.content)))
                 self.end_headers()
                 self.wfile.write(stored.content)
+        elif path in ("/v1/organization/usage/completions", "/v1/organization/costs"):
+            self._organization_usage(path)
         elif path == "/v1/models":
             data = [{"id": m, "object": "model", "owned_by": "sandbox"} for m in SNAPSHOTS]
             self.send_json(200, {"object": "list", "data": data})
@@ -590,9 +593,17 @@ class OpenAIHandler(JSONHandler):
     lose_answer = False
 
     def _bill(self, billed: BilledRequest) -> None:
-        """Bill a completed request, once, with the caller's own id if it sent one."""
+        """Bill a completed request, once, with the caller's own id if it sent one, to the key
+        and project that made it."""
         if self.sandbox.ledger.get(billed.request_id) is None:
-            self.sandbox.ledger.add(replace(billed, client_request_id=self.client_request_id))
+            self.sandbox.ledger.add(
+                replace(
+                    billed,
+                    client_request_id=self.client_request_id,
+                    api_key_id=usage.api_key_id(self.headers.get("Authorization")),
+                    project_id=self.headers.get("OpenAI-Project") or usage.DEFAULT_PROJECT,
+                )
+            )
 
     def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         if self.lose_answer and status == 200:
@@ -631,6 +642,30 @@ class OpenAIHandler(JSONHandler):
     ) -> None:
         payload = {"error": {"message": message, "type": kind, "param": param, "code": code}}
         self.send_json(status, payload, {"x-request-id": request_id, **(headers or {})})
+
+    # -- the organization Usage and Costs APIs ---------------------------------------------------
+    def _organization_usage(self, path: str) -> None:
+        request_id = new_request_id()
+        key = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+        if not key:
+            self._error(401, "You didn't provide an API key.", "invalid_request_error", request_id)
+            return
+        if not key.startswith(usage.ADMIN_KEY_PREFIX):
+            self._error(
+                403,
+                "This endpoint requires an admin API key (sk-admin-...).",
+                "invalid_request_error",
+                request_id,
+                code="insufficient_permissions",
+            )
+            return
+        answer = usage.completions if path.endswith("/completions") else usage.costs
+        try:
+            page = answer(self.sandbox.ledger.rows(), self.query)
+        except usage.UsageQueryError as exc:
+            self._error(400, str(exc), "invalid_request_error", request_id, param=exc.param)
+            return
+        self.send_json(200, page, {"x-request-id": request_id})
 
     # -- files and batches ----------------------------------------------------------------------
     def _files_create(self, request_id: str) -> None:

@@ -17,8 +17,10 @@ import openai
 import pytest
 
 from tests.helpers import STREAM_DROPPED, wait_for
+from tokenmeter.sandbox import usage
 from tokenmeter.sandbox.ground_truth import BilledRequest
 from tokenmeter.sandbox.openai_server import text_tokens
+from tokenmeter.sandbox.pytest_plugin import SANDBOX_KEY
 from tokenmeter.sandbox.runner import SandboxServers
 
 HI = [{"role": "user", "content": "hi"}]
@@ -47,7 +49,11 @@ def test_chat_usage_headers_and_ground_truth(openai_client, sandbox) -> None:
         cost_usd=(Decimal("0.15") * u.prompt_tokens + Decimal("0.60") * u.completion_tokens)
         / 1_000_000,
         client_request_id="sandbox-test-1",  # the caller's own id, kept as OpenAI logs it
+        created=billed.created,
+        api_key_id=usage.api_key_id(f"Bearer {SANDBOX_KEY}"),  # who called, by id
+        project_id=usage.DEFAULT_PROJECT,  # no OpenAI-Project header: the default project
     )
+    assert abs(billed.created - time.time()) < 30
     assert sandbox.ledger.cost([rid]) == billed.cost_usd
 
 
