@@ -199,7 +199,7 @@ def write_batches(conn: Connection, batches: list[FlushBatch]) -> list[list[Call
     Returns, per batch, its calls that were new to the ledger.
     """
     new_per_batch = _insert_calls(conn, batches)
-    for batch, new_calls in zip(batches, new_per_batch, strict=True):
+    for batch, new_calls in zip(batches, new_per_batch, strict=True):  # pragma: no mutate
         for rollup, subtree, _ in _bound(batch, new_calls):
             TableRollup.from_json(rollup).apply(conn, subtree)
     return new_per_batch
@@ -702,7 +702,7 @@ class DatabaseSink:
             for batch in batches:
                 self.flush(batch)
             return
-        for batch, new_calls in zip(batches, new_per_batch, strict=True):
+        for batch, new_calls in zip(batches, new_per_batch, strict=True):  # pragma: no mutate
             self._log_flushed(batch, new_calls, started)
             self._run_hooks(batch, new_calls)
 

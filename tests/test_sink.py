@@ -500,3 +500,47 @@ def test_tokenmeter_rollups_reports_kept_rollups_and_retries_them(
     assert retried.exit_code == 0 and "applied 1" in retried.output, retried.output
     with session_scope() as s:
         assert s.scalars(select(PipelineRunUsage)).one().prompt_tokens == 1000
+
+
+def test_spools_take_out_exactly_the_batch_asked_for(tmp_path) -> None:
+    """Found by mutation: removing a batch that was not just peeked, dead-lettering one of two
+    identical payloads, reading past a spool that fails or past ``n``."""
+    from tokenmeter.sink import FallbackSpool
+
+    files = FileSpool(tmp_path / "files")
+    first, second = (FlushBatch(calls=[], execution_id=f"e-{i}").to_json() for i in (1, 2))
+    files.push(first)
+    files.push(second)
+    FileSpool(tmp_path / "files").remove(second)  # another process's spool object: no peek
+    assert FileSpool(tmp_path / "files").peek_many(5) == [first]
+    FileSpool(tmp_path / "files").remove(first)
+    assert len(files) == 0
+
+    redis_spool = RedisSpool(fakeredis.FakeRedis(), key="tokenmeter:test-twice")
+    redis_spool.push(first)
+    redis_spool.push(first)  # the same batch spooled twice (idempotent to write)
+    redis_spool.dead_letter(first, "boom")
+    assert len(redis_spool) == 1 and len(redis_spool.dead_letters()) == 1
+
+    class Broken:
+        def peek_many(self, n: int) -> list[str]:
+            raise ConnectionError("the local spool's disk is gone")
+
+    primary = RedisSpool(fakeredis.FakeRedis(), key="tokenmeter:test-primary")
+    for payload in (first, second, FlushBatch(calls=[], execution_id="e-3").to_json()):
+        primary.push(payload)
+    assert FallbackSpool(primary, Broken()).peek_many(2) == [first, second]  # type: ignore[arg-type]
+    local = FileSpool(tmp_path / "local")
+    local.push(second)
+    both = FallbackSpool(primary, local)
+    assert both.peek_many(1) == [second]  # the local leftovers first, and no more than asked
+    assert both.peek_many(2) == [second, first]
+
+
+def test_a_sink_takes_its_own_ledgers_batches_without_asking_the_database(db_url) -> None:
+    """A batch stamped with the sink's own ledger id is its own, whatever id the database
+    holds (a sink named explicitly, as the provisional recovery does)."""
+    sink = DatabaseSink(ledger_id="ledger-named-here")
+    assert sink.accepts(FlushBatch(calls=[], ledger="ledger-named-here"))
+    assert sink.accepts(FlushBatch(calls=[], ledger=None))
+    assert not sink.accepts(FlushBatch(calls=[], ledger="somebody-else"))
