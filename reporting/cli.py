@@ -438,6 +438,120 @@ def flush(
     out.print("everything that ended is in the ledger")
 
 
+@app.command()
+def audit(
+    since: str = typer.Option("7d", help="How far back: 30m, 12h, 7d, 2w."),
+    bucket: str = typer.Option("1d", help="Bucket width: 1m, 1h or 1d."),
+    by: str = typer.Option("model", help="Group by any of model,service_tier,batch ('' none)."),
+    settle: str = typer.Option(
+        "1h", help="Compare only buckets that ended at least this long ago (the data lags)."
+    ),
+    fmt: str = typer.Option("table", "--format", help="table or json"),
+    database_url: str | None = typer.Option(None, "--database-url", envvar="DATABASE_URL"),
+    base_url: str | None = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL"),
+) -> None:
+    """The ledger against OpenAI's own Usage and Costs APIs (admin key: OPENAI_ADMIN_KEY).
+
+    Exit 1 when a closed bucket differs (each difference is named: unmetered, missing
+    upstream, never answered, priced differently), 2 when the audit could not be made."""
+    import json
+    import os
+
+    import openai
+    from rich.table import Table
+    from sqlalchemy.orm import Session
+
+    from . import audit as auditing
+
+    if fmt not in ("table", "json"):
+        fail(f"--format must be table or json, not {fmt!r}")
+    if bucket not in auditing.WIDTHS:
+        fail(f"--bucket must be one of {', '.join(auditing.WIDTHS)}, not {bucket!r}")
+    key = os.environ.get("OPENAI_ADMIN_KEY")
+    if not key:
+        fail("set OPENAI_ADMIN_KEY to an admin key (platform.openai.com > admin keys)")
+    width = auditing.WIDTHS[bucket]
+    end = int(datetime.now(UTC).timestamp()) // width * width + width
+    start = (end - int(parse_since(since).total_seconds())) // width * width
+    groups = tuple(g for g in by.split(",") if g)
+    engine = ledger_engine(database_url)
+    client = openai.OpenAI(api_key="unused", admin_api_key=key, base_url=base_url, max_retries=5)
+    try:
+        with Session(engine) as session:
+            report = auditing.audit(
+                session,
+                client.admin.organization.usage,
+                start,
+                end,
+                bucket,
+                groups,
+                settle_s=int(parse_since(settle).total_seconds()),
+            )
+    except auditing.AuditError as exc:
+        fail(str(exc))
+    except (openai.AuthenticationError, openai.PermissionDeniedError):
+        fail("OPENAI_ADMIN_KEY was refused: the Usage and Costs APIs need an admin key")
+    except openai.APIStatusError as exc:
+        fail(f"the provider answered {exc.status_code} after retries; try again later")
+    except openai.APIConnectionError:
+        fail("could not reach the provider's Usage API (network); try again later")
+    finally:
+        client.close()
+
+    def when(moment: int) -> str:
+        return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%d %H:%M")
+
+    if fmt == "json":
+        print(
+            json.dumps(
+                {
+                    "start": when(report.start),
+                    "end": when(report.end),
+                    "bucket": bucket,
+                    "group_by": list(groups),
+                    "compared_buckets": report.compared,
+                    "skipped_open_buckets": [when(s) for s in report.skipped],
+                    "clean": report.clean,
+                    "differences": [
+                        {
+                            "bucket": when(d.bucket_start),
+                            "group": list(d.group),
+                            "what": d.what,
+                            "provider": str(d.provider),
+                            "ledger": str(d.ledger),
+                            "kind": d.kind,
+                        }
+                        for d in report.differences
+                    ],
+                }
+            )
+        )
+    else:
+        out = console()
+        out.print(
+            f"audit {when(report.start)} - {when(report.end)} UTC by {bucket}"
+            f"{' and ' + ', '.join(groups) if groups else ''}: {report.compared} closed buckets "
+            f"compared, {len(report.skipped)} still open skipped (settle {settle})"
+        )
+        if report.clean:
+            out.print("clean: the ledger and the provider agree in every closed bucket")
+        else:
+            table = Table("bucket", "group", "what", "provider", "ledger", "diff", "kind")
+            for d in report.differences:
+                table.add_row(
+                    when(d.bucket_start),
+                    ", ".join(str(v) for v in d.group) or "-",
+                    d.what,
+                    str(d.provider),
+                    str(d.ledger),
+                    f"{d.delta:+}",
+                    d.kind,
+                )
+            out.print(table)
+    if not report.clean:
+        raise typer.Exit(1)
+
+
 def ledger_engine(database_url: str | None) -> Any:
     """A read-only engine on a migrated ledger, or one line saying what to run (exit 2)."""
     from tokenmeter.migrate import LedgerUnavailable, require_ledger

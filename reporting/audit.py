@@ -1,0 +1,256 @@
+"""The ledger against the provider's own books: OpenAI's organization Usage and Costs APIs.
+
+``tokenmeter audit`` reads, with an admin key (``OPENAI_ADMIN_KEY``; never logged or stored),
+``GET /v1/organization/usage/completions`` and ``GET /v1/organization/costs`` through the
+openai SDK (``client.admin.organization.usage``), every page of them, and compares them bucket
+by bucket and group by group with the ledger's chat and Responses calls:
+
+- requests (``num_model_requests``) and input, cached input and output tokens, per bucket and
+  per served model (``--by model,service_tier,batch``);
+- dollars per day against the Costs API.
+
+Only closed buckets are compared: a bucket that ended less than ``settle`` ago (the provider's
+data lags) is skipped and said so.  Each difference is named: **unmetered** (the provider saw
+more: calls made outside metered processes), **missing upstream** (the ledger has more),
+**never answered** (the ledger's billed-unknown calls: billed, their tokens unknown to the
+meter), **priced differently** (the day's tokens agree, its dollars do not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tokenmeter.ledger import OpenAICall
+
+WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
+GROUPS = ("model", "service_tier", "batch")
+TOKENS = ("requests", "input_tokens", "cached_input_tokens", "output_tokens")
+#: Operations the Usage API's completions endpoint counts (chat completions and Responses).
+TEXT_OPERATIONS = ("chat", "responses")
+#: Dollars may differ by this much per day before the audit calls it a difference: the Costs
+#: API's amounts are JSON numbers (floats), rounded by the provider.
+DOLLAR_TOLERANCE = Decimal("0.000001")
+#: The page size asked for per bucket width (each API's maximum).
+PAGE_LIMITS = {"1m": 1440, "1h": 168, "1d": 31}
+
+
+class AuditError(Exception):
+    """The audit could not be made (a bad key, the provider failing): one line for the user."""
+
+
+@dataclass
+class Counts:
+    requests: int = 0
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    never_answered: int = 0  # the ledger's billed-unknown calls in the group
+
+    def get(self, name: str) -> int:
+        return int(getattr(self, name))
+
+
+@dataclass(frozen=True)
+class Difference:
+    bucket_start: int
+    group: tuple[Any, ...]
+    what: str  # "requests", "input_tokens", ..., "usd"
+    provider: Decimal
+    ledger: Decimal
+    kind: str  # "unmetered" | "missing upstream" | "never answered" | "priced differently"
+
+    @property
+    def delta(self) -> Decimal:
+        return self.provider - self.ledger
+
+
+@dataclass
+class AuditReport:
+    start: int
+    end: int
+    bucket: str
+    groups: tuple[str, ...]
+    compared: int = 0  # closed buckets compared
+    skipped: list[int] = field(default_factory=list)  # bucket starts left out (still open)
+    provider: dict[tuple[int, tuple[Any, ...]], Counts] = field(default_factory=dict)
+    ledger: dict[tuple[int, tuple[Any, ...]], Counts] = field(default_factory=dict)
+    provider_usd: dict[int, Decimal] = field(default_factory=dict)
+    ledger_usd: dict[int, Decimal] = field(default_factory=dict)
+    differences: list[Difference] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.differences
+
+
+# -- the provider's side --------------------------------------------------------------------------
+def _pages(fetch: Any, **params: Any) -> Iterator[Any]:
+    """Every page of a Usage/Costs query, following ``next_page`` to the end."""
+    page = fetch(**params)
+    while True:
+        yield page
+        if not page.has_more:
+            return
+        if not page.next_page:
+            raise AuditError("the provider said there is more but gave no next page")
+        page = fetch(**params, page=page.next_page)
+
+
+def provider_usage(
+    admin: Any, start: int, end: int, bucket: str, groups: tuple[str, ...]
+) -> dict[tuple[int, tuple[Any, ...]], Counts]:
+    """The Usage API's completions per (bucket start, group)."""
+    out: dict[tuple[int, tuple[Any, ...]], Counts] = {}
+    for page in _pages(
+        admin.completions,
+        start_time=start,
+        end_time=end,
+        bucket_width=bucket,
+        limit=PAGE_LIMITS[bucket],
+        **({"group_by": list(groups)} if groups else {}),
+    ):
+        for b in page.data:
+            for r in b.results:
+                key = (b.start_time, tuple(_norm(g, getattr(r, g)) for g in groups))
+                counts = out.setdefault(key, Counts())
+                counts.requests += r.num_model_requests
+                counts.input_tokens += r.input_tokens
+                counts.cached_input_tokens += r.input_cached_tokens or 0
+                counts.output_tokens += r.output_tokens
+    return out
+
+
+def provider_costs(admin: Any, start: int, end: int) -> dict[int, Decimal]:
+    """The Costs API's dollars per day (bucket start)."""
+    out: dict[int, Decimal] = {}
+    for page in _pages(admin.costs, start_time=start, end_time=end, bucket_width="1d", limit=180):
+        for b in page.data:
+            for r in b.results:
+                value = r.amount.value if r.amount is not None else None
+                if value is not None:  # a JSON number: read back through its shortest repr
+                    out[b.start_time] = out.get(b.start_time, Decimal(0)) + Decimal(str(value))
+    return out
+
+
+def _norm(group: str, value: Any) -> Any:
+    if group == "service_tier":
+        return value or "default"
+    if group == "batch":
+        return bool(value)
+    return value
+
+
+# -- the ledger's side ----------------------------------------------------------------------------
+def ledger_usage(
+    session: Session, start: int, end: int, width: int, groups: tuple[str, ...]
+) -> tuple[dict[tuple[int, tuple[Any, ...]], Counts], dict[int, Decimal]]:
+    """The ledger's calls per (bucket start, group), and its dollars per day."""
+    usage: dict[tuple[int, tuple[Any, ...]], Counts] = {}
+    usd: dict[int, Decimal] = {}
+    stmt = select(
+        OpenAICall.created_at,
+        OpenAICall.operation,
+        OpenAICall.model,
+        OpenAICall.service_tier,
+        OpenAICall.batch,
+        OpenAICall.status,
+        OpenAICall.input_tokens,
+        OpenAICall.cached_input_tokens,
+        OpenAICall.output_tokens,
+        OpenAICall.cost_usd,
+    ).where(
+        OpenAICall.created_at >= datetime.fromtimestamp(start // WIDTHS["1d"] * WIDTHS["1d"], UTC),
+        OpenAICall.created_at < datetime.fromtimestamp(end, UTC),
+        OpenAICall.status.in_(("ok", "billed_unknown")),
+    )
+    for row in session.execute(stmt.execution_options(yield_per=5000)):
+        at = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+        moment = int(at.timestamp())
+        day = moment // WIDTHS["1d"] * WIDTHS["1d"]  # UTC days, as the Costs API's buckets
+        if row.cost_usd is not None:
+            usd[day] = usd.get(day, Decimal(0)) + row.cost_usd
+        if row.operation not in TEXT_OPERATIONS or moment < start:
+            continue
+        values = {"model": row.model, "service_tier": row.service_tier, "batch": row.batch}
+        key = (
+            start + (moment - start) // width * width,
+            tuple(_norm(g, values[g]) for g in groups),
+        )
+        counts = usage.setdefault(key, Counts())
+        counts.requests += 1
+        if row.status == "billed_unknown":
+            counts.never_answered += 1
+            continue
+        counts.input_tokens += row.input_tokens
+        counts.cached_input_tokens += row.cached_input_tokens
+        counts.output_tokens += row.output_tokens
+    return usage, usd
+
+
+# -- the comparison -------------------------------------------------------------------------------
+def audit(
+    session: Session,
+    admin: Any,
+    start: int,
+    end: int,
+    bucket: str = "1d",
+    groups: Iterable[str] = ("model",),
+    settle_s: int = 3600,
+    now: float | None = None,
+) -> AuditReport:
+    """Compare the ledger with the provider over ``[start, end)`` (see the module's docstring)."""
+    if bucket not in WIDTHS:
+        raise AuditError(f"--bucket must be one of {', '.join(WIDTHS)}, not {bucket!r}")
+    groups = tuple(groups)
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise AuditError(f"--by takes {', '.join(GROUPS)}; not {', '.join(unknown)}")
+    width = WIDTHS[bucket]
+    moment = datetime.now(UTC).timestamp() if now is None else now
+    closed_until = int(moment) - settle_s
+    report = AuditReport(start, end, bucket, groups)
+    report.provider = provider_usage(admin, start, end, bucket, groups)
+    report.provider_usd = provider_costs(admin, start // WIDTHS["1d"] * WIDTHS["1d"], end)
+    report.ledger, report.ledger_usd = ledger_usage(session, start, end, width, groups)
+    starts = range(start, end, width)
+    closed = {s for s in starts if s + width <= closed_until}
+    report.skipped = [s for s in starts if s not in closed]
+    report.compared = len(closed)
+    keys = sorted({k for k in (*report.provider, *report.ledger) if k[0] in closed}, key=repr)
+    for key in keys:
+        theirs, ours = report.provider.get(key, Counts()), report.ledger.get(key, Counts())
+        for name in TOKENS:
+            a, b = theirs.get(name), ours.get(name)
+            if a == b:
+                continue
+            if a > b and name != "requests" and ours.never_answered:
+                kind = "never answered"
+            else:
+                kind = "unmetered" if a > b else "missing upstream"
+            report.differences.append(
+                Difference(key[0], key[1], name, Decimal(a), Decimal(b), kind)
+            )
+    day_width = WIDTHS["1d"]
+    for day in range(start // day_width * day_width, end, day_width):
+        if day + day_width > closed_until:
+            continue
+        theirs_usd = report.provider_usd.get(day, Decimal(0))
+        ours_usd = report.ledger_usd.get(day, Decimal(0))
+        if abs(theirs_usd - ours_usd) <= DOLLAR_TOLERANCE:
+            continue
+        same_day = [
+            d for d in report.differences if d.bucket_start // day_width == day // day_width
+        ]
+        if not same_day:
+            kind = "priced differently"  # the day's requests and tokens agree
+        else:
+            kind = "unmetered" if theirs_usd > ours_usd else "missing upstream"
+        report.differences.append(Difference(day, ("(all)",), "usd", theirs_usd, ours_usd, kind))
+    return report
