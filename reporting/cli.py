@@ -533,7 +533,9 @@ def audit(
             f"{' and ' + ', '.join(groups) if groups else ''}: {report.compared} closed buckets "
             f"compared, {len(report.skipped)} still open skipped (settle {settle})"
         )
-        if report.clean:
+        if report.clean and not report.compared:
+            out.print("nothing to compare yet: every bucket of the window is still open")
+        elif report.clean:
             out.print("clean: the ledger and the provider agree in every closed bucket")
         else:
             table = Table("bucket", "group", "what", "provider", "ledger", "diff", "kind")

@@ -659,6 +659,27 @@ class OpenAIHandler(JSONHandler):
                 code="insufficient_permissions",
             )
             return
+        fault, delay = _parse_fault(self.sandbox.faults.take(path, None))
+        if delay:
+            time.sleep(delay)
+        if fault == "429":
+            self._error(
+                429,
+                "Rate limit reached for requests (sandbox).",
+                "requests",
+                request_id,
+                code="rate_limit_exceeded",
+                headers={"retry-after-ms": "10"},
+            )
+            return
+        if fault == "500":
+            self._error(
+                500,
+                "The server had an error while processing your request.",
+                "server_error",
+                request_id,
+            )
+            return
         answer = usage.completions if path.endswith("/completions") else usage.costs
         try:
             page = answer(self.sandbox.ledger.rows(), self.query)

@@ -224,3 +224,26 @@ def test_ledger_rows_the_provider_never_billed_and_calls_never_answered(
     assert kinds[(("gpt-4o-mini-2024-07-18",), "requests")] == "missing upstream"
     assert (("o3-mini",), "requests") not in kinds  # one billed, one in the ledger
     assert kinds[(("o3-mini",), "input_tokens")] == "never answered"
+
+
+def test_the_provider_failing_is_retried_then_said_in_one_line(
+    metered, openai_client, sandbox, monkeypatch
+) -> None:
+    """429 and 500 are retried with backoff (the SDK's, 5 tries); failing for good is one line,
+    exit 2, never a partial audit presented as a whole."""
+    with usage_scope("audit", "retried"):
+        _chat(openai_client, 1)
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", ADMIN_KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", sandbox.openai_base_url)
+    path = "/v1/organization/usage/completions"
+    sandbox.openai.faults.add("429", times=2, path=path)
+    passed = CliRunner().invoke(cli, ["audit", "--since", "1d"])
+    assert passed.exit_code == 0, passed.output  # two refusals, then the answer
+    assert "nothing to compare yet" in passed.output  # today's bucket is still open
+    sandbox.openai.faults.add("500", times=100, path="/v1/organization/costs")
+    failed = CliRunner().invoke(cli, ["audit", "--since", "1d"])
+    assert failed.exit_code == 2
+    assert failed.output.strip().splitlines() == [
+        "error: the provider answered 500 after retries; try again later"
+    ]
+    sandbox.openai.faults.clear()
