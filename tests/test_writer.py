@@ -440,3 +440,27 @@ def test_a_dead_writers_file_is_spooled_once_while_the_database_is_down(db_url, 
     assert recovery.recover(down) == 0 and len(spool) == 1
     assert DatabaseSink(spool=spool).replay() == 1
     assert [r.request_id for r in ledger()] == ["req_dead-1"]
+
+
+def test_a_commit_runs_each_batchs_hooks_once_durable_written_or_spooled(
+    db_url, sink, tmp_path
+) -> None:
+    """The write-ahead file's done lines hang on these hooks: after the writer's commit each
+    batch's hooks run with its new calls; with the database down, once it is spooled."""
+    seen: list[tuple[str | None, list[str | None]]] = []
+    sink.after_flush.append(
+        lambda b, new: seen.append((b.execution_id, [c.request_id for c in new]))
+    )
+    batches = [FlushBatch(calls=[_record(f"hook{i}", i)], execution_id=f"e{i}") for i in range(3)]
+    sink.flush_many(batches)
+    assert seen == [(f"e{i}", [f"req_hook{i}"]) for i in range(3)]
+
+    seen.clear()
+    down = DatabaseSink(
+        f"sqlite:///{tmp_path / 'missing' / 'x.sqlite'}", spool=FileSpool(tmp_path / "s2")
+    )
+    down.after_flush.append(
+        lambda b, new: seen.append((b.execution_id, [c.request_id for c in new]))
+    )
+    down.flush_many([FlushBatch(calls=[_record("down", 7)], execution_id="e7")])
+    assert seen == [("e7", [])] and len(down.spool) == 1  # durable in the spool: hooks, no calls
