@@ -544,3 +544,23 @@ def test_a_sink_takes_its_own_ledgers_batches_without_asking_the_database(db_url
     assert sink.accepts(FlushBatch(calls=[], ledger="ledger-named-here"))
     assert sink.accepts(FlushBatch(calls=[], ledger=None))
     assert not sink.accepts(FlushBatch(calls=[], ledger="somebody-else"))
+
+
+def test_replay_writes_at_most_its_limit_oldest_first(db_url: str, tmp_path) -> None:
+    spool = FileSpool(tmp_path / "spool")
+    payloads = [
+        FlushBatch(calls=[chat(10, 1, "0.001", rid=f"req_lim{i}")], execution_id=f"e-lim{i}")
+        for i in range(5)
+    ]
+    for batch in payloads:
+        for call in batch.calls:
+            call.execution_id = batch.execution_id
+        spool.push(batch.to_json())
+    assert FileSpool(tmp_path / "spool").peek() == payloads[0].to_json()  # the oldest
+    sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))
+    assert sink.replay(limit=2) == 2
+    assert len(spool) == 3
+    with session_scope() as s:
+        assert sorted(s.scalars(select(OpenAICall.request_id))) == ["req_lim0", "req_lim1"]
+    assert sink.replay(limit=2, chunk=1) == 2 and len(spool) == 1
+    assert sink.replay() == 1 and len(spool) == 0
