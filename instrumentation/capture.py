@@ -84,6 +84,8 @@ class PendingCall:
     started: float = field(default_factory=time.perf_counter)
     attempts: list[Attempt] = field(default_factory=list)
     batch: bool = False  # a line of a Batch API output file
+    project: str | None = None  # the OpenAI project the client named
+    api_key_hint: str | None = None  # key_hint() of the client's key
 
     @property
     def client_request_id(self) -> str | None:
@@ -139,6 +141,8 @@ class PendingCall:
     def record(self, **fields: Any) -> None:
         fields.setdefault("client_request_id", self.client_request_id)
         fields.setdefault("batch", self.batch)
+        fields.setdefault("project", self.project)
+        fields.setdefault("api_key_hint", self.api_key_hint)
         self._record(
             CallRecord(
                 operation=self.operation,
@@ -180,6 +184,15 @@ class PendingCall:
         """The call raised ``exc`` to the caller: record what it billed, or may have."""
         if not self.settle_unanswered(exc):
             self.error(exc)
+
+
+def key_hint(key: object) -> str | None:
+    """An API key as OpenAI's dashboard shows it (``sk-proj...abcd``): its kind and, for a key
+    long enough that four characters give nothing away, its last four.  Never the key."""
+    if not isinstance(key, str) or not key.startswith("sk-"):
+        return None
+    kind = "-".join(key.split("-")[:2]) if key.count("-") >= 2 else "sk"
+    return f"{kind}...{key[-4:]}" if len(key) >= 32 else f"{kind}..."
 
 
 # -- reading usage ---------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ class CallRecord:
     scope_kind: str | None = None
     scope_ref: str | None = None
     hostname: str | None = None
+    project: str | None = None  # the OpenAI project the client named (OpenAI-Project)
+    api_key_hint: str | None = None  # which key called, as OpenAI shows it: never the key
 
     @property
     def model(self) -> str | None:

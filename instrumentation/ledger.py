@@ -90,6 +90,12 @@ class OpenAICall(LedgerBase):
     scope_kind: Mapped[str | None] = mapped_column(String(64))
     scope_ref: Mapped[str | None] = mapped_column(String(255))
     hostname: Mapped[str | None] = mapped_column(String(255))
+    project: Mapped[str | None] = mapped_column(
+        String(128), doc="the OpenAI project the client named (its OpenAI-Project header)"
+    )
+    api_key_hint: Mapped[str | None] = mapped_column(
+        String(32), doc="the key that called, redacted as OpenAI shows it (sk-proj...abcd)"
+    )
 
     # what was called
     operation: Mapped[str] = mapped_column(String(32))

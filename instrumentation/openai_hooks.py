@@ -47,7 +47,7 @@ except ImportError as _exc:  # pragma: no cover - an SDK whose layout changed
     _IMPORT_PROBLEM = str(_exc)
 
 from . import batches
-from .capture import PendingCall, get, record_parsed, safe, tracked
+from .capture import PendingCall, get, key_hint, record_parsed, safe, tracked
 from .context import before_call, current_scope, is_interrupt
 from .settings import get_settings
 from .streams import WATCHED, watch_async, watch_async_response, watch_response, watch_sync
@@ -109,6 +109,9 @@ def _begin(options: Any, client: Any = None) -> tuple[PendingCall | None, Any]:
                 options = options.model_copy(update={"json_data": body})
                 injected = True
         pending = PendingCall(operation, model, stream, injected, current_scope(), body)
+        headers = options.headers if isinstance(options.headers, dict) else {}
+        pending.project = headers.get("OpenAI-Project") or getattr(client, "project", None)
+        pending.api_key_hint = key_hint(getattr(client, "api_key", None))
     except Exception as exc:
         if is_interrupt(exc):
             raise

@@ -6,7 +6,8 @@ openai SDK (``client.admin.organization.usage``), every page of them, and compar
 by bucket and group by group with the ledger's chat and Responses calls:
 
 - requests (``num_model_requests``) and input, cached input and output tokens, per bucket and
-  per served model (``--by model,service_tier,batch``);
+  per served model, tier, batch and project (``--by model,service_tier,batch,project_id``;
+  the ledger knows a call's project when its client named one: ``OpenAI(project=...)``);
 - dollars per day against the Costs API.
 
 Only closed buckets are compared: a bucket that ended less than ``settle`` ago (the provider's
@@ -30,7 +31,7 @@ from sqlalchemy.orm import Session
 from tokenmeter.ledger import OpenAICall
 
 WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
-GROUPS = ("model", "service_tier", "batch")
+GROUPS = ("model", "service_tier", "batch", "project_id")
 TOKENS = ("requests", "input_tokens", "cached_input_tokens", "output_tokens")
 #: Operations the Usage API's completions endpoint counts (chat completions and Responses).
 TEXT_OPERATIONS = ("chat", "responses")
@@ -160,6 +161,7 @@ def ledger_usage(
         OpenAICall.model,
         OpenAICall.service_tier,
         OpenAICall.batch,
+        OpenAICall.project,
         OpenAICall.status,
         OpenAICall.input_tokens,
         OpenAICall.cached_input_tokens,
@@ -178,7 +180,12 @@ def ledger_usage(
             usd[day] = usd.get(day, Decimal(0)) + row.cost_usd
         if row.operation not in TEXT_OPERATIONS or moment < start:
             continue
-        values = {"model": row.model, "service_tier": row.service_tier, "batch": row.batch}
+        values = {
+            "model": row.model,
+            "service_tier": row.service_tier,
+            "batch": row.batch,
+            "project_id": row.project,
+        }
         key = (
             start + (moment - start) // width * width,
             tuple(_norm(g, values[g]) for g in groups),

@@ -442,7 +442,9 @@ def flush(
 def audit(
     since: str = typer.Option("7d", help="How far back: 30m, 12h, 7d, 2w."),
     bucket: str = typer.Option("1d", help="Bucket width: 1m, 1h or 1d."),
-    by: str = typer.Option("model", help="Group by any of model,service_tier,batch ('' none)."),
+    by: str = typer.Option(
+        "model", help="Group by any of model,service_tier,batch,project_id ('' for none)."
+    ),
     settle: str = typer.Option(
         "1h", help="Compare only buckets that ended at least this long ago (the data lags)."
     ),

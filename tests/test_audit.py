@@ -247,3 +247,49 @@ def test_the_provider_failing_is_retried_then_said_in_one_line(
         "error: the provider answered 500 after retries; try again later"
     ]
     sandbox.openai.faults.clear()
+
+
+KEY_A = "sk-proj-" + "a" * 40 + "wxyz"
+KEY_B = "sk-proj-" + "b" * 40 + "last"
+
+
+def test_calls_carry_their_project_and_a_key_hint_never_the_key(metered, sandbox, admin) -> None:
+    with usage_scope("audit", "projects"):
+        for key, project in ((KEY_A, "proj_a"), (KEY_B, "proj_b")):
+            with OpenAI(
+                base_url=sandbox.openai_base_url, api_key=key, project=project, max_retries=0
+            ) as client:
+                _chat(client, 2)
+    with session_scope() as s:
+        rows = s.query(OpenAICall).order_by(OpenAICall.id).all()
+        stored = [
+            (r.project, r.api_key_hint, [getattr(r, c.name) for c in OpenAICall.__table__.columns])
+            for r in rows
+        ]
+    assert [(p, h) for p, h, _ in stored] == [("proj_a", "sk-proj...wxyz")] * 2 + [
+        ("proj_b", "sk-proj...last")
+    ] * 2
+    assert not any(KEY_A in str(v) or KEY_B in str(v) for _, _, row in stored for v in row)
+    report = _run(admin, ("project_id", "model"))
+    assert report.clean, report.differences
+    assert {key[1][0] for key in report.ledger} == {"proj_a", "proj_b"}
+
+    openai_hooks.uninstrument()  # project b also runs a script nobody meters
+    with OpenAI(
+        base_url=sandbox.openai_base_url, api_key=KEY_B, project="proj_b", max_retries=0
+    ) as client:
+        _chat(client, 1)
+    openai_hooks.instrument()
+    found = {(d.group[0], d.what, d.kind) for d in _run(admin, ("project_id",)).differences}
+    assert ("proj_b", "requests", "unmetered") in found
+    assert not any(group == "proj_a" for group, _, _ in found)
+
+
+def test_a_key_hint_gives_nothing_away() -> None:
+    from tokenmeter.capture import key_hint
+
+    assert key_hint(KEY_A) == "sk-proj...wxyz"
+    assert key_hint("sk-" + "c" * 45) == "sk...cccc"
+    assert key_hint("sk-svcacct-" + "d" * 40) == "sk-svcacct...dddd"
+    assert key_hint("sk-sandbox") == "sk..."  # too short to show any of it
+    assert key_hint(None) is None and key_hint("not-a-key") is None
