@@ -179,3 +179,22 @@ class LedgerIdentity(LedgerBase):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditRun(LedgerBase):
+    """One ``tokenmeter audit``: the window it compared with the provider's books and what it
+    found (the differences as JSON, the worst first).  The API shows the latest."""
+
+    __tablename__ = "tokenmeter_audits"
+    __table_args__ = (Index("ix_tokenmeter_audits_created_at", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    window_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    bucket: Mapped[str] = mapped_column(String(4))
+    group_by: Mapped[str] = mapped_column(String(128), doc="comma-separated")
+    compared: Mapped[int] = mapped_column(Integer, doc="closed buckets compared")
+    skipped: Mapped[int] = mapped_column(Integer, doc="buckets still open, left out")
+    clean: Mapped[bool] = mapped_column(Boolean)
+    differences: Mapped[str] = mapped_column(Text, doc="JSON list, the largest first")

@@ -12,6 +12,7 @@ window ends at the next midnight).  Windows are half-open ``[start, end)``.
 from __future__ import annotations
 
 import html
+import json
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
@@ -23,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tokenmeter.db import get_engine
@@ -108,6 +110,21 @@ def window(start_date: str | None, end_date: str | None) -> tuple[datetime, date
     if end <= start:
         raise HTTPException(422, "end_date must be after start_date")
     return start, end
+
+
+class AuditResponse(BaseModel):
+    """The last ``tokenmeter audit`` run: what it compared and what it found."""
+
+    created_at: datetime
+    window_start: datetime
+    window_end: datetime
+    bucket: str
+    group_by: list[str]
+    compared_buckets: int
+    skipped_open_buckets: int
+    clean: bool
+    differences: int
+    worst: dict[str, Any] | None  # bucket_start, group, what, provider, ledger, kind
 
 
 def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool = True) -> FastAPI:
@@ -227,6 +244,28 @@ def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool
             total=found.total,
             page=found.page,
             page_size=found.page_size,
+        )
+
+    @app.get("/api/usage/audits/latest", response_model=AuditResponse, dependencies=auth)
+    def latest_audit(session: Session = DB) -> AuditResponse:
+        """The last ``tokenmeter audit``: its window, verdict and worst difference."""
+        from tokenmeter.ledger import AuditRun
+
+        run = session.scalars(select(AuditRun).order_by(AuditRun.id.desc()).limit(1)).first()
+        if run is None:
+            raise HTTPException(404, "no audit yet: run `tokenmeter audit`")
+        differences = json.loads(run.differences)
+        return AuditResponse(
+            created_at=run.created_at,
+            window_start=run.window_start,
+            window_end=run.window_end,
+            bucket=run.bucket,
+            group_by=[g for g in run.group_by.split(",") if g],
+            compared_buckets=run.compared,
+            skipped_open_buckets=run.skipped,
+            clean=run.clean,
+            differences=len(differences),
+            worst=differences[0] if differences else None,
         )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=auth)

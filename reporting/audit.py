@@ -19,6 +19,7 @@ meter), **priced differently** (the day's tokens agree, its dollars do not).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,7 +29,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tokenmeter.ledger import OpenAICall
+from tokenmeter.ledger import AuditRun, OpenAICall
 
 WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
 GROUPS = ("model", "service_tier", "batch", "project_id")
@@ -261,3 +262,31 @@ def audit(
             kind = "unmetered" if theirs_usd > ours_usd else "missing upstream"
         report.differences.append(Difference(day, ("(all)",), "usd", theirs_usd, ours_usd, kind))
     return report
+
+
+def difference_json(d: Difference) -> dict[str, Any]:
+    return {
+        "bucket_start": datetime.fromtimestamp(d.bucket_start, UTC).isoformat(),
+        "group": [v if isinstance(v, str | bool) or v is None else str(v) for v in d.group],
+        "what": d.what,
+        "provider": str(d.provider),
+        "ledger": str(d.ledger),
+        "kind": d.kind,
+    }
+
+
+def store(session: Session, report: AuditReport) -> AuditRun:
+    """Keep ``report`` (in ``session``'s transaction): the API shows the latest run."""
+    worst_first = sorted(report.differences, key=lambda d: abs(d.delta), reverse=True)
+    run = AuditRun(
+        window_start=datetime.fromtimestamp(report.start, UTC),
+        window_end=datetime.fromtimestamp(report.end, UTC),
+        bucket=report.bucket,
+        group_by=",".join(report.groups),
+        compared=report.compared,
+        skipped=len(report.skipped),
+        clean=report.clean,
+        differences=json.dumps([difference_json(d) for d in worst_first]),
+    )
+    session.add(run)
+    return run

@@ -449,6 +449,7 @@ def audit(
         "1h", help="Compare only buckets that ended at least this long ago (the data lags)."
     ),
     fmt: str = typer.Option("table", "--format", help="table or json"),
+    keep: bool = typer.Option(True, "--store/--no-store", help="Keep the run (the API shows it)."),
     database_url: str | None = typer.Option(None, "--database-url", envvar="DATABASE_URL"),
     base_url: str | None = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL"),
 ) -> None:
@@ -499,6 +500,12 @@ def audit(
         fail("could not reach the provider's Usage API (network); try again later")
     finally:
         client.close()
+    if keep:  # (the report reads through a read-only engine; the run is written by the sink's)
+        from tokenmeter.db import get_engine
+
+        with Session(get_engine(database_url)) as writer:
+            auditing.store(writer, report)
+            writer.commit()
 
     def when(moment: int) -> str:
         return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%d %H:%M")

@@ -15,14 +15,18 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from openai import OpenAI
 from sqlalchemy import delete
 from typer.testing import CliRunner
 
 from models import session_scope
+from tests.helpers import clear_settings
 from tokenmeter import OpenAICall, openai_hooks, usage_scope
 from tokenmeter.context import CallRecord, record_call, set_sink
+from tokenmeter.ledger import AuditRun
 from tokenmeter.reporting import audit as auditing
+from tokenmeter.reporting.api import create_app
 from tokenmeter.reporting.cli import app as cli
 from tokenmeter.sandbox.ground_truth import BilledRequest
 from tokenmeter.sink import DatabaseSink, FileSpool
@@ -147,6 +151,31 @@ def test_the_cli_finds_an_unmetered_day_and_exits_1(db_url, sandbox, monkeypatch
     assert ADMIN_KEY not in found.output
     as_json = CliRunner().invoke(cli, ["audit", "--since", "7d", "--format", "json"])
     assert as_json.exit_code == 1 and '"kind": "unmetered"' in as_json.output
+
+    # each run is kept; the API shows the latest, its verdict and its worst difference
+    monkeypatch.setenv("TOKENMETER_API_TOKEN", "t0ken")
+    clear_settings()
+    api = TestClient(create_app())
+    latest = api.get("/api/usage/audits/latest", headers={"Authorization": "Bearer t0ken"})
+    assert latest.status_code == 200, latest.text
+    body = latest.json()
+    assert body["clean"] is False and body["compared_buckets"] == 6 and body["bucket"] == "1d"
+    assert body["worst"]["kind"] == "unmetered" and body["worst"]["what"] == "input_tokens"
+    assert body["worst"]["provider"] == "100" and body["worst"]["ledger"] == "0"
+    with session_scope() as s:
+        assert s.query(AuditRun).count() == 2
+    CliRunner().invoke(cli, ["audit", "--since", "7d", "--no-store"])
+    with session_scope() as s:
+        assert s.query(AuditRun).count() == 2
+
+
+def test_no_audit_yet_is_a_404_that_says_what_to_run(db_url, monkeypatch) -> None:
+    monkeypatch.setenv("TOKENMETER_API_TOKEN", "t0ken")
+    clear_settings()
+    none = TestClient(create_app()).get(
+        "/api/usage/audits/latest", headers={"Authorization": "Bearer t0ken"}
+    )
+    assert none.status_code == 404 and "tokenmeter audit" in none.text
 
 
 def test_the_cli_says_in_one_line_what_is_wrong_with_the_key(db_url, sandbox, monkeypatch) -> None:

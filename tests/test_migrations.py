@@ -12,7 +12,12 @@ from models import migrate
 
 REVISIONS = ["0001_initial", "0002_scanned_post_usage", "0003_openai_calls_ledger"]
 VERSION_TABLES = {"alembic_version", "tokenmeter_alembic_version"}
-LEDGER_TABLES = {"openai_calls", "tokenmeter_pending_rollups", "tokenmeter_ledger"}  # its own
+LEDGER_TABLES = {
+    "openai_calls",
+    "tokenmeter_pending_rollups",
+    "tokenmeter_ledger",
+    "tokenmeter_audits",
+}  # its own
 USAGE_COLUMNS = {"agent_model", "prompt_tokens", "completion_tokens", "total_cost_usd"}
 
 
