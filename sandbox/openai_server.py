@@ -556,23 +556,7 @@ class OpenAIHandler(JSONHandler):
         if delay:
             time.sleep(delay)
         self.sandbox.requests_served += 1
-        if fault == "429":
-            self._error(
-                429,
-                "Rate limit reached for requests (sandbox).",
-                "requests",
-                request_id,
-                code="rate_limit_exceeded",
-                headers={"retry-after": "1"},
-            )
-            return
-        if fault == "500":
-            self._error(
-                500,
-                "The server had an error while processing your request.",
-                "server_error",
-                request_id,
-            )
+        if self._status_fault(fault, request_id, {"retry-after": "1"}):
             return
         if fault == "drop" and not body.get("stream"):
             self.drop_connection()
@@ -629,6 +613,29 @@ class OpenAIHandler(JSONHandler):
                 raise
             self.close_connection = True
 
+    def _status_fault(self, fault: str | None, request_id: str, retry: dict[str, str]) -> bool:
+        """Answer a planned ``429`` (with ``retry`` as its retry-after header) or ``500``;
+        True when the fault was one of them and is answered."""
+        if fault == "429":
+            self._error(
+                429,
+                "Rate limit reached for requests (sandbox).",
+                "requests",
+                request_id,
+                code="rate_limit_exceeded",
+                headers=retry,
+            )
+            return True
+        if fault == "500":
+            self._error(
+                500,
+                "The server had an error while processing your request.",
+                "server_error",
+                request_id,
+            )
+            return True
+        return False
+
     def _error(
         self,
         status: int,
@@ -662,23 +669,7 @@ class OpenAIHandler(JSONHandler):
         fault, delay = _parse_fault(self.sandbox.faults.take(path, None))
         if delay:
             time.sleep(delay)
-        if fault == "429":
-            self._error(
-                429,
-                "Rate limit reached for requests (sandbox).",
-                "requests",
-                request_id,
-                code="rate_limit_exceeded",
-                headers={"retry-after-ms": "10"},
-            )
-            return
-        if fault == "500":
-            self._error(
-                500,
-                "The server had an error while processing your request.",
-                "server_error",
-                request_id,
-            )
+        if self._status_fault(fault, request_id, {"retry-after-ms": "10"}):
             return
         answer = usage.completions if path.endswith("/completions") else usage.costs
         try:
