@@ -3,7 +3,8 @@
 Tests and benchmarks flush the databases they use.  With fixed numbers two runs at once (two
 developers, CI beside a session, a bench beside the tests) flushed each other's broker.  A run
 now claims databases that are empty, marking each with a key that expires, and resets only
-those; database 0, everybody's default, is never taken.
+those; database 0, everybody's default, is never taken.  A claim of a run of this host whose
+process is gone (killed before it could let go) is taken over at once, not after its expiry.
 """
 
 from __future__ import annotations
@@ -39,6 +40,23 @@ class ClaimedDB:
         client.close()
 
 
+def _abandoned(claim: bytes | str | None) -> bool:
+    """Is ``claim`` (``host:pid:nonce``) a run of this host whose process is gone?"""
+    if not claim:
+        return False
+    try:
+        text = claim.decode() if isinstance(claim, bytes) else claim
+        host, pid, _ = text.split(":", 2)
+        if host != socket.gethostname():
+            return False
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, PermissionError):
+        return False
+    return False
+
+
 @contextmanager
 def claimed_databases(
     server_url: str, count: int, ttl_s: int = 6 * 3600
@@ -54,7 +72,11 @@ def claimed_databases(
             client = redis.Redis.from_url(f"{server_url}/{db}")
             try:
                 if not client.set(CLAIM_KEY, token, nx=True, ex=ttl_s):
-                    continue  # another run's
+                    if not _abandoned(client.get(CLAIM_KEY)):
+                        continue  # another run's, still running
+                    client.flushdb()  # a run of this host that was killed: its data is dead
+                    if not client.set(CLAIM_KEY, token, nx=True, ex=ttl_s):
+                        continue
                 if client.dbsize() != 1:  # someone's data: not ours to flush
                     client.delete(CLAIM_KEY)
                     continue
