@@ -176,13 +176,17 @@ def insert_ignore(conn: Any, table: Table) -> Insert:
     raise NotImplementedError(f"tokenmeter's ledger supports PostgreSQL and SQLite, not {name}")
 
 
+def _column_value(call: CallRecord, name: str) -> Any:
+    """The value of ledger column ``name`` for ``call``, a label fitted to its column."""
+    value = getattr(call, name)  # (``model`` is a property: the served model, else the asked)
+    limit = _TEXT_LIMITS.get(name)
+    if limit is not None and isinstance(value, str) and len(value) > limit:
+        return fit(value, limit)
+    return value
+
+
 def _ledger_row(call: CallRecord) -> dict[str, Any]:
-    row = {name: getattr(call, name) for name in _LEDGER_COLUMNS if name != "model"}
-    row["model"] = call.model
-    for name, limit in _TEXT_LIMITS.items():
-        if isinstance(row.get(name), str):
-            row[name] = fit(row[name], limit)
-    return row
+    return {name: _column_value(call, name) for name in _LEDGER_COLUMNS}
 
 
 def write_batch(conn: Connection, batch: FlushBatch) -> list[CallRecord]:
@@ -240,32 +244,25 @@ _COPY_COLUMNS = [c for c in _LEDGER.columns if c.name != "id"]
 _STAGE = "tokenmeter_stage_calls"
 
 
-_copy_plans: dict[str, list[tuple[str, int | None, Any]]] = {}
+_copy_plans: dict[str, list[tuple[str, Any]]] = {}
 
 
-def _copy_plan(dialect: Any) -> list[tuple[str, int | None, Any]]:
-    """Per column of the COPY: (name, text limit, bind processor), built once per dialect."""
+def _copy_plan(dialect: Any) -> list[tuple[str, Any]]:
+    """Per column of the COPY: (name, bind processor), built once per dialect."""
     plan = _copy_plans.get(dialect.name)
     if plan is None:
         plan = [
-            (
-                c.name,
-                _TEXT_LIMITS.get(c.name),
-                c.type.dialect_impl(dialect).bind_processor(dialect),
-            )
-            for c in _COPY_COLUMNS
+            (c.name, c.type.dialect_impl(dialect).bind_processor(dialect)) for c in _COPY_COLUMNS
         ]
         _copy_plans[dialect.name] = plan
     return plan
 
 
-def _copy_row(call: CallRecord, plan: list[tuple[str, int | None, Any]]) -> list[Any]:
-    """The ledger row of ``call`` in COPY column order (what ``_ledger_row`` gives, as a list)."""
+def _copy_row(call: CallRecord, plan: list[tuple[str, Any]]) -> list[Any]:
+    """The ledger row of ``call`` in COPY column order, through each column's processor."""
     row = []
-    for name, limit, process in plan:
-        value = getattr(call, name)
-        if limit is not None and isinstance(value, str) and len(value) > limit:
-            value = fit(value, limit)
+    for name, process in plan:
+        value = _column_value(call, name)
         row.append(value if process is None else process(value))
     return row
 
@@ -666,8 +663,6 @@ class DatabaseSink:
             new_calls = self.write(batch)
         except Exception as exc:
             spooled = self._spool(batch, exc)
-            if spooled:
-                self._run_hooks(batch, [])
             if is_interrupt(exc):  # spooled, nothing lost; the interrupt goes on to the task
                 raise
             return "spooled" if spooled else "lost"
@@ -694,8 +689,7 @@ class DatabaseSink:
         except Exception as exc:
             if is_connectivity_error(exc) or is_interrupt(exc):
                 for batch in batches:
-                    if self._spool(batch, exc):
-                        self._run_hooks(batch, [])
+                    self._spool(batch, exc)
                 if is_interrupt(exc):
                     raise
                 return
@@ -737,6 +731,13 @@ class DatabaseSink:
         )
 
     def _spool(self, batch: FlushBatch, exc: BaseException) -> bool:
+        """Spool ``batch`` (then run its hooks: it is durable); False when even that failed."""
+        if not self._push_to_spool(batch, exc):
+            return False
+        self._run_hooks(batch, [])
+        return True
+
+    def _push_to_spool(self, batch: FlushBatch, exc: BaseException) -> bool:
         try:
             self.spool.push(batch.to_json())
             logger.warning(
