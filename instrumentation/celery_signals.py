@@ -407,6 +407,9 @@ class CeleryMetering:
                 )
             if self.instrument_openai:
                 self._patched_openai = _instrument_openai()
+            from .reporting.tasks import register
+
+            register(self.app)  # tokenmeter.audit, for beat
             self.installed = True
             _active = self
         return self

@@ -29,6 +29,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     multiprocess,
     start_http_server,
@@ -104,6 +105,58 @@ class Metrics:
     def listener(self, _scope: UsageScope, call: CallRecord) -> None:
         """A scope call listener (``scope.listeners.append(metrics.listener)``)."""
         self.observe_call(call)
+
+
+class AuditGauges:
+    """The last audit against the provider's books (``tokenmeter.audit``): per measure the
+    difference nothing explains, whether it was clean, when it ran.  Gauges in multiprocess
+    mode ``mostrecent``: whichever process ran the audit last is what ``/metrics`` shows."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else REGISTRY
+        self.unexplained = Gauge(
+            "tokenmeter_audit_unexplained_difference",
+            "Last audit: sum of |provider - ledger| that no known cause explains "
+            "(measure: requests, a token category, or usd)",
+            ["measure"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.clean = Gauge(
+            "tokenmeter_audit_clean",
+            "Last audit: 1 clean, 0 differences",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.last_run = Gauge(
+            "tokenmeter_audit_last_run_timestamp_seconds",
+            "When the last audit finished (Unix time)",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.failures = Counter(
+            "tokenmeter_audit_failures", "Audits that could not be made", registry=r
+        )
+
+    def observe(self, unexplained: dict[str, Any], clean: bool, at: float) -> None:
+        for measure, value in unexplained.items():
+            self.unexplained.labels(measure).set(float(value))
+        self.clean.set(1 if clean else 0)
+        self.last_run.set(at)
+
+    def failed(self) -> None:
+        self.failures.inc()
+
+
+_audit_gauges: AuditGauges | None = None
+
+
+def audit_gauges() -> AuditGauges:
+    """The process's audit gauges, made on first use (in the global registry)."""
+    global _audit_gauges
+    if _audit_gauges is None:
+        _audit_gauges = AuditGauges()
+    return _audit_gauges
 
 
 def serve(port: int, registry: CollectorRegistry | None = None) -> Any:

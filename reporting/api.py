@@ -112,6 +112,17 @@ def window(start_date: str | None, end_date: str | None) -> tuple[datetime, date
     return start, end
 
 
+class AuditDifference(BaseModel):
+    """One difference of an audit: a measure in a bucket and group, each side's figure."""
+
+    bucket_start: str  # ISO 8601, UTC
+    group: list[str | bool | None]
+    what: str  # requests, input_tokens, cached_input_tokens, output_tokens or usd
+    provider: str  # decimal text (dollars are exact decimals, never floats)
+    ledger: str
+    kind: str  # unmetered, missing upstream, never answered or priced differently
+
+
 class AuditResponse(BaseModel):
     """The last ``tokenmeter audit`` run: what it compared and what it found."""
 
@@ -124,7 +135,7 @@ class AuditResponse(BaseModel):
     skipped_open_buckets: int
     clean: bool
     differences: int
-    worst: dict[str, Any] | None  # bucket_start, group, what, provider, ledger, kind
+    worst: AuditDifference | None
 
 
 def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool = True) -> FastAPI:
@@ -249,24 +260,10 @@ def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool
     @app.get("/api/usage/audits/latest", response_model=AuditResponse, dependencies=auth)
     def latest_audit(session: Session = DB) -> AuditResponse:
         """The last ``tokenmeter audit``: its window, verdict and worst difference."""
-        from tokenmeter.ledger import AuditRun
-
-        run = session.scalars(select(AuditRun).order_by(AuditRun.id.desc()).limit(1)).first()
-        if run is None:
+        found = last_audit(session)
+        if found is None:
             raise HTTPException(404, "no audit yet: run `tokenmeter audit`")
-        differences = json.loads(run.differences)
-        return AuditResponse(
-            created_at=run.created_at,
-            window_start=run.window_start,
-            window_end=run.window_end,
-            bucket=run.bucket,
-            group_by=[g for g in run.group_by.split(",") if g],
-            compared_buckets=run.compared,
-            skipped_open_buckets=run.skipped,
-            clean=run.clean,
-            differences=len(differences),
-            worst=differences[0] if differences else None,
-        )
+        return found
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=auth)
     def dashboard(session: Session = DB, days: int = Query(30, ge=1, le=366)) -> HTMLResponse:
@@ -279,10 +276,59 @@ def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool
                 queries.usage_summary(session, start, end, "none")[0],
                 queries.top_scopes(session, start, end, limit=10),
                 days,
+                last_audit(session),
             )
         )
 
     return app
+
+
+def last_audit(session: Session) -> AuditResponse | None:
+    """The latest kept audit run (``tokenmeter audit`` or the ``tokenmeter.audit`` task)."""
+    from tokenmeter.ledger import AuditRun
+
+    run = session.scalars(select(AuditRun).order_by(AuditRun.id.desc()).limit(1)).first()
+    if run is None:
+        return None
+    differences = json.loads(run.differences)
+    return AuditResponse(
+        created_at=run.created_at,
+        window_start=run.window_start,
+        window_end=run.window_end,
+        bucket=run.bucket,
+        group_by=[g for g in run.group_by.split(",") if g],
+        compared_buckets=run.compared,
+        skipped_open_buckets=run.skipped,
+        clean=run.clean,
+        differences=len(differences),
+        worst=AuditDifference.model_validate(differences[0]) if differences else None,
+    )
+
+
+def _audit_panel(found: AuditResponse | None) -> str:
+    """The last audit against the provider's books: its verdict and its worst difference."""
+    if found is None:
+        return (
+            '<h2>Provider audit</h2><p id="audit">no audit yet: run <code>tokenmeter audit</code> '
+            "or schedule the <code>tokenmeter.audit</code> task</p>"
+        )
+    when = f"{found.created_at:%Y-%m-%d %H:%M} UTC"
+    window = f"{found.window_start:%Y-%m-%d %H:%M} - {found.window_end:%Y-%m-%d %H:%M} UTC"
+    scope = f"{found.compared_buckets} closed {found.bucket} buckets of {window}"
+    if found.clean:
+        verdict = f'<b id="audit-verdict">clean</b>: the provider agrees in {scope}'
+    else:
+        verdict = f'<b id="audit-verdict">{found.differences} differences</b> in {scope}'
+    worst = ""
+    if found.worst is not None:
+        w = found.worst
+        group = ", ".join(str(v) for v in w.group) or "-"
+        worst = (
+            f'<p id="audit-worst">worst: {html.escape(w.kind)} {html.escape(w.what)} in '
+            f"{html.escape(group)} ({html.escape(w.bucket_start[:16])}): provider "
+            f"{html.escape(w.provider)}, ledger {html.escape(w.ledger)}</p>"
+        )
+    return f'<h2>Provider audit</h2><p id="audit">{when}: {verdict}</p>{worst}'
 
 
 def _bars(rows: list[tuple[str, Decimal]], title: str) -> str:
@@ -312,6 +358,7 @@ def render_dashboard(
     total: queries.UsageRow,
     scopes: list[queries.ScopeRow],
     days: int,
+    audit: AuditResponse | None = None,
 ) -> str:
     day_rows = sorted(((r.key, r.priced_cost_usd) for r in by_day), key=lambda kv: kv[0])
     model_rows = [(r.key, r.priced_cost_usd) for r in by_model]
@@ -337,6 +384,7 @@ def render_dashboard(
         _bars(model_rows, "Cost by model"),
         "<h2>Most expensive scopes</h2><table><tr><th>kind</th><th>ref</th><th>calls</th>"
         f"<th>input</th><th>output</th><th>images</th><th>cost</th></tr>{scope_rows}</table>",
+        _audit_panel(audit),
         "</body></html>",
     ]
     return "".join(page)

@@ -7,7 +7,9 @@ by bucket and group by group with the ledger's chat and Responses calls:
 
 - requests (``num_model_requests``) and input, cached input and output tokens, per bucket and
   per served model, tier, batch and project (``--by model,service_tier,batch,project_id``;
-  the ledger knows a call's project when its client named one: ``OpenAI(project=...)``);
+  the ledger knows a call's project when its client named one: ``OpenAI(project=...)`` or
+  ``OPENAI_PROJECT_ID``; a call whose client named none went to its key's own project, which
+  the provider knows and the meter cannot: say which with ``default_project``);
 - dollars per day against the Costs API.
 
 Only closed buckets are compared: a bucket that ended less than ``settle`` ago (the provider's
@@ -81,6 +83,7 @@ class AuditReport:
     groups: tuple[str, ...]
     compared: int = 0  # closed buckets compared
     skipped: list[int] = field(default_factory=list)  # bucket starts left out (still open)
+    days_compared: int = 0  # closed UTC days whose dollars were compared with the Costs API
     provider: dict[tuple[int, tuple[Any, ...]], Counts] = field(default_factory=dict)
     ledger: dict[tuple[int, tuple[Any, ...]], Counts] = field(default_factory=dict)
     provider_usd: dict[int, Decimal] = field(default_factory=dict)
@@ -90,6 +93,15 @@ class AuditReport:
     @property
     def clean(self) -> bool:
         return not self.differences
+
+    @property
+    def unnamed_projects(self) -> bool:
+        """Grouped by project, the ledger has calls whose client named no project: they went
+        to their key's project, which only the provider knows (``--default-project``)."""
+        if "project_id" not in self.groups:
+            return False
+        at = self.groups.index("project_id")
+        return any(key[1][at] is None for key in self.ledger)
 
 
 # -- the provider's side --------------------------------------------------------------------------
@@ -151,7 +163,12 @@ def _norm(group: str, value: Any) -> Any:
 
 # -- the ledger's side ----------------------------------------------------------------------------
 def ledger_usage(
-    session: Session, start: int, end: int, width: int, groups: tuple[str, ...]
+    session: Session,
+    start: int,
+    end: int,
+    width: int,
+    groups: tuple[str, ...],
+    default_project: str | None = None,
 ) -> tuple[dict[tuple[int, tuple[Any, ...]], Counts], dict[int, Decimal]]:
     """The ledger's calls per (bucket start, group), and its dollars per day."""
     usage: dict[tuple[int, tuple[Any, ...]], Counts] = {}
@@ -185,7 +202,7 @@ def ledger_usage(
             "model": row.model,
             "service_tier": row.service_tier,
             "batch": row.batch,
-            "project_id": row.project,
+            "project_id": row.project or default_project,
         }
         key = (
             start + (moment - start) // width * width,
@@ -212,6 +229,7 @@ def audit(
     groups: Iterable[str] = ("model",),
     settle_s: int = 3600,
     now: float | None = None,
+    default_project: str | None = None,
 ) -> AuditReport:
     """Compare the ledger with the provider over ``[start, end)`` (see the module's docstring)."""
     if bucket not in WIDTHS:
@@ -226,7 +244,9 @@ def audit(
     report = AuditReport(start, end, bucket, groups)
     report.provider = provider_usage(admin, start, end, bucket, groups)
     report.provider_usd = provider_costs(admin, start // WIDTHS["1d"] * WIDTHS["1d"], end)
-    report.ledger, report.ledger_usd = ledger_usage(session, start, end, width, groups)
+    report.ledger, report.ledger_usd = ledger_usage(
+        session, start, end, width, groups, default_project
+    )
     starts = range(start, end, width)
     closed = {s for s in starts if s + width <= closed_until}
     report.skipped = [s for s in starts if s not in closed]
@@ -249,6 +269,7 @@ def audit(
     for day in range(start // day_width * day_width, end, day_width):
         if day + day_width > closed_until:
             continue
+        report.days_compared += 1
         theirs_usd = report.provider_usd.get(day, Decimal(0))
         ours_usd = report.ledger_usd.get(day, Decimal(0))
         if abs(theirs_usd - ours_usd) <= DOLLAR_TOLERANCE:
@@ -290,3 +311,100 @@ def store(session: Session, report: AuditReport) -> AuditRun:
     )
     session.add(run)
     return run
+
+
+#: The kinds of difference nothing in the ledger accounts for (a billed-unknown call explains
+#: its own tokens: the meter knows it was billed, not for how much).
+UNEXPLAINED = ("unmetered", "missing upstream", "priced differently")
+
+
+def unexplained(report: AuditReport) -> dict[str, Decimal]:
+    """Per measure (``requests``, token categories, ``usd``): the sum of the absolute
+    differences no known cause explains.  0 in every measure is a clean audit."""
+    out = {name: Decimal(0) for name in (*TOKENS, "usd")}
+    for d in report.differences:
+        if d.kind in UNEXPLAINED:
+            out[d.what] += abs(d.delta)
+    return out
+
+
+def window(since_s: int, bucket: str, now: float | None = None) -> tuple[int, int]:
+    """``[start, end)`` on bucket boundaries covering the last ``since_s`` seconds, the current
+    (still open) bucket included so that the report can say it was skipped."""
+    if bucket not in WIDTHS:
+        raise AuditError(f"--bucket must be one of {', '.join(WIDTHS)}, not {bucket!r}")
+    width = WIDTHS[bucket]
+    moment = int(datetime.now(UTC).timestamp() if now is None else now)
+    end = moment // width * width + width
+    return (end - since_s) // width * width, end
+
+
+def run(
+    *,
+    since_s: int,
+    bucket: str = "1d",
+    groups: Iterable[str] = ("model",),
+    settle_s: int = 3600,
+    default_project: str | None = None,
+    admin_key: str | None = None,
+    database_url: str | None = None,
+    base_url: str | None = None,
+    keep: bool = True,
+    max_retries: int = 5,
+) -> AuditReport:
+    """One audit, end to end, as ``tokenmeter audit`` and the ``tokenmeter.audit`` task run it:
+    read the provider with the admin key (default ``OPENAI_ADMIN_KEY``), compare, keep the run.
+
+    Every failure is an :class:`AuditError` with one line for the user; the key is never in it.
+    """
+    import os
+
+    import openai
+
+    from tokenmeter.db import get_engine
+    from tokenmeter.migrate import LedgerUnavailable, require_ledger
+
+    key = admin_key or os.environ.get("OPENAI_ADMIN_KEY")
+    if not key:
+        raise AuditError("set OPENAI_ADMIN_KEY to an admin key (platform.openai.com > admin keys)")
+    start, end = window(since_s, bucket)
+    try:
+        engine = require_ledger(database_url)
+    except LedgerUnavailable as exc:
+        raise AuditError(str(exc)) from None
+    client = openai.OpenAI(
+        api_key="unused", admin_api_key=key, base_url=base_url, max_retries=max_retries
+    )
+    try:
+        with Session(engine) as session:
+            report = audit(
+                session,
+                client.admin.organization.usage,
+                start,
+                end,
+                bucket,
+                groups,
+                settle_s=settle_s,
+                default_project=default_project,
+            )
+    except (openai.AuthenticationError, openai.PermissionDeniedError):
+        raise AuditError(
+            "OPENAI_ADMIN_KEY was refused: the Usage and Costs APIs need an admin key"
+        ) from None
+    except openai.APIStatusError as exc:
+        raise AuditError(
+            f"the provider answered {exc.status_code} after {max_retries} retries; "
+            "nothing was compared (a partial answer is never reported); try again later"
+        ) from None
+    except openai.APIConnectionError:
+        raise AuditError(
+            "could not reach the provider's Usage API (network); try again later"
+        ) from None
+    finally:
+        client.close()
+        engine.dispose()
+    if keep:  # the report reads through a read-only engine; the run is written by the sink's
+        with Session(get_engine(database_url)) as writer:
+            store(writer, report)
+            writer.commit()
+    return report

@@ -210,13 +210,27 @@ def _price_of(model: str, tier: str, batch: bool, day: Any, fmt: str) -> None:
 _SINCE_HELP = "Window length back from --until: 30m, 12h, 7d, 2w (default 7d)."
 
 
-def parse_since(text: str) -> timedelta:
-    """``30m``, ``12h``, ``7d``, ``2w`` -> timedelta; a clear error otherwise."""
-    units = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+MAX_SINCE = timedelta(days=36500)
+
+
+def parse_since(text: str, *, zero: bool = False) -> timedelta:
+    """``30m``, ``12h``, ``7d``, ``2w`` (``zero``: also ``0`` and seconds, ``30s``) ->
+    timedelta, at most 100 years; a clear error otherwise."""
+    units = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    if zero:
+        units["s"] = 1
+    if zero and text.strip() == "0":
+        return timedelta(0)
     number, unit = text[:-1], text[-1:].lower()
-    if unit not in units or not number.isdigit() or int(number) <= 0:
-        raise typer.BadParameter(f"{text!r}: use a positive number and m, h, d or w (e.g. 7d)")
-    return timedelta(**{units[unit]: int(number)})
+    # ASCII digits only (str.isdigit also takes other scripts' digits), and a bounded count
+    valid = unit in units and 0 < len(number) <= 9 and all("0" <= c <= "9" for c in number)
+    if not valid or (int(number) == 0 and not zero):
+        what = "a number" if zero else "a positive number"
+        raise typer.BadParameter(f"{text!r}: use {what} and {', '.join(units)} (e.g. 7d)")
+    seconds = int(number) * units[unit]
+    if seconds > MAX_SINCE.total_seconds():
+        raise typer.BadParameter(f"{text!r}: at most 100 years (36500d)")
+    return timedelta(seconds=seconds)
 
 
 def parse_until(text: str | None) -> datetime:
@@ -448,7 +462,13 @@ def audit(
     settle: str = typer.Option(
         "1h", help="Compare only buckets that ended at least this long ago (the data lags)."
     ),
-    fmt: str = typer.Option("table", "--format", help="table or json"),
+    default_project: str | None = typer.Option(
+        None,
+        "--default-project",
+        envvar="TOKENMETER_AUDIT_DEFAULT_PROJECT",
+        help="The project of calls whose client named none (their key's project).",
+    ),
+    fmt: str = typer.Option("table", "--format", help="table, json or csv"),
     keep: bool = typer.Option(True, "--store/--no-store", help="Keep the run (the API shows it)."),
     database_url: str | None = typer.Option(None, "--database-url", envvar="DATABASE_URL"),
     base_url: str | None = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL"),
@@ -457,60 +477,59 @@ def audit(
 
     Exit 1 when a closed bucket differs (each difference is named: unmetered, missing
     upstream, never answered, priced differently), 2 when the audit could not be made."""
+    import csv
+    import io
     import json
-    import os
 
-    import openai
     from rich.table import Table
-    from sqlalchemy.orm import Session
 
     from . import audit as auditing
 
-    if fmt not in ("table", "json"):
-        fail(f"--format must be table or json, not {fmt!r}")
+    if fmt not in ("table", "json", "csv"):
+        fail(f"--format must be table, json or csv, not {fmt!r}")
     if bucket not in auditing.WIDTHS:
         fail(f"--bucket must be one of {', '.join(auditing.WIDTHS)}, not {bucket!r}")
-    key = os.environ.get("OPENAI_ADMIN_KEY")
-    if not key:
-        fail("set OPENAI_ADMIN_KEY to an admin key (platform.openai.com > admin keys)")
-    width = auditing.WIDTHS[bucket]
-    end = int(datetime.now(UTC).timestamp()) // width * width + width
-    start = (end - int(parse_since(since).total_seconds())) // width * width
     groups = tuple(g for g in by.split(",") if g)
-    engine = ledger_engine(database_url)
-    client = openai.OpenAI(api_key="unused", admin_api_key=key, base_url=base_url, max_retries=5)
     try:
-        with Session(engine) as session:
-            report = auditing.audit(
-                session,
-                client.admin.organization.usage,
-                start,
-                end,
-                bucket,
-                groups,
-                settle_s=int(parse_since(settle).total_seconds()),
-            )
+        report = auditing.run(
+            since_s=int(parse_since(since).total_seconds()),
+            bucket=bucket,
+            groups=groups,
+            settle_s=int(parse_since(settle, zero=True).total_seconds()),
+            default_project=default_project,
+            database_url=database_url,
+            base_url=base_url,
+            keep=keep,
+        )
     except auditing.AuditError as exc:
         fail(str(exc))
-    except (openai.AuthenticationError, openai.PermissionDeniedError):
-        fail("OPENAI_ADMIN_KEY was refused: the Usage and Costs APIs need an admin key")
-    except openai.APIStatusError as exc:
-        fail(f"the provider answered {exc.status_code} after retries; try again later")
-    except openai.APIConnectionError:
-        fail("could not reach the provider's Usage API (network); try again later")
-    finally:
-        client.close()
-    if keep:  # (the report reads through a read-only engine; the run is written by the sink's)
-        from tokenmeter.db import get_engine
-
-        with Session(get_engine(database_url)) as writer:
-            auditing.store(writer, report)
-            writer.commit()
 
     def when(moment: int) -> str:
         return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%d %H:%M")
 
-    if fmt == "json":
+    rows = [
+        {
+            "bucket": when(d.bucket_start),
+            "group": ", ".join(str(v) for v in d.group),
+            "what": d.what,
+            "provider": str(d.provider),
+            "ledger": str(d.ledger),
+            "difference": f"{d.delta:+}",
+            "kind": d.kind,
+        }
+        for d in report.differences
+    ]
+    if fmt == "csv":  # one row per difference; no rows (only the header) is a clean audit
+        buffer = io.StringIO()
+        writer = csv.DictWriter(
+            buffer,
+            ["bucket", "group", "what", "provider", "ledger", "difference", "kind"],
+            lineterminator="\n",
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+        print(buffer.getvalue(), end="")
+    elif fmt == "json":
         print(
             json.dumps(
                 {
@@ -521,17 +540,8 @@ def audit(
                     "compared_buckets": report.compared,
                     "skipped_open_buckets": [when(s) for s in report.skipped],
                     "clean": report.clean,
-                    "differences": [
-                        {
-                            "bucket": when(d.bucket_start),
-                            "group": list(d.group),
-                            "what": d.what,
-                            "provider": str(d.provider),
-                            "ledger": str(d.ledger),
-                            "kind": d.kind,
-                        }
-                        for d in report.differences
-                    ],
+                    "dollar_days_compared": report.days_compared,
+                    "differences": rows,
                 }
             )
         )
@@ -540,7 +550,8 @@ def audit(
         out.print(
             f"audit {when(report.start)} - {when(report.end)} UTC by {bucket}"
             f"{' and ' + ', '.join(groups) if groups else ''}: {report.compared} closed buckets "
-            f"compared, {len(report.skipped)} still open skipped (settle {settle})"
+            f"compared, {len(report.skipped)} still open skipped (settle {settle}); dollars: "
+            f"{report.days_compared} closed UTC days compared with the Costs API"
         )
         if report.clean and not report.compared:
             out.print("nothing to compare yet: every bucket of the window is still open")
@@ -548,17 +559,14 @@ def audit(
             out.print("clean: the ledger and the provider agree in every closed bucket")
         else:
             table = Table("bucket", "group", "what", "provider", "ledger", "diff", "kind")
-            for d in report.differences:
-                table.add_row(
-                    when(d.bucket_start),
-                    ", ".join(str(v) for v in d.group) or "-",
-                    d.what,
-                    str(d.provider),
-                    str(d.ledger),
-                    f"{d.delta:+}",
-                    d.kind,
-                )
+            for r in rows:
+                table.add_row(*(str(v) or "-" for v in r.values()))
             out.print(table)
+            if report.unnamed_projects:
+                out.print(
+                    "note: some calls' clients named no project (group None); they went to "
+                    "their key's project: say which with --default-project"
+                )
     if not report.clean:
         raise typer.Exit(1)
 

@@ -63,14 +63,24 @@ def _chat(client: OpenAI, n: int, model: str = "gpt-4o-mini", **kw: Any) -> None
         )
 
 
-def _run(admin: Any, groups: tuple[str, ...] = ("model",)) -> auditing.AuditReport:
+def _run(
+    admin: Any, groups: tuple[str, ...] = ("model",), default_project: str | None = None
+) -> auditing.AuditReport:
     """Audit the last two hours by the hour, as if two days later (every bucket and day
     closed)."""
     now = time.time()
     start = int(now) // HOUR * HOUR - HOUR
     with session_scope() as session:
         return auditing.audit(
-            session, admin, start, start + 2 * HOUR, "1h", groups, settle_s=0, now=now + 2 * 86400
+            session,
+            admin,
+            start,
+            start + 2 * HOUR,
+            "1h",
+            groups,
+            settle_s=0,
+            now=now + 2 * 86400,
+            default_project=default_project,
         )
 
 
@@ -120,6 +130,59 @@ def test_a_row_the_ledger_lost_and_a_wrong_price_are_named(metered, openai_clien
     assert ("requests", "unmetered") in kinds and ("usd", "unmetered") not in kinds
 
 
+def test_hourly_and_daily_by_every_grouping_a_mixed_run_is_clean(
+    metered, openai_client, admin
+) -> None:
+    with usage_scope("audit", "mixed"):
+        _chat(openai_client, 2)
+        _chat(openai_client, 1, model="gpt-5-mini", service_tier="flex")
+        _chat(openai_client, 1, model="o4-mini", service_tier="priority")
+    other = openai_client.with_options(project="proj_second")
+    with usage_scope("audit", "other-project"):
+        _chat(other, 2, model="o3-mini")
+    now = time.time()
+    day = int(now) // 86400 * 86400
+    groups = ("model", "service_tier", "batch", "project_id")
+    unnamed = _run(admin, groups)  # the key's own project: only the provider knows it
+    assert unnamed.unnamed_projects and {d.kind for d in unnamed.differences} == {
+        "unmetered",
+        "missing upstream",
+    }
+    with session_scope() as session:
+        daily = auditing.audit(
+            session,
+            admin,
+            day - 86400,
+            day + 86400,
+            "1d",
+            groups,
+            settle_s=0,
+            now=now + 2 * 86400,
+            default_project="proj_sandbox_default",
+        )
+    hourly = _run(admin, groups, default_project="proj_sandbox_default")
+    for report in (daily, hourly):
+        assert report.clean, report.differences
+        assert sum(c.requests for c in report.provider.values()) == 6
+    assert daily.days_compared == 2 and daily.compared == 2
+    projects = {key[1][3] for key in hourly.provider}
+    assert projects == {"proj_sandbox_default", "proj_second"}
+
+
+def test_a_flex_call_priced_as_default_is_named_by_its_tier(metered, openai_client, admin) -> None:
+    with usage_scope("audit", "flex"):
+        _chat(openai_client, 1, model="gpt-5-mini", service_tier="flex")
+        _chat(openai_client, 1, model="gpt-5-mini")
+    with session_scope() as s:  # the meter took the flex call for a default one
+        row = s.query(OpenAICall).filter(OpenAICall.service_tier == "flex").one()
+        row.service_tier, row.cost_usd = "default", row.cost_usd * 2
+    found = {(d.group, d.what, d.kind, d.delta) for d in _run(admin, ("service_tier",)).differences}
+    assert (("flex",), "requests", "unmetered", Decimal(1)) in found
+    assert (("default",), "requests", "missing upstream", Decimal(-1)) in found
+    [usd] = [d for d in _run(admin, ("service_tier",)).differences if d.what == "usd"]
+    assert usd.ledger > usd.provider
+
+
 def test_an_open_bucket_is_skipped_and_said_so(metered, openai_client, admin) -> None:
     with usage_scope("audit", "open"):
         _chat(openai_client, 1)
@@ -151,6 +214,17 @@ def test_the_cli_finds_an_unmetered_day_and_exits_1(db_url, sandbox, monkeypatch
     assert ADMIN_KEY not in found.output
     as_json = CliRunner().invoke(cli, ["audit", "--since", "7d", "--format", "json"])
     assert as_json.exit_code == 1 and '"kind": "unmetered"' in as_json.output
+    as_csv = CliRunner().invoke(cli, ["audit", "--since", "7d", "--format", "csv", "--no-store"])
+    assert as_csv.exit_code == 1
+    day = time.strftime("%Y-%m-%d 00:00", time.gmtime(two_days_ago))
+    assert as_csv.output.splitlines() == [
+        "bucket,group,what,provider,ledger,difference,kind",
+        f"{day},gpt-4o-mini-2024-07-18,requests,1,0,+1,unmetered",
+        f"{day},gpt-4o-mini-2024-07-18,input_tokens,100,0,+100,unmetered",
+        f"{day},gpt-4o-mini-2024-07-18,output_tokens,10,0,+10,unmetered",
+        # $0.15 and $0.60 per 1M input and output tokens (openai.com/api/pricing, 2024-07-18)
+        f"{day},(all),usd,0.000021,0,+0.000021,unmetered",
+    ]
 
     # each run is kept; the API shows the latest, its verdict and its worst difference
     monkeypatch.setenv("TOKENMETER_API_TOKEN", "t0ken")
@@ -162,11 +236,81 @@ def test_the_cli_finds_an_unmetered_day_and_exits_1(db_url, sandbox, monkeypatch
     assert body["clean"] is False and body["compared_buckets"] == 6 and body["bucket"] == "1d"
     assert body["worst"]["kind"] == "unmetered" and body["worst"]["what"] == "input_tokens"
     assert body["worst"]["provider"] == "100" and body["worst"]["ledger"] == "0"
+    page = api.get("/", headers={"Authorization": "Bearer t0ken"})
+    assert page.status_code == 200
+    assert '<b id="audit-verdict">4 differences</b> in 6 closed 1d buckets' in page.text
+    assert "worst: unmetered input_tokens in gpt-4o-mini-2024-07-18" in page.text
+    assert "provider 100, ledger 0" in page.text
     with session_scope() as s:
         assert s.query(AuditRun).count() == 2
     CliRunner().invoke(cli, ["audit", "--since", "7d", "--no-store"])
     with session_scope() as s:
         assert s.query(AuditRun).count() == 2
+
+
+def test_the_beat_task_audits_keeps_the_run_and_sets_the_gauges(
+    no_installation, db_url, sandbox, monkeypatch
+) -> None:
+    """``tokenmeter.install`` adds ``tokenmeter.audit`` to the app (for beat): it runs the same
+    audit, keeps it, and exports the difference nothing explains as a Prometheus gauge."""
+    from celery import Celery
+    from prometheus_client import REGISTRY
+
+    import tokenmeter
+
+    two_days_ago = int(time.time()) - 2 * 86400
+    sandbox.openai.ledger.add(
+        BilledRequest(
+            request_id="req_unmetered_task",
+            operation="chat",
+            model="gpt-4o-mini-2024-07-18",
+            input_tokens=1000,
+            output_tokens=20,
+            created=two_days_ago,
+        )
+    )
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", ADMIN_KEY)
+    app = Celery("audit_beat")
+    app.conf.update(task_always_eager=True, broker_url="memory://")
+    handle = tokenmeter.install(app, recovery_interval_s=0, instrument_openai=False)
+    try:
+        result = app.tasks["tokenmeter.audit"].apply(
+            kwargs={"since_s": 7 * 86400, "base_url": sandbox.openai_base_url}
+        )
+    finally:
+        handle.uninstall()
+    summary = result.get()
+    assert summary["clean"] is False and summary["compared_buckets"] == 6
+    assert summary["unexplained"]["requests"] == "1"
+    assert summary["unexplained"]["input_tokens"] == "1000"
+    # 1000 x $0.15/1M + 20 x $0.60/1M (openai.com/api/pricing, gpt-4o-mini-2024-07-18)
+    assert summary["unexplained"]["usd"] == "0.000162"
+
+    def gauge(name: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(name, labels)
+
+    assert gauge("tokenmeter_audit_unexplained_difference", measure="input_tokens") == 1000
+    assert gauge("tokenmeter_audit_unexplained_difference", measure="usd") == 0.000162
+    assert gauge("tokenmeter_audit_clean") == 0
+    assert time.time() - (gauge("tokenmeter_audit_last_run_timestamp_seconds") or 0) < 60
+    with session_scope() as s:
+        [run] = s.query(AuditRun).all()
+        assert run.clean is False and ADMIN_KEY not in run.differences
+    assert not any(ADMIN_KEY in str(v) for v in summary.values())
+
+    sandbox.openai.ledger.clear()  # now the books agree: the gauges say so
+    result = app.tasks["tokenmeter.audit"].apply(
+        kwargs={"since_s": 7 * 86400, "base_url": sandbox.openai_base_url}
+    )
+    assert result.get()["clean"] is True
+    assert gauge("tokenmeter_audit_clean") == 1
+    assert gauge("tokenmeter_audit_unexplained_difference", measure="usd") == 0
+
+    monkeypatch.delenv("OPENAI_ADMIN_KEY")  # no key: the task fails, says why, counts it
+    before = gauge("tokenmeter_audit_failures_total") or 0
+    failed = app.tasks["tokenmeter.audit"].apply(kwargs={"base_url": sandbox.openai_base_url})
+    assert failed.failed() and "OPENAI_ADMIN_KEY" in str(failed.result)
+    assert gauge("tokenmeter_audit_failures_total") == before + 1
 
 
 def test_no_audit_yet_is_a_404_that_says_what_to_run(db_url, monkeypatch) -> None:
@@ -176,6 +320,8 @@ def test_no_audit_yet_is_a_404_that_says_what_to_run(db_url, monkeypatch) -> Non
         "/api/usage/audits/latest", headers={"Authorization": "Bearer t0ken"}
     )
     assert none.status_code == 404 and "tokenmeter audit" in none.text
+    page = TestClient(create_app()).get("/", headers={"Authorization": "Bearer t0ken"})
+    assert "no audit yet: run <code>tokenmeter audit</code>" in page.text
 
 
 def test_the_cli_says_in_one_line_what_is_wrong_with_the_key(db_url, sandbox, monkeypatch) -> None:
@@ -273,8 +419,10 @@ def test_the_provider_failing_is_retried_then_said_in_one_line(
     failed = CliRunner().invoke(cli, ["audit", "--since", "1d"])
     assert failed.exit_code == 2
     assert failed.output.strip().splitlines() == [
-        "error: the provider answered 500 after retries; try again later"
+        "error: the provider answered 500 after 5 retries; nothing was compared (a partial "
+        "answer is never reported); try again later"
     ]
+    assert ADMIN_KEY not in failed.output
     sandbox.openai.faults.clear()
 
 
