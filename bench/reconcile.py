@@ -76,6 +76,18 @@ from tokenmeter.sandbox.ground_truth import TOKEN_FIELDS, BilledRequest  # noqa:
 from tokenmeter.sandbox.runner import SandboxServers  # noqa: E402
 
 CATEGORIES = (*TOKEN_FIELDS, "cost_usd")
+UNMETERED_PROJECT = "proj_unmetered_script"
+SANDBOX_PROJECT = "proj_sandbox_default"  # the sandbox key's own project
+#: A script of the same organization with the same key that tokenmeter does not meter (it
+#: imports only openai): the audit must find exactly its calls, and nothing else.
+UNMETERED_SCRIPT = """
+import openai
+client = openai.OpenAI(max_retries=8)
+for i in range(5):
+    client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": f"unmetered script {i}"}]
+    )
+"""
 BROKER_DB, BACKEND_DB, CONTROL_DB = 0, 1, 2  # indexes into the run's claimed databases
 
 
@@ -410,6 +422,7 @@ class Run:
         self.client.conf.task_default_queue = self.queue
         self._engine: Engine | None = None
         self._jobs_by_id: dict[str, Job] = {}
+        self.audit_problems: list[str] = []
 
     # setup / teardown
     def start(self) -> None:
@@ -617,6 +630,7 @@ class Run:
             if not args.faults
             else [jobs[:third], jobs[third : 2 * third], jobs[2 * third :]]
         )
+        started_at = time.time()
         self._send_wave(waves[0])
         if args.faults:
             # before: a third of the load; during the outage: the second; after: the rest
@@ -655,7 +669,83 @@ class Run:
         with Session(self.engine) as session:
             if args.faults:
                 self.events.append(victim_line(session))
-            return reconcile(session, billed.rows())
+            result = reconcile(session, billed.rows())
+        if args.audit:
+            self.audit_problems = self.audit_with_unmetered_caller(started_at)
+        return result
+
+    def audit_with_unmetered_caller(self, started_at: float) -> list[str]:
+        """Run an unmetered script (same key, its own project), then ``tokenmeter audit``'s
+        comparison by the minute against the sandbox's Usage API: it must name exactly the
+        script's calls as unmetered, and the ledger's calls of unknown usage as such.  Returns
+        the problems (none: the audit found what was injected and nothing else)."""
+        import openai
+
+        from tokenmeter.reporting import audit as auditing
+
+        before = {r.request_id for r in self.sandbox.ledger.rows()}
+        env = {
+            **subprocess_env(),
+            "OPENAI_BASE_URL": self.sandbox.openai_base_url,
+            "OPENAI_API_KEY": "sk-sandbox",
+            "OPENAI_PROJECT_ID": UNMETERED_PROJECT,
+        }
+        subprocess.run([sys.executable, "-c", UNMETERED_SCRIPT], env=env, check=True)
+        script = [r for r in self.sandbox.ledger.rows() if r.request_id not in before]
+        time.sleep(61 - time.time() % 60)  # the script's minute closes: its bucket is compared
+        admin = openai.OpenAI(
+            api_key="unused",
+            admin_api_key="sk-admin-reconcile",
+            base_url=self.sandbox.openai_base_url,
+            max_retries=8,
+        )
+        start, end = int(started_at) // 60 * 60 - 60, int(time.time()) // 60 * 60
+        groups = ("model", "service_tier", "batch", "project_id")
+        with Session(self.engine) as session, admin:
+            report = auditing.audit(
+                session,
+                admin.admin.organization.usage,
+                start,
+                end,
+                "1m",
+                groups,
+                settle_s=0,
+                default_project=SANDBOX_PROJECT,
+            )
+        problems = []
+        at = groups.index("project_id")
+        found: Counter[str] = Counter()
+        for d in report.differences:
+            if d.kind == "unmetered" and d.group[at] == UNMETERED_PROJECT:
+                found[d.what] += int(d.delta)
+            elif d.kind != "usage unknown":
+                problems.append(f"audit: unexpected {d.kind} {d.what} {d.delta:+} in {d.group}")
+        expected = Counter(
+            {
+                "requests": len(script),
+                "input_tokens": sum(r.input_tokens for r in script),
+                "cached_input_tokens": sum(r.cached_input_tokens for r in script),
+                "output_tokens": sum(r.output_tokens for r in script),
+            }
+        )
+        if +found != +expected:
+            problems.append(f"audit: unmetered {dict(found)} != the script's {dict(expected)}")
+        provider_requests = sum(c.requests for c in report.provider.values())
+        ledger_requests = sum(c.requests for c in report.ledger.values())
+        if provider_requests - ledger_requests != len(script):
+            problems.append(
+                f"audit: the provider counts {provider_requests} requests, the ledger "
+                f"{ledger_requests}: the difference is not the script's {len(script)}"
+            )
+        unknown = sum(c.usage_unknown for c in report.ledger.values())
+        self.events.append(
+            f"audit by the minute, {report.compared} buckets, by model, tier, batch and project: "
+            f"{provider_requests} chat/Responses requests at the provider, {ledger_requests} in "
+            f"the ledger ({unknown} of unknown usage); the unmetered script's {len(script)} "
+            f"calls (same key, {UNMETERED_PROJECT}) found: "
+            + ", ".join(f"{k} {v}" for k, v in found.items())
+        )
+        return problems
 
     def outcomes(self) -> list[str]:
         """Task outcomes, the application's apart from the meter's own test load."""
@@ -710,6 +800,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         metavar="N",
         help="then N steps of the seeded fault schedule (bench/chaos.py, seed --seed)",
+    )
+    parser.add_argument(
+        "--no-audit",
+        dest="audit",
+        action="store_false",
+        help="skip the audit against the sandbox's Usage API (and its unmetered caller)",
     )
     parser.add_argument(
         "--prices-file",
@@ -779,8 +875,13 @@ def main(argv: list[str] | None = None) -> int:
             "outage[/bold red] (the meter lost nothing)"
         )
         return 1
+    for line in run.audit_problems:
+        console.print(f"  [red]{line}[/red]")
     if not result.ok:
         console.print(f"[bold red]the ledger differs[/bold red]; kept: {run.db_url}, {run.workdir}")
+        return 1
+    if run.audit_problems:
+        console.print("[bold red]the audit did not find what was injected[/bold red]")
         return 1
     console.print("[bold green]difference: 0[/bold green] (every request, category and cent)")
     if args.chaos:

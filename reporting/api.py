@@ -120,7 +120,7 @@ class AuditDifference(BaseModel):
     what: str  # requests, input_tokens, cached_input_tokens, output_tokens or usd
     provider: str  # decimal text (dollars are exact decimals, never floats)
     ledger: str
-    kind: str  # unmetered, missing upstream, never answered or priced differently
+    kind: str  # unmetered, missing upstream, usage unknown or priced differently
 
 
 class AuditResponse(BaseModel):

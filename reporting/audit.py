@@ -15,8 +15,9 @@ by bucket and group by group with the ledger's chat and Responses calls:
 Only closed buckets are compared: a bucket that ended less than ``settle`` ago (the provider's
 data lags) is skipped and said so.  Each difference is named: **unmetered** (the provider saw
 more: calls made outside metered processes), **missing upstream** (the ledger has more),
-**never answered** (the ledger's billed-unknown calls: billed, their tokens unknown to the
-meter), **priced differently** (the day's tokens agree, its dollars do not).
+**usage unknown** (the ledger's calls billed for an amount the meter could not see: an answer
+never received, a stream left before its usage), **priced differently** (the day's tokens
+agree, its dollars do not).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Counts:
     input_tokens: int = 0
     cached_input_tokens: int = 0
     output_tokens: int = 0
-    never_answered: int = 0  # the ledger's billed-unknown calls in the group
+    usage_unknown: int = 0  # calls in the group billed for tokens the meter could not see
 
     def get(self, name: str) -> int:
         return int(getattr(self, name))
@@ -68,7 +69,7 @@ class Difference:
     what: str  # "requests", "input_tokens", ..., "usd"
     provider: Decimal
     ledger: Decimal
-    kind: str  # "unmetered" | "missing upstream" | "never answered" | "priced differently"
+    kind: str  # "unmetered" | "missing upstream" | "usage unknown" | "priced differently"
 
     @property
     def delta(self) -> Decimal:
@@ -170,17 +171,25 @@ def ledger_usage(
     groups: tuple[str, ...],
     default_project: str | None = None,
 ) -> tuple[dict[tuple[int, tuple[Any, ...]], Counts], dict[int, Decimal]]:
-    """The ledger's calls per (bucket start, group), and its dollars per day."""
+    """The ledger's calls per (bucket start, group), and its dollars per day.
+
+    A call never answered has only the model its client asked for (``gpt-4o-mini``), and the
+    provider counts it under the one it served (``gpt-4o-mini-2024-07-18``): it is counted
+    under the model the answered calls asking for the same name were last served by.
+    """
     usage: dict[tuple[int, tuple[Any, ...]], Counts] = {}
     usd: dict[int, Decimal] = {}
     stmt = select(
         OpenAICall.created_at,
         OpenAICall.operation,
+        OpenAICall.requested_model,
+        OpenAICall.response_model,
         OpenAICall.model,
         OpenAICall.service_tier,
         OpenAICall.batch,
         OpenAICall.project,
         OpenAICall.status,
+        OpenAICall.usage_reported,
         OpenAICall.input_tokens,
         OpenAICall.cached_input_tokens,
         OpenAICall.output_tokens,
@@ -190,16 +199,12 @@ def ledger_usage(
         OpenAICall.created_at < datetime.fromtimestamp(end, UTC),
         OpenAICall.status.in_(("ok", "billed_unknown")),
     )
-    for row in session.execute(stmt.execution_options(yield_per=5000)):
-        at = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
-        moment = int(at.timestamp())
-        day = moment // WIDTHS["1d"] * WIDTHS["1d"]  # UTC days, as the Costs API's buckets
-        if row.cost_usd is not None:
-            usd[day] = usd.get(day, Decimal(0)) + row.cost_usd
-        if row.operation not in TEXT_OPERATIONS or moment < start:
-            continue
+    served: dict[str, tuple[int, str]] = {}  # asked-for name -> (when, the model served)
+    unanswered: list[tuple[int, Any]] = []
+
+    def count(moment: int, row: Any, model: str | None) -> None:
         values = {
-            "model": row.model,
+            "model": model,
             "service_tier": row.service_tier,
             "batch": row.batch,
             "project_id": row.project or default_project,
@@ -210,12 +215,31 @@ def ledger_usage(
         )
         counts = usage.setdefault(key, Counts())
         counts.requests += 1
-        if row.status == "billed_unknown":
-            counts.never_answered += 1
-            continue
+        if row.status == "billed_unknown" or not row.usage_reported:
+            counts.usage_unknown += 1
+            return
         counts.input_tokens += row.input_tokens
         counts.cached_input_tokens += row.cached_input_tokens
         counts.output_tokens += row.output_tokens
+
+    for row in session.execute(stmt.execution_options(yield_per=5000)):
+        at = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+        moment = int(at.timestamp())
+        day = moment // WIDTHS["1d"] * WIDTHS["1d"]  # UTC days, as the Costs API's buckets
+        if row.cost_usd is not None:
+            usd[day] = usd.get(day, Decimal(0)) + row.cost_usd
+        if row.operation not in TEXT_OPERATIONS or moment < start:
+            continue
+        if row.response_model is None and row.requested_model:
+            unanswered.append((moment, row))
+            continue
+        if row.requested_model and row.response_model:
+            last = served.get(row.requested_model)
+            if last is None or last[0] <= moment:
+                served[row.requested_model] = (moment, row.response_model)
+        count(moment, row, row.model)
+    for moment, row in unanswered:
+        count(moment, row, served.get(row.requested_model, (0, row.model))[1])
     return usage, usd
 
 
@@ -258,8 +282,8 @@ def audit(
             a, b = theirs.get(name), ours.get(name)
             if a == b:
                 continue
-            if a > b and name != "requests" and ours.never_answered:
-                kind = "never answered"
+            if a > b and name != "requests" and ours.usage_unknown:
+                kind = "usage unknown"
             else:
                 kind = "unmetered" if a > b else "missing upstream"
             report.differences.append(
@@ -279,6 +303,8 @@ def audit(
         ]
         if not same_day:
             kind = "priced differently"  # the day's requests and tokens agree
+        elif theirs_usd > ours_usd and {d.kind for d in same_day} == {"usage unknown"}:
+            kind = "usage unknown"  # the dollars of the calls the ledger holds at NULL
         else:
             kind = "unmetered" if theirs_usd > ours_usd else "missing upstream"
         report.differences.append(Difference(day, ("(all)",), "usd", theirs_usd, ours_usd, kind))

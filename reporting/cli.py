@@ -476,7 +476,7 @@ def audit(
     """The ledger against OpenAI's own Usage and Costs APIs (admin key: OPENAI_ADMIN_KEY).
 
     Exit 1 when a closed bucket differs (each difference is named: unmetered, missing
-    upstream, never answered, priced differently), 2 when the audit could not be made."""
+    upstream, usage unknown, priced differently), 2 when the audit could not be made."""
     import csv
     import io
     import json

@@ -92,6 +92,8 @@ def main() -> int:
         )
         try:
             _run(console, var, db_url, donations, sandbox, worker)
+            _stop(worker)  # beat would go on scanning: the audit compares a finished run
+            _audit(console, env)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted; stopping the worker[/yellow]")
             return 130
@@ -99,17 +101,46 @@ def main() -> int:
             console.print(f"[red]demo failed:[/red] {exc}\nworker log: {var / 'worker.log'}")
             return 1
         finally:
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-                try:
-                    worker.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait()
+            _stop(worker)
     console.print(
         f"\nworker stopped. Explore: DATABASE_URL={db_url} tokenmeter check-usage --by task"
     )
     return 0
+
+
+def _stop(worker: subprocess.Popen[bytes]) -> None:
+    """Warm shutdown: running tasks finish and the writer drains into the ledger."""
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def _audit(console: Console, env: dict[str, str]) -> None:
+    """``tokenmeter audit`` against the sandbox's Usage and Costs APIs, by the minute.
+
+    The audit compares closed buckets only, so it waits for the current minute to end.
+    """
+    wait = 61 - time.time() % 60
+    console.print(
+        f"\n[bold]provider audit[/bold]: waiting {wait:.0f}s for this minute's usage bucket to "
+        "close (only closed buckets are compared)"
+    )
+    time.sleep(wait)
+    command = [sys.executable, "-m", "tokenmeter.reporting.cli", "audit", "--since", "10m"]
+    command += ["--bucket", "1m", "--settle", "0", "--by", "model,service_tier,batch"]
+    console.print(f"$ tokenmeter {' '.join(command[3:])}")
+    audited = subprocess.run(
+        command,
+        env={**env, "OPENAI_ADMIN_KEY": "sk-admin-demo", "COLUMNS": str(console.width)},
+        cwd=ROOT,
+        check=False,
+    )
+    if audited.returncode != 0:
+        raise RuntimeError(f"the audit against the provider's books exited {audited.returncode}")
 
 
 def _run(

@@ -362,7 +362,7 @@ def test_ledger_rows_the_provider_never_billed_and_calls_never_answered(
 ) -> None:
     """A row in the ledger the provider has no trace of is "missing upstream"; a call the
     provider billed while the meter saw no answer (billed-unknown, tokens unknown) explains
-    the tokens it lacks as "never answered"."""
+    the tokens it lacks as "usage unknown"."""
     with usage_scope("audit", "odd"):
         record_call(
             CallRecord(
@@ -398,7 +398,33 @@ def test_ledger_rows_the_provider_never_billed_and_calls_never_answered(
     kinds = {(d.group, d.what): d.kind for d in report.differences}
     assert kinds[(("gpt-4o-mini-2024-07-18",), "requests")] == "missing upstream"
     assert (("o3-mini",), "requests") not in kinds  # one billed, one in the ledger
-    assert kinds[(("o3-mini",), "input_tokens")] == "never answered"
+    assert kinds[(("o3-mini",), "input_tokens")] == "usage unknown"
+
+
+def test_a_timed_out_call_counts_under_the_model_the_provider_served(
+    metered, openai_client, sandbox, admin
+) -> None:
+    """Found by `make reconcile`: a call never answered knows only the name its client asked
+    for (gpt-4o-mini); the provider books it under the snapshot it served."""
+    import openai
+
+    impatient = openai_client.with_options(timeout=0.3, max_retries=0)
+    with usage_scope("audit", "timeout"):
+        _chat(openai_client, 1)
+        with pytest.raises(openai.APITimeoutError):
+            _chat(impatient, 1, extra_headers={"X-Sandbox-Fault": "slow=800"})
+    deadline = time.monotonic() + 10
+    while len(sandbox.ledger) < 2:  # the sandbox finishes and bills what the client left
+        assert time.monotonic() < deadline, "the timed-out call was never billed"
+        time.sleep(0.05)
+    report = _run(admin)
+    assert report.ledger[next(iter(report.ledger))].usage_unknown == 1
+    assert {key[1] for key in report.ledger} == {("gpt-4o-mini-2024-07-18",)}
+    assert {(d.what, d.kind) for d in report.differences} == {
+        ("input_tokens", "usage unknown"),
+        ("output_tokens", "usage unknown"),
+        ("usd", "usage unknown"),  # the ledger holds its cost at NULL, never $0
+    }
 
 
 def test_the_provider_failing_is_retried_then_said_in_one_line(
