@@ -226,10 +226,12 @@ def parse_since(text: str, *, zero: bool = False) -> timedelta:
     valid = unit in units and 0 < len(number) <= 9 and all("0" <= c <= "9" for c in number)
     if not valid or (int(number) == 0 and not zero):
         what = "a number" if zero else "a positive number"
-        raise typer.BadParameter(f"{text!r}: use {what} and {', '.join(units)} (e.g. 7d)")
+        shown = text if len(text) <= 20 else text[:20] + "..."
+        letters = "s, m, h, d or w" if zero else "m, h, d or w"
+        raise typer.BadParameter(f"{shown!r}: use {what} and {letters} (e.g. 7d)")
     seconds = int(number) * units[unit]
     if seconds > MAX_SINCE.total_seconds():
-        raise typer.BadParameter(f"{text!r}: at most 100 years (36500d)")
+        raise typer.BadParameter(f"{text[:20]!r}: at most 100 years (36500d)")
     return timedelta(seconds=seconds)
 
 
@@ -481,8 +483,6 @@ def audit(
     import io
     import json
 
-    from rich.table import Table
-
     from . import audit as auditing
 
     if fmt not in ("table", "json", "csv"):
@@ -558,10 +558,7 @@ def audit(
         elif report.clean:
             out.print("clean: the ledger and the provider agree in every closed bucket")
         else:
-            table = Table("bucket", "group", "what", "provider", "ledger", "diff", "kind")
-            for r in rows:
-                table.add_row(*(str(v) or "-" for v in r.values()))
-            out.print(table)
+            out.print(difference_table(report, when))
             if report.unnamed_projects:
                 out.print(
                     "note: some calls' clients named no project (group None); they went to "
@@ -569,6 +566,66 @@ def audit(
                 )
     if not report.clean:
         raise typer.Exit(1)
+
+
+#: Short names for the measures an audit compares (the table's "what" column).
+MEASURES = {
+    "requests": "requests",
+    "input_tokens": "input",
+    "cached_input_tokens": "cached",
+    "output_tokens": "output",
+    "usd": "usd",
+}
+
+
+def difference_table(report: Any, when: Any) -> Any:
+    """An audit's differences, readable at 80 columns: a block per bucket and group (its
+    model, tier, ... on one line; a grouping the same in every block is said once, on top),
+    then a row per measure.  Model names and figures are never wrapped or cut."""
+    from itertools import groupby
+
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    headers = {"service_tier": "tier", "project_id": "project"}
+    differences = report.differences
+    varying, parts = [], []
+    for i, name in enumerate(report.groups):
+        values = {d.group[i] for d in differences if d.group != ("(all)",)}
+        if len(values) > 1:
+            varying.append(i)
+        elif values:
+            parts.append(f"{headers.get(name, name)} {next(iter(values))}")
+    names = ("what", "provider", "ledger", "diff", "%", "kind")
+    rows = []
+    for d in differences:
+        share = f"{d.delta / d.provider:+.1%}" if d.provider else "-"
+        rows.append(
+            (MEASURES.get(d.what, d.what), str(d.provider), str(d.ledger), f"{d.delta:+}", share)
+        )
+    widths = [max([len(n), *(len(r[i]) for r in rows)]) for i, n in enumerate(names[:-1])]
+    blocks: list[Any] = [Text(", ".join(parts))] if parts else []
+    pairs = list(zip(differences, rows, strict=True))
+    for (bucket, group), block in groupby(pairs, key=lambda p: (p[0].bucket_start, p[0].group)):
+        label = ["(all: dollars of the day)"] if group == ("(all)",) else []
+        label = label or [str(group[i]) for i in varying]
+        blocks.append(Text(f"{when(bucket)}  " + "  ".join(label), style="bold"))
+        table = Table(box=None, padding=(0, 1, 0, 0), pad_edge=False, show_header=len(blocks) <= 2)
+        for at, name in enumerate(names):
+            if name == "kind":
+                table.add_column(name, min_width=max(len(w) for w in ["differently", "unmetered"]))
+            else:
+                table.add_column(
+                    name,
+                    justify="left" if name == "what" else "right",
+                    no_wrap=True,
+                    min_width=widths[at],
+                )
+        for d, row in block:
+            table.add_row(*row, d.kind)
+        blocks.append(table)
+    return Group(*blocks)
 
 
 def ledger_engine(database_url: str | None) -> Any:

@@ -313,6 +313,38 @@ def test_the_beat_task_audits_keeps_the_run_and_sets_the_gauges(
     assert gauge("tokenmeter_audit_failures_total") == before + 1
 
 
+def test_the_audit_table_keeps_every_model_name_and_figure_at_80_columns(
+    db_url, sandbox, monkeypatch
+) -> None:
+    two_days_ago = int(time.time()) - 2 * 86400
+    for i, (model, tier) in enumerate(
+        [("gpt-4o-mini-2024-07-18", "default"), ("gpt-5-mini-2025-08-07", "flex")]
+    ):
+        sandbox.openai.ledger.add(
+            BilledRequest(
+                request_id=f"req_wide_{i}",
+                operation="chat",
+                model=model,
+                service_tier=tier,
+                input_tokens=123_456_789,
+                output_tokens=10,
+                created=two_days_ago,
+            )
+        )
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", ADMIN_KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", sandbox.openai_base_url)
+    for columns in ("80", "200"):
+        monkeypatch.setenv("COLUMNS", columns)
+        found = CliRunner().invoke(
+            cli, ["audit", "--since", "7d", "--by", "model,service_tier", "--no-store"]
+        )
+        assert found.exit_code == 1, found.output
+        lines = found.output.splitlines()
+        assert "…" not in found.output and max(map(len, lines)) <= int(columns)
+        for name in ("gpt-4o-mini-2024-07-18", "gpt-5-mini-2025-08-07", "+123456789"):
+            assert any(name in line for line in lines), (name, found.output)
+
+
 def test_no_audit_yet_is_a_404_that_says_what_to_run(db_url, monkeypatch) -> None:
     monkeypatch.setenv("TOKENMETER_API_TOKEN", "t0ken")
     clear_settings()

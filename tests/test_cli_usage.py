@@ -88,6 +88,10 @@ def test_group_by_kind_and_table_output(db_url: str) -> None:
 def test_bad_input_is_a_clear_error(db_url: str) -> None:
     for args, message in [
         (["--since", "7x"], "m, h, d or w"),
+        (["--since", "99999999d"], "at most 100 years"),  # was an OverflowError traceback
+        (["--since", "٣d"], "use a positive number"),  # an Arabic-Indic 3: not a number here
+        (["--since", "0d"], "use a positive number"),
+        (["--since", "1" * 70_000 + "d"], "use a positive number"),
         (["--by", "colour"], "--by must be"),
         (["--format", "xml"], "--format must be"),
         (["--until", "yesterday"], "ISO date"),
