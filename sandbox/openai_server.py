@@ -280,6 +280,9 @@ class OpenAISandbox:
         self.batches = BatchStore()
         #: Azure OpenAI deployments (``/openai/deployments/{name}/...``) and the model each serves.
         self.deployments: dict[str, str] = dict(DEPLOYMENTS)
+        #: How long a billed request takes to show in the Usage and Costs APIs (the provider's
+        #: books lag; 0: at once).
+        self.usage_lag_s = 0.0
 
     def cached_tokens(self, prompt_text: str, prompt_tokens: int) -> int:
         if prompt_tokens < 1024:
@@ -673,7 +676,7 @@ class OpenAIHandler(JSONHandler):
             return
         answer = usage.completions if path.endswith("/completions") else usage.costs
         try:
-            page = answer(self.sandbox.ledger.rows(), self.query)
+            page = answer(self.sandbox.ledger.rows(), self.query, lag_s=self.sandbox.usage_lag_s)
         except usage.UsageQueryError as exc:
             self._error(400, str(exc), "invalid_request_error", request_id, param=exc.param)
             return

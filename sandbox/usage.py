@@ -13,7 +13,8 @@ Buckets start at ``start_time`` and are ``bucket_width`` wide (``1m``, ``1h``, `
 ``1d``), every bucket of the range listed, empty ones with no results; the last one keeps its
 full width but holds only what was billed before ``end_time``.  What the sandbox does
 not model is refused with a 400 rather than answered wrongly: ``user_id`` and ``api_source``
-grouping, and costs by ``line_item``.
+grouping, and costs by ``line_item``.  The books lag as the provider's do when
+``usage_lag_s`` is set: a request shows only that long after it was billed.
 """
 
 from __future__ import annotations
@@ -139,6 +140,11 @@ def _groups(query: dict[str, list[str]], allowed: tuple[str, ...]) -> list[str]:
     return groups
 
 
+def _booked(rows: Iterable[BilledRequest], now: float, lag_s: float) -> list[BilledRequest]:
+    """What the books show at ``now``: what was billed at least ``lag_s`` before."""
+    return [r for r in rows if r.created + lag_s <= now] if lag_s else list(rows)
+
+
 def _filtered(rows: Iterable[BilledRequest], query: dict[str, list[str]]) -> list[BilledRequest]:
     models, projects = set(_values(query, "models")), set(_values(query, "project_ids"))
     keys = set(_values(query, "api_key_ids"))
@@ -173,12 +179,17 @@ def _page(window: _Window, results: dict[int, list[dict[str, Any]]]) -> dict[str
 
 
 def completions(
-    rows: Iterable[BilledRequest], query: dict[str, list[str]], now: float | None = None
+    rows: Iterable[BilledRequest],
+    query: dict[str, list[str]],
+    now: float | None = None,
+    lag_s: float = 0.0,
 ) -> dict[str, Any]:
     """A page of ``GET /v1/organization/usage/completions`` (chat and responses requests)."""
     limits = LIMITS.get(_one(query, "bucket_width") or "1d", LIMITS["1d"])
-    window = _Window(query, WIDTHS, limits, time.time() if now is None else now)
+    moment = time.time() if now is None else now
+    window = _Window(query, WIDTHS, limits, moment)
     groups = _groups(query, COMPLETION_GROUPS)
+    rows = _booked(rows, moment, lag_s)
     sums: dict[tuple[int, tuple[Any, ...]], dict[str, int]] = {}
     for row in _filtered((r for r in rows if r.operation in TEXT_OPERATIONS), query):
         start = window.bucket_of(row.created)
@@ -213,11 +224,16 @@ def completions(
 
 
 def costs(
-    rows: Iterable[BilledRequest], query: dict[str, list[str]], now: float | None = None
+    rows: Iterable[BilledRequest],
+    query: dict[str, list[str]],
+    now: float | None = None,
+    lag_s: float = 0.0,
 ) -> dict[str, Any]:
     """A page of ``GET /v1/organization/costs``: daily dollars of every billed request."""
-    window = _Window(query, {"1d": WIDTHS["1d"]}, COSTS_LIMITS, time.time() if now is None else now)
+    moment = time.time() if now is None else now
+    window = _Window(query, {"1d": WIDTHS["1d"]}, COSTS_LIMITS, moment)
     groups = _groups(query, COST_GROUPS)
+    rows = _booked(rows, moment, lag_s)
     sums: dict[tuple[int, tuple[Any, ...]], Decimal] = {}
     for row in _filtered(rows, query):
         start = window.bucket_of(row.created)

@@ -193,6 +193,30 @@ def test_an_open_bucket_is_skipped_and_said_so(metered, openai_client, admin) ->
     assert report.compared == 0 and report.skipped == [start] and report.clean
 
 
+def test_the_books_lag_which_is_why_recent_buckets_wait(
+    metered, openai_client, sandbox, admin
+) -> None:
+    """The provider's books lag (the sandbox's too, when told): audited with no settling, a
+    bucket that just closed looks as if the provider had never seen its calls."""
+    sandbox.openai.usage_lag_s = HOUR
+    try:
+        with usage_scope("audit", "lag"):
+            _chat(openai_client, 2)
+        now = time.time()
+        start = int(now) // HOUR * HOUR
+        with session_scope() as session:
+            hasty = auditing.audit(
+                session, admin, start, start + HOUR, "1h", settle_s=0, now=now + HOUR
+            )
+            patient = auditing.audit(session, admin, start, start + HOUR, "1h", now=now + HOUR)
+    finally:
+        sandbox.openai.usage_lag_s = 0
+    assert {(d.what, d.kind, d.delta) for d in hasty.differences if d.what == "requests"} == {
+        ("requests", "missing upstream", Decimal(-2))
+    }
+    assert patient.compared == 0 and patient.skipped == [start] and patient.clean
+
+
 def test_the_cli_finds_an_unmetered_day_and_exits_1(db_url, sandbox, monkeypatch) -> None:
     two_days_ago = int(time.time()) - 2 * 86400
     sandbox.openai.ledger.add(
