@@ -1,9 +1,10 @@
 """The usage HTTP API and dashboard (FastAPI).  ``tokenmeter api`` serves it.
 
-Every endpoint needs ``Authorization: Bearer $TOKENMETER_API_TOKEN`` (the dashboard also
-accepts ``?token=``, for a browser).  Without a configured token the app refuses to start,
-unless it is explicitly built with ``require_auth=False`` (``tokenmeter api --no-auth``, for a
-laptop).  Money is serialised as exact decimal strings; an unknown cost is ``null``.
+Every endpoint needs ``Authorization: Bearer $TOKENMETER_API_TOKEN`` (at least 16
+characters); a browser signs in to the dashboard with a form or a one-time link, which set an
+HttpOnly cookie (``web.py``).  Without a configured token the app refuses to start, unless it
+is explicitly built with ``require_auth=False`` (``tokenmeter api --no-auth``: loopback only).
+Money is serialised as exact decimal strings; an unknown cost is ``null``.
 
 Dates: ISO 8601 dates or datetimes; naive means UTC; a bare ``end_date`` day is included (the
 window ends at the next midnight).  Windows are half-open ``[start, end)``.
@@ -13,16 +14,16 @@ from __future__ import annotations
 
 import html
 import json
-import secrets
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -31,7 +32,7 @@ from tokenmeter.db import get_engine
 from tokenmeter.schemas import FromRow, MoneyJSON, OpenAICallSchema, UsageGroup
 from tokenmeter.settings import TokenmeterSettings, get_settings
 
-from . import queries
+from . import queries, web
 from .render import money
 
 GroupBy = Literal["model", "task", "kind", "day", "status", "tier"]
@@ -87,26 +88,21 @@ class CallsResponse(BaseModel):
 
 
 def parse_when(value: str | None, *, end: bool, name: str) -> datetime | None:
-    """ISO date or datetime -> aware UTC datetime; a bare end date includes that day."""
+    """ISO date or datetime -> aware UTC datetime (a bare end date includes that day); a 422
+    saying what is wrong otherwise."""
     if value is None:
         return None
     try:
-        if len(value) == 10:
-            day = date.fromisoformat(value)
-            moment = datetime.combine(day, time(), UTC)
-            return moment + timedelta(days=1) if end else moment
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise HTTPException(
-            422,
-            f"{name}={value!r} is not an ISO date (2026-11-24) or datetime (2026-11-24T12:00:00Z)",
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return queries.parse_moment(value, end=end, name=name)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
 
 
 def window(start_date: str | None, end_date: str | None) -> tuple[datetime, datetime]:
     end = parse_when(end_date, end=True, name="end_date") or datetime.now(UTC)
-    start = parse_when(start_date, end=False, name="start_date") or end - timedelta(days=7)
+    start = parse_when(start_date, end=False, name="start_date") or max(
+        end - timedelta(days=7), queries.EARLIEST
+    )
     if end <= start:
         raise HTTPException(422, "end_date must be after start_date")
     return start, end
@@ -140,30 +136,61 @@ class AuditResponse(BaseModel):
 
 def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool = True) -> FastAPI:
     settings = settings or get_settings()
-    token = settings.tokenmeter_api_token
-    if require_auth and not token:
-        raise RuntimeError(
-            "TOKENMETER_API_TOKEN is not set: set it (clients send 'Authorization: Bearer "
-            "<token>'), or run `tokenmeter api --no-auth` on a trusted machine"
-        )
+    sign_in = web.SignIn(web.check_token(settings.tokenmeter_api_token)) if require_auth else None
     app = FastAPI(
         title="tokenmeter usage API",
         version="0.1.0",
         description="Exact OpenAI token and cost usage recorded by tokenmeter.",
+        docs_url=None,  # served below from local files: the default loads a CDN
+        redoc_url=None,
     )
-    bearer = HTTPBearer(auto_error=False)
+    app.state.sign_in = sign_in
+    app.add_middleware(web.SecurityHeaders, loopback_only=not require_auth)
+    bearer = HTTPBearer(auto_error=False)  # (declares the scheme in the OpenAPI schema)
+
+    def bearer_ok(request: Request) -> bool:
+        scheme, _, given = (request.headers.get("authorization") or "").partition(" ")
+        return (
+            sign_in is not None
+            and scheme.lower() == "bearer"
+            and bool(given.strip())
+            and sign_in.token_matches(web.header_bytes(given.strip()))
+        )
 
     def authorized(
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     ) -> None:
-        if not require_auth:
+        if sign_in is None or bearer_ok(request):
             return
-        given = credentials.credentials if credentials else request.query_params.get("token")
-        if not given or not secrets.compare_digest(given, token or ""):
-            raise HTTPException(
-                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+        detail = "missing or wrong bearer token"
+        if "token" in request.query_params:
+            detail = (
+                "send the token as 'Authorization: Bearer <token>'; ?token= is not accepted "
+                "(URLs end up in logs)"
             )
+        raise HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+    def signed_in(request: Request) -> bool:
+        return (
+            sign_in is None
+            or sign_in.cookie_matches(request.cookies.get(web.COOKIE))
+            or bearer_ok(request)
+        )
+
+    def session_cookie(request: Request) -> RedirectResponse:
+        assert sign_in is not None
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(
+            web.COOKIE,
+            sign_in.cookie_value,
+            max_age=8 * 3600,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
 
     def db() -> Iterator[Session]:
         with Session(get_engine(settings.ledger_url, readonly=True)) as session:
@@ -265,8 +292,12 @@ def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool
             raise HTTPException(404, "no audit yet: run `tokenmeter audit`")
         return found
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=auth)
-    def dashboard(session: Session = DB, days: int = Query(30, ge=1, le=366)) -> HTMLResponse:
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def dashboard(
+        request: Request, session: Session = DB, days: int = Query(30, ge=1, le=366)
+    ) -> HTMLResponse:
+        if not signed_in(request):
+            return HTMLResponse(sign_in_page(), status_code=401)
         end = datetime.now(UTC)
         start = end - timedelta(days=days)
         return HTMLResponse(
@@ -277,10 +308,87 @@ def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool
                 queries.top_scopes(session, start, end, limit=10),
                 days,
                 last_audit(session),
+                sign_out_button=sign_in is not None,
             )
         )
 
+    @app.post("/login", response_class=HTMLResponse, include_in_schema=False)
+    async def login(request: Request) -> Response:
+        """The sign-in form's POST: the token in the body (never in a URL)."""
+        from urllib.parse import parse_qs
+
+        if sign_in is None:
+            return RedirectResponse("/", status_code=303)
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > 4096:
+                return HTMLResponse(sign_in_page("that is not a token"), status_code=413)
+        given = parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
+        if given and sign_in.token_matches(given.encode("utf-8")):
+            return session_cookie(request)
+        return HTMLResponse(sign_in_page("wrong token"), status_code=401)
+
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_once(request: Request, once: str = Query("", max_length=64)) -> Response:
+        """A one-time sign-in link (``tokenmeter api`` prints one): used once, then dead."""
+        if sign_in is None:
+            return RedirectResponse("/", status_code=303)
+        if once and sign_in.redeem_once(once):
+            return session_cookie(request)
+        return HTMLResponse(
+            sign_in_page("this sign-in link was used already or has expired"), status_code=401
+        )
+
+    @app.post("/logout", include_in_schema=False)
+    def logout() -> Response:
+        response = RedirectResponse("/", status_code=303)
+        response.delete_cookie(web.COOKIE, path="/")
+        return response
+
+    docs_files = _swagger_ui_files()
+    app.mount("/docs/assets", StaticFiles(directory=docs_files), name="docs-assets")
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return HTMLResponse(DOCS_PAGE)
+
+    @app.get("/docs/init.js", include_in_schema=False)
+    def docs_init() -> Response:
+        return Response(DOCS_INIT, media_type="text/javascript")
+
     return app
+
+
+DOCS_PAGE = (
+    '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+    "<title>tokenmeter usage API</title>"
+    '<link rel="stylesheet" href="/docs/assets/swagger-ui.css"></head><body>'
+    '<div id="swagger-ui"></div><script src="/docs/assets/swagger-ui-bundle.js"></script>'
+    '<script src="/docs/init.js"></script></body></html>'
+)
+DOCS_INIT = 'window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});\n'
+
+
+def _swagger_ui_files() -> str:
+    """Swagger UI's files, from the swagger-ui-bundle package (offline, no CDN)."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    return str(swagger_ui_path)
+
+
+def sign_in_page(problem: str | None = None) -> str:
+    """The dashboard's sign-in form: the token goes in a POST body, never in a URL."""
+    note = f'<p id="problem">{html.escape(problem)}</p>' if problem else ""
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        "<title>tokenmeter: sign in</title></head><body><h1>tokenmeter</h1>"
+        f'{note}<form method="post" action="/login"><label>API token '
+        '<input type="password" name="token" autocomplete="current-password" required>'
+        '</label> <button type="submit">Sign in</button></form>'
+        "<p>The token is <code>TOKENMETER_API_TOKEN</code>; <code>tokenmeter api</code> also "
+        "prints a one-time sign-in link.</p></body></html>"
+    )
 
 
 def last_audit(session: Session) -> AuditResponse | None:
@@ -359,6 +467,8 @@ def render_dashboard(
     scopes: list[queries.ScopeRow],
     days: int,
     audit: AuditResponse | None = None,
+    *,
+    sign_out_button: bool = False,
 ) -> str:
     day_rows = sorted(((r.key, r.priced_cost_usd) for r in by_day), key=lambda kv: kv[0])
     model_rows = [(r.key, r.priced_cost_usd) for r in by_model]
@@ -375,7 +485,14 @@ def render_dashboard(
         '<!doctype html><html lang="en"><head><meta charset="utf-8">',
         "<title>tokenmeter usage</title><style>body{font-family:sans-serif;margin:2em;"
         "color:#111}td,th{padding:4px 10px;text-align:right}th{background:#eef}</style></head>",
-        f"<body><h1>OpenAI usage, last {days} days</h1>",
+        "<body>"
+        + (
+            '<form method="post" action="/logout" style="float:right">'
+            '<button type="submit">Sign out</button></form>'
+            if sign_out_button
+            else ""
+        ),
+        f"<h1>OpenAI usage, last {days} days</h1>",
         f'<p id="total">Total: <b id="total-cost">{money(total.cost_usd)}</b> over '
         f"{total.calls} calls, {total.input_tokens:,} input ({total.cached_input_tokens:,} "
         f"cached), {total.output_tokens:,} output tokens, {total.image_count} images"

@@ -236,19 +236,22 @@ def parse_since(text: str, *, zero: bool = False) -> timedelta:
 
 
 def parse_until(text: str | None) -> datetime:
+    from .queries import parse_moment
+
     if text is None:
         return datetime.now(UTC)
     try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r}: use an ISO date or datetime") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+        return parse_moment(text, end=True, name="--until")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command("check-usage")
 def check_usage(
     since: str = typer.Option("7d", help=_SINCE_HELP),
-    until: str | None = typer.Option(None, help="End of the window (ISO; naive = UTC)."),
+    until: str | None = typer.Option(
+        None, help="End of the window (ISO; naive = UTC; a bare date includes that day)."
+    ),
     by: str = typer.Option("model", help="Group by model, task, kind, day, status or tier."),
     fmt: str = typer.Option("table", "--format", help="table, json or csv"),
     database_url: str | None = typer.Option(None, "--database-url", envvar="DATABASE_URL"),
@@ -306,7 +309,9 @@ def check_usage(
 def scopes(
     kind: str | None = typer.Option(None, help="Only this scope kind (pipeline_run, ...)."),
     since: str = typer.Option("30d", help=_SINCE_HELP),
-    until: str | None = typer.Option(None, help="End of the window (ISO; naive = UTC)."),
+    until: str | None = typer.Option(
+        None, help="End of the window (ISO; naive = UTC; a bare date includes that day)."
+    ),
     limit: int = typer.Option(10, min=1, max=1000, help="How many."),
     fmt: str = typer.Option("table", "--format", help="table or json"),
     database_url: str | None = typer.Option(None, "--database-url", envvar="DATABASE_URL"),
@@ -648,22 +653,33 @@ def _row_json(r: Any) -> dict[str, Any]:
 def api(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="Port."),
-    no_auth: bool = typer.Option(False, "--no-auth", help="No bearer token (trusted hosts)."),
+    no_auth: bool = typer.Option(
+        False, "--no-auth", help="No token: loopback only (127.0.0.1, ::1, localhost)."
+    ),
 ) -> None:
     """Serve the usage HTTP API (/api/usage/...), its OpenAPI docs (/docs) and the dashboard (/)."""
     import uvicorn
 
+    from . import web
     from .api import create_app
 
+    if no_auth and host.lower() not in web.LOOPBACK_HOSTS:
+        fail(f"--no-auth serves loopback only; not {host!r} (set TOKENMETER_API_TOKEN instead)")
     ledger_engine(None)  # a missing or unmigrated ledger is said now, not on the first request
     try:
         application = create_app(require_auth=not no_auth)
     except RuntimeError as exc:
         fail(str(exc))
-    console().print(
-        f"usage API on http://{host}:{port}/api/usage/summary, docs /docs, "
-        f"dashboard http://{host}:{port}/" + ("" if no_auth else "?token=...")
-    )
+    web.install_log_redaction()
+    shown = f"[{host}]" if ":" in host else host
+    base = f"http://{shown}:{port}"
+    out = console()
+    out.print(f"usage API on {base}/api/usage/summary (Authorization: Bearer), docs {base}/docs")
+    if no_auth:
+        out.print(f"dashboard {base}/")
+    else:  # a one-time link: it may be logged, and is worthless once used or after 10 minutes
+        once = application.state.sign_in.issue_once()
+        out.print(f"dashboard {base}/ ; sign in once (10 min): {base}/login?once={once}")
     uvicorn.run(application, host=host, port=port, log_level="info")
 
 

@@ -9,7 +9,7 @@ cost of ``None`` (unknown), never a partial figure presented as the total.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -63,6 +63,48 @@ def _extra_sums() -> list[Any]:
     return [func.coalesce(func.sum(getattr(OpenAICall, name)), 0) for name in EXTRA_SUMS]
 
 
+#: The moments a window may name: a ledger starts after 1970, and a bound beyond 9000 (or an
+#: offset pushing 0001-01-01 before year 1) would overflow the date arithmetic.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+_ISO_HELP = "an ISO date (2026-11-24) or datetime (2026-11-24T12:00:00Z, ...T17:00+05:00)"
+
+
+def parse_moment(value: str, *, end: bool = False, name: str = "date") -> datetime:
+    """An ISO 8601 date or datetime -> an aware datetime in UTC (naive means UTC; a bare end
+    date includes that day).  ValueError saying what is wrong otherwise.
+
+    Every bound is normalised to UTC here, at the edge: SQLite compares the stored UTC text,
+    so a bound left at ``+05:00`` would select the wrong five hours.
+    """
+    text = value.strip()
+    shown = text if len(text) <= 40 else text[:40] + "..."
+    if not text or len(text) > 35 or not text.isascii():  # no ISO 8601 moment is longer
+        raise ValueError(f"{name}={shown!r} is not {_ISO_HELP}")
+    try:
+        if len(text) == 10:
+            moment = datetime.combine(date.fromisoformat(text), time(), UTC)
+            if end:
+                moment += timedelta(days=1)  # 9999-12-31 is refused below, before this
+        else:
+            moment = datetime.fromisoformat(text)
+    except (ValueError, OverflowError):
+        raise ValueError(f"{name}={shown!r} is not {_ISO_HELP}") from None
+    if not 1970 <= moment.year < 9000:
+        raise ValueError(f"{name}={shown!r} is out of range: 1970-01-01 to 9000-01-01 UTC")
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    if not EARLIEST <= moment <= LATEST:
+        raise ValueError(f"{name}={shown!r} is out of range: 1970-01-01 to 9000-01-01 UTC")
+    return moment
+
+
+def utc(moment: datetime) -> datetime:
+    """``moment`` in UTC; a naive one is refused (whose zone would it be?)."""
+    if moment.tzinfo is None:
+        raise ValueError("start and end must be timezone-aware")
+    return moment.astimezone(UTC)
+
+
 def _extras(r: Any, at: int) -> dict[str, int]:
     return {name: int(r[at + i]) for i, name in enumerate(EXTRA_SUMS)}
 
@@ -71,8 +113,7 @@ def usage_summary(
     session: Session, start: datetime, end: datetime, group_by: GroupBy = "model"
 ) -> list[UsageRow]:
     """Totals per group over ``[start, end)``; ``group_by="none"`` gives one total row."""
-    if start.tzinfo is None or end.tzinfo is None:
-        raise ValueError("start and end must be timezone-aware")
+    start, end = utc(start), utc(end)
     if end <= start:
         raise ValueError("end must be after start")
     key: Any
@@ -143,6 +184,7 @@ def list_calls(
     page_size: int = 50,
 ) -> CallPage:
     """Ledger rows in ``[start, end)``, newest first, filtered and paginated."""
+    start, end = utc(start), utc(end)
     where = [OpenAICall.created_at >= start, OpenAICall.created_at < end]
     if model:
         where.append(OpenAICall.model == model)
@@ -208,8 +250,7 @@ def top_scopes(
 
     A scope with any unpriced call sorts by its priced part and shows an unknown cost.
     """
-    if start.tzinfo is None or end.tzinfo is None:
-        raise ValueError("start and end must be timezone-aware")
+    start, end = utc(start), utc(end)
     billable = OpenAICall.status.notin_(("error", "blocked"))
     priced = func.coalesce(func.sum(OpenAICall.cost_usd), 0)
     where = [

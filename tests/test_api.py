@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -27,7 +28,7 @@ from tokenmeter import OpenAICall
 from tokenmeter.reporting.api import create_app
 from tokenmeter.reporting.cli import app as cli
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-for-the-api-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -120,7 +121,7 @@ def client(db_url: str, monkeypatch: pytest.MonkeyPatch) -> TestClient:
 def test_refuses_to_start_without_a_token(db_url: str) -> None:
     with pytest.raises(RuntimeError, match="TOKENMETER_API_TOKEN is not set"):
         create_app()
-    open_app = TestClient(create_app(require_auth=False))
+    open_app = TestClient(create_app(require_auth=False), base_url="http://127.0.0.1")
     assert open_app.get("/api/usage/summary").status_code == 200
 
 
@@ -267,10 +268,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def served(client: TestClient) -> Iterator[str]:
+def served(client: TestClient) -> Iterator[tuple[str, Any]]:
     port = _free_port()
+    application = create_app()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(application, host="127.0.0.1", port=port, log_level="warning")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -278,16 +280,17 @@ def served(client: TestClient) -> Iterator[str]:
     while not server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", application
     server.should_exit = True
     thread.join(timeout=10)
 
 
-def test_dashboard_renders_in_headless_chromium(served: str, tmp_path: Path) -> None:
+def test_dashboard_renders_in_headless_chromium(served: tuple[str, Any], tmp_path: Path) -> None:
+    url, application = served
     chromium = "/usr/bin/chromium"
     if not Path(chromium).exists():
         pytest.fail("Debian's chromium is required (`make test` installs it)")
-    assert httpx.get(f"{served}/", params={"token": TOKEN}).status_code == 200
+    assert httpx.get(f"{url}/", headers=AUTH).status_code == 200
     flags = [
         "--headless",
         "--no-sandbox",
@@ -299,8 +302,12 @@ def test_dashboard_renders_in_headless_chromium(served: str, tmp_path: Path) -> 
         "--disable-sync",
         f"--user-data-dir={tmp_path / 'profile'}",
     ]
+
+    def sign_in_link() -> str:  # what `tokenmeter api` prints: one use, then worthless
+        return f"{url}/login?once={application.state.sign_in.issue_once()}"
+
     dom = subprocess.run(
-        [chromium, *flags, "--dump-dom", f"{served}/?token={TOKEN}"],
+        [chromium, *flags, "--dump-dom", sign_in_link()],
         capture_output=True,
         text=True,
         timeout=60,
@@ -310,13 +317,7 @@ def test_dashboard_renders_in_headless_chromium(served: str, tmp_path: Path) -> 
     assert "Cost per day" in dom and "Cost by model" in dom and "dall-e-3" in dom
     shot = tmp_path / "dashboard.png"
     subprocess.run(
-        [
-            chromium,
-            *flags,
-            "--window-size=1000,900",
-            f"--screenshot={shot}",
-            f"{served}/?token={TOKEN}",
-        ],
+        [chromium, *flags, "--window-size=1000,900", f"--screenshot={shot}", sign_in_link()],
         capture_output=True,
         timeout=60,
         check=True,

@@ -32,6 +32,7 @@ from tokenmeter.sandbox.ground_truth import BilledRequest
 from tokenmeter.sink import DatabaseSink, FileSpool
 
 ADMIN_KEY = "sk-admin-audit-test"
+AUDIT_TOKEN = "t0ken-for-the-audit-tests"
 HOUR = 3600
 
 
@@ -251,16 +252,16 @@ def test_the_cli_finds_an_unmetered_day_and_exits_1(db_url, sandbox, monkeypatch
     ]
 
     # each run is kept; the API shows the latest, its verdict and its worst difference
-    monkeypatch.setenv("TOKENMETER_API_TOKEN", "t0ken")
+    monkeypatch.setenv("TOKENMETER_API_TOKEN", AUDIT_TOKEN)
     clear_settings()
     api = TestClient(create_app())
-    latest = api.get("/api/usage/audits/latest", headers={"Authorization": "Bearer t0ken"})
+    latest = api.get("/api/usage/audits/latest", headers={"Authorization": f"Bearer {AUDIT_TOKEN}"})
     assert latest.status_code == 200, latest.text
     body = latest.json()
     assert body["clean"] is False and body["compared_buckets"] == 6 and body["bucket"] == "1d"
     assert body["worst"]["kind"] == "unmetered" and body["worst"]["what"] == "input_tokens"
     assert body["worst"]["provider"] == "100" and body["worst"]["ledger"] == "0"
-    page = api.get("/", headers={"Authorization": "Bearer t0ken"})
+    page = api.get("/", headers={"Authorization": f"Bearer {AUDIT_TOKEN}"})
     assert page.status_code == 200
     assert '<b id="audit-verdict">4 differences</b> in 6 closed 1d buckets' in page.text
     assert "worst: unmetered input_tokens in gpt-4o-mini-2024-07-18" in page.text
@@ -370,13 +371,13 @@ def test_the_audit_table_keeps_every_model_name_and_figure_at_80_columns(
 
 
 def test_no_audit_yet_is_a_404_that_says_what_to_run(db_url, monkeypatch) -> None:
-    monkeypatch.setenv("TOKENMETER_API_TOKEN", "t0ken")
+    monkeypatch.setenv("TOKENMETER_API_TOKEN", AUDIT_TOKEN)
     clear_settings()
     none = TestClient(create_app()).get(
-        "/api/usage/audits/latest", headers={"Authorization": "Bearer t0ken"}
+        "/api/usage/audits/latest", headers={"Authorization": f"Bearer {AUDIT_TOKEN}"}
     )
     assert none.status_code == 404 and "tokenmeter audit" in none.text
-    page = TestClient(create_app()).get("/", headers={"Authorization": "Bearer t0ken"})
+    page = TestClient(create_app()).get("/", headers={"Authorization": f"Bearer {AUDIT_TOKEN}"})
     assert "no audit yet: run <code>tokenmeter audit</code>" in page.text
 
 
