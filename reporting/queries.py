@@ -84,14 +84,14 @@ def parse_moment(value: str, *, end: bool = False, name: str = "date") -> dateti
     try:
         if len(text) == 10:
             moment = datetime.combine(date.fromisoformat(text), time(), UTC)
-            if end:
-                moment += timedelta(days=1)  # 9999-12-31 is refused below, before this
         else:
             moment = datetime.fromisoformat(text)
-    except (ValueError, OverflowError):
+    except ValueError:
         raise ValueError(f"{name}={shown!r} is not {_ISO_HELP}") from None
-    if not 1970 <= moment.year < 9000:
+    if not 1970 <= moment.year < 9000:  # before any arithmetic that could overflow
         raise ValueError(f"{name}={shown!r} is out of range: 1970-01-01 to 9000-01-01 UTC")
+    if len(text) == 10 and end:
+        moment += timedelta(days=1)  # a bare end date includes its day
     moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     if not EARLIEST <= moment <= LATEST:
         raise ValueError(f"{name}={shown!r} is out of range: 1970-01-01 to 9000-01-01 UTC")
