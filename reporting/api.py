@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
@@ -157,7 +156,7 @@ def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool
             and sign_in.token_matches(web.header_bytes(given.strip()))
         )
 
-    def authorized(
+    async def authorized(  # no I/O: run on the event loop, not in the thread pool
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     ) -> None:
@@ -192,9 +191,10 @@ def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool
         )
         return response
 
-    def db() -> Iterator[Session]:
-        with Session(get_engine(settings.ledger_url, readonly=True)) as session:
-            yield session
+    def reading() -> Session:
+        """A session on the read-only engine, opened and closed inside the endpoint's own
+        thread: one thread-pool hop per request, and a connection never waits on a hop."""
+        return Session(get_engine(settings.ledger_url, readonly=True))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -202,59 +202,58 @@ def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool
         return JSONResponse(status_code=422, content={"detail": "; ".join(messages)})
 
     auth = [Depends(authorized)]
-    DB = Depends(db)
 
     @app.get("/api/usage/summary", response_model=SummaryResponse, dependencies=auth)
     def summary(
-        session: Session = DB,
         start_date: str | None = Query(None, description="ISO date/datetime; default: end - 7d"),
         end_date: str | None = Query(None, description="ISO date/datetime; default: now"),
         group_by: GroupBy = Query("model"),
-    ) -> SummaryResponse:
+    ) -> Response:
         """Totals and exact cost per group over a half-open window."""
-        start, end = window(start_date, end_date)
-        rows = queries.usage_summary(session, start, end, group_by)
-        total = queries.usage_summary(session, start, end, "none")[0]
-        return SummaryResponse(
-            start=start,
-            end=end,
-            group_by=group_by,
-            groups=[UsageGroup.model_validate(r) for r in rows],
-            total=UsageGroup.model_validate(total),
-        )
+        with reading() as session:
+            start, end = window(start_date, end_date)
+            rows = queries.usage_summary(session, start, end, group_by)
+            body = SummaryResponse(
+                start=start,
+                end=end,
+                group_by=group_by,
+                groups=[UsageGroup.model_validate(r) for r in rows],
+                total=UsageGroup.model_validate(queries.total_of(rows)),
+            )
+            # serialised once, here (returned as a model, FastAPI would validate it again)
+            return Response(body.model_dump_json(), media_type="application/json")
 
     @app.get("/api/usage/scopes", response_model=ScopesResponse, dependencies=auth)
     def scopes(
-        session: Session = DB,
         start_date: str | None = None,
         end_date: str | None = None,
         kind: str | None = Query(None, max_length=255, description="only this scope kind"),
         limit: int = Query(10, ge=1, le=1000),
     ) -> ScopesResponse:
         """The most expensive scopes (pipeline runs, scanned posts...) in the window."""
-        start, end = window(start_date, end_date)
-        rows = queries.top_scopes(session, start, end, kind=kind, limit=limit)
-        return ScopesResponse(
-            start=start, end=end, scopes=[ScopeUsage.model_validate(r) for r in rows]
-        )
+        with reading() as session:
+            start, end = window(start_date, end_date)
+            rows = queries.top_scopes(session, start, end, kind=kind, limit=limit)
+            return ScopesResponse(
+                start=start, end=end, scopes=[ScopeUsage.model_validate(r) for r in rows]
+            )
 
     @app.get("/api/usage/scopes/{kind}/{ref}", response_model=ScopeResponse, dependencies=auth)
     def scope(
         kind: str = Path(min_length=1, max_length=255, description="scope kind"),
         ref: str = Path(min_length=1, max_length=4096, description="scope reference"),
-        session: Session = DB,
     ) -> ScopeResponse:
         """Every call of one scope, all attempts, oldest first."""
-        calls = queries.scope_calls(session, kind, ref)
-        if not calls:
-            raise HTTPException(404, f"no calls recorded in scope {kind}/{ref}")
-        return ScopeResponse(
-            kind=kind, ref=ref, calls=[OpenAICallSchema.model_validate(c) for c in calls]
-        )
+        with reading() as session:
+            calls = queries.scope_calls(session, kind, ref)
+            if not calls:
+                raise HTTPException(404, f"no calls recorded in scope {kind}/{ref}")
+            return ScopeResponse(
+                kind=kind, ref=ref, calls=[OpenAICallSchema.model_validate(c) for c in calls]
+            )
 
     @app.get("/api/usage/calls", response_model=CallsResponse, dependencies=auth)
     def calls(
-        session: Session = DB,
         start_date: str | None = None,
         end_date: str | None = None,
         model: str | None = None,
@@ -265,52 +264,54 @@ def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool
         page_size: int = Query(50, ge=1, le=500),
     ) -> CallsResponse:
         """The ledger, newest first, filtered and paginated."""
-        start, end = window(start_date, end_date)
-        found = queries.list_calls(
-            session,
-            start,
-            end,
-            model=model,
-            task=task,
-            status=status,
-            scope_kind=scope_kind,
-            page=page,
-            page_size=page_size,
-        )
-        return CallsResponse(
-            items=[OpenAICallSchema.model_validate(c) for c in found.items],
-            total=found.total,
-            page=found.page,
-            page_size=found.page_size,
-        )
+        with reading() as session:
+            start, end = window(start_date, end_date)
+            found = queries.list_calls(
+                session,
+                start,
+                end,
+                model=model,
+                task=task,
+                status=status,
+                scope_kind=scope_kind,
+                page=page,
+                page_size=page_size,
+            )
+            return CallsResponse(
+                items=[OpenAICallSchema.model_validate(c) for c in found.items],
+                total=found.total,
+                page=found.page,
+                page_size=found.page_size,
+            )
 
     @app.get("/api/usage/audits/latest", response_model=AuditResponse, dependencies=auth)
-    def latest_audit(session: Session = DB) -> AuditResponse:
+    def latest_audit() -> AuditResponse:
         """The last ``tokenmeter audit``: its window, verdict and worst difference."""
-        found = last_audit(session)
-        if found is None:
-            raise HTTPException(404, "no audit yet: run `tokenmeter audit`")
-        return found
+        with reading() as session:
+            found = last_audit(session)
+            if found is None:
+                raise HTTPException(404, "no audit yet: run `tokenmeter audit`")
+            return found
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def dashboard(
-        request: Request, session: Session = DB, days: int = Query(30, ge=1, le=366)
-    ) -> HTMLResponse:
-        if not signed_in(request):
-            return HTMLResponse(sign_in_page(), status_code=401)
-        end = datetime.now(UTC)
-        start = end - timedelta(days=days)
-        return HTMLResponse(
-            render_dashboard(
-                queries.usage_summary(session, start, end, "day"),
-                queries.usage_summary(session, start, end, "model"),
-                queries.usage_summary(session, start, end, "none")[0],
-                queries.top_scopes(session, start, end, limit=10),
-                days,
-                last_audit(session),
-                sign_out_button=sign_in is not None,
+    def dashboard(request: Request, days: int = Query(30, ge=1, le=366)) -> HTMLResponse:
+        with reading() as session:
+            if not signed_in(request):
+                return HTMLResponse(sign_in_page(), status_code=401)
+            end = datetime.now(UTC)
+            start = end - timedelta(days=days)
+            by_day = queries.usage_summary(session, start, end, "day")
+            return HTMLResponse(
+                render_dashboard(
+                    by_day,
+                    queries.usage_summary(session, start, end, "model"),
+                    queries.total_of(by_day),
+                    queries.top_scopes(session, start, end, limit=10),
+                    days,
+                    last_audit(session),
+                    sign_out_button=sign_in is not None,
+                )
             )
-        )
 
     @app.post("/login", response_class=HTMLResponse, include_in_schema=False)
     async def login(request: Request) -> Response:

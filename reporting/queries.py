@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from sqlalchemy import String, case, func, literal_column, select
+from sqlalchemy import String, bindparam, case, func, literal_column, select
 from sqlalchemy.orm import Session
 
 from tokenmeter.ledger import OpenAICall
@@ -109,18 +109,19 @@ def _extras(r: Any, at: int) -> dict[str, int]:
     return {name: int(r[at + i]) for i, name in enumerate(EXTRA_SUMS)}
 
 
-def usage_summary(
-    session: Session, start: datetime, end: datetime, group_by: GroupBy = "model"
-) -> list[UsageRow]:
-    """Totals per group over ``[start, end)``; ``group_by="none"`` gives one total row."""
-    start, end = utc(start), utc(end)
-    if end <= start:
-        raise ValueError("end must be after start")
+_SUMMARY_STATEMENTS: dict[tuple[str, str], Any] = {}
+
+
+def _summary_statement(dialect: str, group_by: str) -> Any:
+    """The summary's SELECT for a grouping, built once (with ``:start`` / ``:end``
+    parameters): building a statement costs more than running it on a small ledger."""
+    cached = _SUMMARY_STATEMENTS.get((dialect, group_by))
+    if cached is not None:
+        return cached
     key: Any
     if group_by == "day":  # the UTC calendar day, as YYYY-MM-DD
-        bind = session.get_bind()
         moment: Any = OpenAICall.created_at
-        if bind.dialect.name == "postgresql":
+        if dialect == "postgresql":
             moment = func.timezone("UTC", moment)
         key = func.date(moment, type_=String())
     elif group_by == "none":
@@ -142,9 +143,24 @@ def usage_summary(
         func.sum(OpenAICall.cost_usd),
         func.sum(case((billable & OpenAICall.cost_usd.is_(None), 1), else_=0)),
         *_extra_sums(),
-    ).where(OpenAICall.created_at >= start, OpenAICall.created_at < end)
+    ).where(
+        OpenAICall.created_at >= bindparam("start", type_=OpenAICall.created_at.type),
+        OpenAICall.created_at < bindparam("end", type_=OpenAICall.created_at.type),
+    )
     if group_by != "none":
         stmt = stmt.group_by(key).order_by(func.sum(OpenAICall.cost_usd).desc().nulls_last(), key)
+    _SUMMARY_STATEMENTS[(dialect, group_by)] = stmt
+    return stmt
+
+
+def usage_summary(
+    session: Session, start: datetime, end: datetime, group_by: GroupBy = "model"
+) -> list[UsageRow]:
+    """Totals per group over ``[start, end)``; ``group_by="none"`` gives one total row."""
+    start, end = utc(start), utc(end)
+    if end <= start:
+        raise ValueError("end must be after start")
+    stmt = _summary_statement(session.get_bind().dialect.name, group_by)
     return [
         UsageRow(
             key=str(r[0]) if r[0] is not None else "(none)",
@@ -159,8 +175,29 @@ def usage_summary(
             unpriced_calls=int(r[9] or 0),
             **_extras(r, 10),
         )
-        for r in session.execute(stmt)
+        for r in session.execute(stmt, {"start": start, "end": end})
     ]
+
+
+def total_of(rows: list[UsageRow]) -> UsageRow:
+    """The one total row of a grouped summary, summed exactly from its groups (the same as
+    ``usage_summary(..., "none")[0]``, without a second query)."""
+    sums = {
+        name: sum((getattr(r, name) for r in rows), 0)
+        for name in (
+            "calls",
+            "errors",
+            "input_tokens",
+            "cached_input_tokens",
+            "output_tokens",
+            "reasoning_tokens",
+            "image_count",
+            "unpriced_calls",
+            *EXTRA_SUMS,
+        )
+    }
+    priced = sum((r.priced_cost_usd for r in rows), Decimal(0))
+    return UsageRow(key="total", priced_cost_usd=priced, **sums)
 
 
 @dataclass(frozen=True)
