@@ -109,6 +109,8 @@ class CeleryMetering:
         self._data_dir: Path | None = None
         self._metrics_ready = False
         self._metrics: Any = None
+        self._otel: Any = None
+        self.otel = False
         self._metrics_server: Any = None
         self._patched_openai = False
         self._owns_redis = False
@@ -172,6 +174,23 @@ class CeleryMetering:
             scope.listeners.append(self.budgets.on_call)
         if self.metrics_port:
             scope.listeners.append(self._metrics_listener)
+        if self.otel:
+            scope.listeners.append(self._otel_listener)
+
+    def _otel_listener(self, scope: UsageScope, call: CallRecord) -> None:
+        if self._otel is None:  # created in the process that records (after fork)
+            try:
+                from .otel import OTelExport
+
+                self._otel = OTelExport()
+            except ImportError:
+                self.otel = False  # said once; the task's next calls are not exported
+                logger.warning(
+                    "TOKENMETER_OTEL is on but opentelemetry-api is not installed: "
+                    "pip install 'tokenmeter[otel]' (calls are metered, not exported)"
+                )
+                return
+        self._otel.export(call)
 
     def _metrics_listener(self, scope: UsageScope, call: CallRecord) -> None:
         if self._metrics is None:  # created in the process that records (after fork)
@@ -383,6 +402,7 @@ class CeleryMetering:
             else self._options_recovery_interval_s
         )
         self.metrics_port = settings.tokenmeter_metrics_port
+        self.otel = settings.tokenmeter_otel
         self._data_dir = settings.tokenmeter_data_dir
 
     def install(self) -> CeleryMetering:

@@ -121,6 +121,9 @@ class TokenmeterSettings(BaseSettings):
         description="Bearer token for the usage API; the API refuses to start without one.",
     )
     tokenmeter_metrics_port: int | None = None
+    #: Export each call as an OpenTelemetry span and metrics in the GenAI semantic
+    #: conventions (``otel.py``; needs opentelemetry-api).  Off by default.
+    tokenmeter_otel: bool = False
 
     @field_validator("tokenmeter_write_ahead", mode="before")
     @classmethod

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -452,3 +453,44 @@ def test_metrics_with_only_the_port_set_equal_ground_truth(
     assert scrape().get("tokenmeter_openai_calls_total:", 0) == 0  # served, and fresh
     run_mixed(stack, 3)
     wait_for(covered, 30, "metrics of the new run only")
+
+
+def test_otel_export_carries_the_ledgers_exact_numbers_in_a_real_worker(
+    pg_url: str, tmp_path: Path, redis_dbs: list[ClaimedDB]
+) -> None:
+    """TOKENMETER_OTEL=true: each call is a GenAI span (a child of the application's span)
+    and a token-usage point, with the same tokens and cost as its ledger row."""
+    with make_stack(pg_url, tmp_path, redis_dbs, TOKENMETER_OTEL="true", E2E_OTEL="1") as stack:
+        stack.start_worker(pool="solo", concurrency=1)  # one process: one in-memory exporter
+        parents = [stack.app.send_task("e2e.otel_work", args=(i,)).get(timeout=60) for i in (0, 7)]
+        stack.assert_ledger_matches_ground_truth()
+        finished = stack.app.send_task("e2e.otel_finished").get(timeout=60)
+        rows = stack.ledger_rows()
+    spans = [s for s in finished["spans"] if not s["name"].startswith("app work")]
+    assert len(spans) == len(rows) > 0
+    by_id = {s["attributes"]["gen_ai.response.id"]: s for s in spans}
+    assert set(by_id) == set(rows)
+    for request_id, row in rows.items():
+        span = by_id[request_id]
+        a = span["attributes"]
+        assert span["parent"] in parents  # a child of the application's own span
+        assert a["gen_ai.system"] == "openai" and a["gen_ai.provider.name"] == "openai"
+        assert a.get("gen_ai.response.model") == row["response_model"]  # images: none
+        assert a["gen_ai.usage.input_tokens"] == row["input_tokens"]
+        assert a["gen_ai.usage.output_tokens"] == row["output_tokens"]
+        assert a["gen_ai.usage.cache_read.input_tokens"] == row["cached_input_tokens"]
+        assert Decimal(a["tokenmeter.cost_usd"]) == row["cost_usd"]  # exact, as the ledger
+        assert a["gen_ai.usage.cost.currency"] == "USD" and a["gen_ai.usage.cost.source"] == "local"
+        assert span["duration_ns"] > 0
+        assert not any("content" in k or "prompt" in k or "key" in k for k in a)
+    chat = [s for s in spans if s["attributes"]["gen_ai.operation.name"] == "chat"]
+    assert chat and all(s["name"].startswith("chat ") for s in chat)
+    tokens = {
+        p["attributes"]["gen_ai.token.type"]: p["value"]
+        for p in finished["metrics"]
+        if p["name"] == "gen_ai.client.token.usage"
+        and p["attributes"]["gen_ai.response.model"] == "gpt-4o-mini-2024-07-18"
+    }
+    chat_rows = [r for r in rows.values() if r["response_model"] == "gpt-4o-mini-2024-07-18"]
+    assert tokens["input"] == sum(r["input_tokens"] for r in chat_rows)
+    assert tokens["output"] == sum(r["output_tokens"] for r in chat_rows)

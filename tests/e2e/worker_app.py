@@ -29,6 +29,21 @@ app.conf.update(
     worker_send_task_events=True,  # task-usage events, for Flower
     task_default_queue=os.environ.get("E2E_QUEUE", "celery"),
 )
+if os.environ.get("E2E_OTEL") == "1":  # the application's own OpenTelemetry setup
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    SPANS = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(SPANS))
+    trace.set_tracer_provider(provider)
+    METRICS = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[METRICS]))
+
 if os.environ.get("TOKENMETER_DISABLED") != "1":
     tokenmeter.install(app)
 
@@ -72,6 +87,42 @@ def mixed(i: int) -> int:
         c.chat.completions.create(model="o3-mini", messages=[{"role": "user", "content": prompt}])
         calls += 1
     return calls
+
+
+@app.task(name="e2e.otel_work")
+def otel_work(i: int) -> str:
+    """Calls inside the application's own span; returns that span's id (hex)."""
+    from opentelemetry import trace
+
+    with trace.get_tracer("e2e").start_as_current_span(f"app work {i}") as span:
+        mixed(i)
+        return format(span.get_span_context().span_id, "016x")
+
+
+@app.task(name="e2e.otel_finished")
+def otel_finished() -> dict[str, object]:
+    """What the in-memory exporter and reader hold in this worker process."""
+    spans = [
+        {
+            "name": s.name,
+            "parent": format(s.parent.span_id, "016x") if s.parent else None,
+            "attributes": dict(s.attributes or {}),
+            "duration_ns": (s.end_time or 0) - (s.start_time or 0),
+        }
+        for s in SPANS.get_finished_spans()
+    ]
+    points: list[dict[str, object]] = []
+    data = METRICS.get_metrics_data()
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    value = getattr(point, "sum", None)
+                    value = getattr(point, "value", None) if value is None else value
+                    points.append(
+                        {"name": metric.name, "attributes": dict(point.attributes), "value": value}
+                    )
+    return {"spans": spans, "metrics": points}
 
 
 @app.task(name="e2e.hold")
