@@ -75,6 +75,11 @@ def main() -> None:
         default=PG_SERVER_URL,
     )
     parser.add_argument("--results", type=Path, help="write the Markdown report here")
+    parser.add_argument(
+        "--without-daily-totals",
+        action="store_true",
+        help="drop the daily-totals triggers (tm0008) first: what keeping them costs",
+    )
     args = parser.parse_args()
 
     from bench.pg import create_database, drop_database
@@ -88,6 +93,14 @@ def main() -> None:
         from tokenmeter.writer import BackgroundWriter
 
         upgrade(db_url)
+        if args.without_daily_totals:
+            from sqlalchemy import create_engine, text
+
+            bare = create_engine(db_url)
+            with bare.begin() as conn:
+                for event in ("insert", "update", "delete"):
+                    conn.execute(text(f"DROP TRIGGER tokenmeter_daily_{event} ON openai_calls"))
+            bare.dispose()
         sink = DatabaseSink(spool=FileSpool(Path(os.environ["TOKENMETER_DATA_DIR"]) / "spool"))
         writer = BackgroundWriter(sink)
         writer.submit(batches(args.per_task, args.per_task, -1)[0])

@@ -8,12 +8,13 @@ their models or their migration history.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Float,
     Index,
@@ -198,3 +199,34 @@ class AuditRun(LedgerBase):
     skipped: Mapped[int] = mapped_column(Integer, doc="buckets still open, left out")
     clean: Mapped[bool] = mapped_column(Boolean)
     differences: Mapped[str] = mapped_column(Text, doc="JSON list, the largest first")
+
+
+class DailyUsage(LedgerBase):
+    """The ledger's totals per UTC day and (model, task, scope kind, status, served tier),
+    kept by triggers on ``openai_calls`` in the same transaction as every write to it
+    (migration tm0008).  ``''`` stands for no value in the key columns.  Read-only to code:
+    the usage summary reads it for whole days."""
+
+    __tablename__ = "tokenmeter_daily_usage"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True, server_default="")
+    task_name: Mapped[str] = mapped_column(String(255), primary_key=True, server_default="")
+    scope_kind: Mapped[str] = mapped_column(String(64), primary_key=True, server_default="")
+    status: Mapped[str] = mapped_column(String(16), primary_key=True, server_default="")
+    service_tier: Mapped[str] = mapped_column(String(32), primary_key=True, server_default="")
+    calls: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    errors: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    input_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    cached_input_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    output_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    image_count: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    input_audio_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    output_audio_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    web_search_calls: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    file_search_calls: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    priced_calls: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    unpriced_calls: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    cost_usd: Mapped[Decimal] = mapped_column(Money(), server_default="0")

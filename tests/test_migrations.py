@@ -17,6 +17,7 @@ LEDGER_TABLES = {
     "tokenmeter_pending_rollups",
     "tokenmeter_ledger",
     "tokenmeter_audits",
+    "tokenmeter_daily_usage",
 }  # its own
 USAGE_COLUMNS = {"agent_model", "prompt_tokens", "completion_tokens", "total_cost_usd"}
 
