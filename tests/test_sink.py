@@ -564,3 +564,151 @@ def test_replay_writes_at_most_its_limit_oldest_first(db_url: str, tmp_path) -> 
         assert sorted(s.scalars(select(OpenAICall.request_id))) == ["req_lim0", "req_lim1"]
     assert sink.replay(limit=2, chunk=1) == 2 and len(spool) == 1
     assert sink.replay() == 1 and len(spool) == 0
+
+
+# -- edges the mutation run showed untested ------------------------------------------------------
+def _batch(rid: str, execution: str, ledger: str | None = None, **kw: Any) -> FlushBatch:
+    call = chat(10, 2, "0.000003", rid, execution_id=execution, seq=0)
+    return FlushBatch(calls=[call], execution_id=execution, ledger=ledger, **kw)
+
+
+def test_a_label_that_fits_is_kept_whole_and_a_longer_one_fits_exactly() -> None:
+    from hashlib import sha256
+
+    from tokenmeter.sink import _column_value, fit
+
+    assert fit("abc", 3) == "abc" and fit("ab", 3) == "ab" and fit("", 3) == ""
+    long = "x" * 40
+    cut = fit(long, 20)
+    assert len(cut) == 20 and cut == "x" * 7 + "~" + sha256(long.encode()).hexdigest()[:12]
+    assert fit("x" * 41, 20) != cut  # distinct values stay distinct
+    exact = CallRecord(operation="chat", requested_model="m" * 128)
+    assert _column_value(exact, "requested_model") == "m" * 128
+    shorter = CallRecord(operation="chat", requested_model="m" * 127)
+    assert _column_value(shorter, "requested_model") == "m" * 127
+    over = CallRecord(operation="chat", requested_model="m" * 129)
+    assert len(_column_value(over, "requested_model")) == 128
+
+
+def test_every_statement_of_a_flush_is_bounded_by_database_timeout(
+    db_url: str, tmp_path, monkeypatch
+) -> None:
+    from sqlalchemy import event
+
+    from tokenmeter.db import get_engine
+
+    monkeypatch.setenv("DATABASE_TIMEOUT_S", "2.5")
+    clear_settings()
+    sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))
+    seen: list[str] = []
+
+    def watch(_conn, _cursor, statement, *_args) -> None:
+        seen.append(statement)
+
+    engine = get_engine(sink.database_url)
+    event.listen(engine, "before_cursor_execute", watch)
+    try:
+        assert sink.flush(_batch("req_timeout", "exec-timeout"))
+    finally:
+        event.remove(engine, "before_cursor_execute", watch)
+    timeouts = [s for s in seen if "statement_timeout" in s]
+    if engine.dialect.name == "postgresql":
+        assert timeouts == ["SET LOCAL statement_timeout = 2500"]
+    else:
+        assert timeouts == []
+
+
+def test_deliver_hands_a_batch_to_the_writer_when_there_is_one(db_url: str, tmp_path) -> None:
+    sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))
+    queued: list[FlushBatch] = []
+
+    class Writer:
+        def submit(self, batch: FlushBatch) -> None:
+            queued.append(batch)
+
+    sink.writer = Writer()  # type: ignore[assignment]
+    first = _batch("req_deliver_1", "exec-deliver-1")
+    sink.deliver(first)
+    assert queued == [first] and ledger_ids() == []
+    sink.writer = None
+    sink.deliver(_batch("req_deliver_2", "exec-deliver-2"))
+    assert queued == [first] and ledger_ids() == ["req_deliver_2"]
+
+
+def ledger_ids() -> list[str | None]:
+    with session_scope() as s:
+        return sorted(s.scalars(select(OpenAICall.request_id)))
+
+
+def test_replay_stops_at_its_limit_and_leaves_other_ledgers_batches(
+    db_url: str, tmp_path, caplog
+) -> None:
+    spool = FileSpool(tmp_path / "spool")
+    sink = DatabaseSink(spool=spool)
+    for i in range(5):
+        spool.push(_batch(f"req_replay_{i}", f"exec-replay-{i}").to_json())
+    with caplog.at_level("INFO", logger="tokenmeter.sink"):
+        assert sink.replay(limit=3, chunk=2) == 3
+    assert len(spool) == 2 and len(ledger_ids()) == 3
+    assert "another ledger" not in caplog.text and "replayed 3 spooled usage batches" in caplog.text
+    for i in range(2):
+        spool.push(_batch(f"req_foreign_{i}", f"exec-foreign-{i}", ledger="some-other").to_json())
+    caplog.clear()
+    sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))  # a fresh look at the folder
+    with caplog.at_level("INFO", logger="tokenmeter.sink"):
+        assert sink.replay() == 2  # the two of this ledger, read with the two of another
+    foreign = [r.getMessage() for r in caplog.records if "another ledger" in r.getMessage()]
+    assert foreign == ["2 spooled batches belong to another ledger: left"] * 2  # each pass
+    assert len(sink.spool) == 2 and len(ledger_ids()) == 5
+
+
+def test_the_flush_log_line_says_how_long_and_an_unknown_cost(
+    db_url: str, tmp_path, caplog
+) -> None:
+    sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))
+    unpriced = FlushBatch(
+        calls=[chat(5, 1, None, "req_log", execution_id="exec-log", seq=0)],
+        execution_id="exec-log",
+        task_id="t-log",
+    )
+    with caplog.at_level("INFO", logger="tokenmeter.sink"):
+        assert sink.flush(unpriced)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("flushed")]
+    assert "t-log" in line and "cost unknown USD" in line
+    ms = float(line.rsplit(" in ", 1)[1].removesuffix(" ms"))
+    assert 0 <= ms < 60_000
+
+
+def test_file_spool_edges(tmp_path) -> None:
+    nested = FileSpool(tmp_path / "a" / "b" / "c")  # its folders are made
+    nested.push("one")
+    nested.push("two")
+    other = FileSpool(tmp_path / "a" / "b" / "c")  # another process on the same folder
+    assert nested.peek_many(2) == ["one", "two"]
+    other.remove("one")
+    nested.remove("one")  # peeked here, removed there: already gone is no error
+    assert nested.peek_many(2) == ["two"] and nested.peek() == "two"
+    nested.remove("two")
+    assert len(nested) == 0 and nested.peek() is None
+
+
+def test_redis_spool_removes_one_copy_and_peeks_the_oldest() -> None:
+    spool = RedisSpool(fakeredis.FakeRedis(), key="tokenmeter:test-spool")
+    for payload in ("a", "a", "b"):
+        spool.push(payload)
+    assert spool.peek() == "a"
+    spool.remove("a")
+    assert len(spool) == 2 and spool.peek_many(5) == ["a", "b"]
+
+
+def test_a_batch_round_trip_keeps_its_defaults() -> None:
+    batch = _batch("req_rt", "exec-rt")
+    assert batch.attempt == 0 and batch.batch_id
+    data = json.loads(batch.to_json())
+    del data["batch_id"], data["attempt"]
+    again = FlushBatch.from_json(json.dumps(data))
+    assert again.attempt == 0 and again.batch_id and again.batch_id != batch.batch_id
+    with usage_scope("task", "state-label", state="retry") as scope:
+        pass
+    assert FlushBatch.from_scope(scope).state == "retry"
+    assert FlushBatch.from_scope(scope, state="failure").state == "failure"
