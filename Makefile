@@ -55,7 +55,7 @@ migrate: setup ## Create/upgrade the demo app's database (tokenmeter's ledger + 
 check-usage: setup ## Usage of the last 7 days by model (ARGS="--by task --since 30d")
 	$(VENV)/bin/tokenmeter check-usage $(ARGS)
 
-bench: setup ## Per task and call vs OpenTelemetry, peers, throughput, writer -> bench/RESULTS.md
+bench: setup ## Per task and call vs OpenTelemetry, peers, throughput, writer, API, reports -> bench/RESULTS.md
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	$(PY) bench/per_task.py --results bench/RESULTS.md
 	$(PY) bench/peers.py --results bench/RESULTS.md
@@ -63,6 +63,9 @@ bench: setup ## Per task and call vs OpenTelemetry, peers, throughput, writer ->
 	$(PY) bench/throughput.py --results bench/RESULTS.md
 	$(PY) bench/throughput.py --latency-ms 200 --tasks 60 --rounds 2 --results bench/RESULTS.md
 	$(PY) bench/spool_replay.py --results bench/RESULTS.md
+	$(PY) bench/api.py --results bench/RESULTS.md
+	$(PY) bench/report_queries.py --rows 1000000 --results bench/RESULTS.md
+	$(PY) bench/report_queries.py --rows 10000000 --repeat 3 --results bench/RESULTS.md
 
 reconcile: setup ## Real workers, ledger vs ground truth; RECONCILE_ARGS="--faults --chaos 200"
 	$(PY) bench/reconcile.py $(RECONCILE_ARGS)

@@ -12,7 +12,6 @@ one at a time, p99 < 50 ms at concurrency 20.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
 import subprocess
@@ -119,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--results", type=Path, help="write the Markdown report here")
     args = parser.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="tokenmeter-bench-api-"))
     db = f"sqlite:///{folder / 'ledger.sqlite'}"
@@ -149,14 +149,30 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.terminate()
         server.wait(timeout=10)
-    print(
-        f"summary on {args.rows} rows (SQLite, one uvicorn process, {os.cpu_count()} cores):\n"
-        f"  one at a time: {rate:,.0f} requests/s, p50 {statistics.median(times) * 1000:.2f} ms, "
-        f"p99 {_percentile(times, 0.99) * 1000:.2f} ms\n"
-        f"  concurrency {args.concurrency}: {crate:,.0f} requests/s, "
-        f"p50 {statistics.median(ctimes) * 1000:.2f} ms, "
-        f"p99 {_percentile(ctimes, 0.99) * 1000:.2f} ms"
+    from bench.results import publish
+
+    command = (
+        f".venv/bin/python bench/api.py --rows {args.rows} --requests {args.requests} "
+        f"--concurrency {args.concurrency}"
     )
+    body = "\n".join(
+        [
+            "### The usage API under load",
+            "",
+            f"`{command}`: `GET /api/usage/summary` on a {args.rows}-row SQLite ledger, one "
+            "`tokenmeter api` process (uvicorn), the load generator on the same machine; one "
+            "run, one mode after the other. Targets: >= 1,000 requests/s one at a time, "
+            "p99 < 50 ms at concurrency 20.",
+            "",
+            "| clients | requests/s | p50 ms | p99 ms |",
+            "| ---: | ---: | ---: | ---: |",
+            f"| 1 | {rate:,.0f} | {statistics.median(times) * 1000:.2f} | "
+            f"{_percentile(times, 0.99) * 1000:.2f} |",
+            f"| {args.concurrency} | {crate:,.0f} | {statistics.median(ctimes) * 1000:.2f} | "
+            f"{_percentile(ctimes, 0.99) * 1000:.2f} |",
+        ]
+    )
+    publish(body, args.results, "api")
     return 0
 
 
