@@ -263,9 +263,52 @@ def _property_db(request, tmp_path_factory) -> None:
     """The property test's ledger: one migrated SQLite file (hypothesis runs many examples in
     one test call, so function-scoped fixtures cannot give each its own)."""
     global _PROPERTY_DB
-    if request.node.name.startswith("test_check_usage_never"):
+    if request.node.name.startswith(
+        ("test_check_usage_never", "test_scopes_never", "test_audit_options")
+    ):
         from models import migrate
 
         path = tmp_path_factory.mktemp("property") / "ledger.sqlite"
         _PROPERTY_DB = f"sqlite:///{path}"
         migrate.upgrade(_PROPERTY_DB)
+
+
+@given(
+    since=st.one_of(st.text(max_size=12), st.from_regex(r"\A[0-9]{1,12}[smhdwx]\Z")),
+    until=st.one_of(st.none(), st.text(max_size=30)),
+    kind=st.one_of(st.none(), st.text(max_size=300)),
+    limit=st.one_of(st.integers(), st.text(max_size=5)),
+    fmt=st.sampled_from(["table", "json", "yaml"]),
+)
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+def test_scopes_never_ends_in_a_traceback(since, until, kind, limit, fmt) -> None:
+    args = ["scopes", "--since", since, "--limit", str(limit), "--format", fmt]
+    args += [] if until is None else ["--until", until]
+    args += [] if kind is None else ["--kind", kind]
+    result = CliRunner().invoke(cli, args, env={"DATABASE_URL": _PROPERTY_DB})
+    assert result.exit_code in (0, 1, 2), (args, result.output)
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        args,
+        repr(result.exception),
+    )
+
+
+@given(
+    since=st.text(max_size=12),
+    settle=st.text(max_size=8),
+    bucket=st.text(max_size=4),
+    by=st.text(max_size=40),
+    fmt=st.sampled_from(["table", "json", "csv", "html"]),
+)
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+def test_audit_options_never_end_in_a_traceback(since, settle, bucket, by, fmt) -> None:
+    """(No admin key in the environment: every run stops at its options or at the key.)"""
+    args = ["audit", "--since", since, "--settle", settle, "--bucket", bucket, "--by", by]
+    result = CliRunner().invoke(
+        cli, [*args, "--format", fmt], env={"DATABASE_URL": _PROPERTY_DB, "OPENAI_ADMIN_KEY": ""}
+    )
+    assert result.exit_code == 2, (args, result.output)
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        args,
+        repr(result.exception),
+    )
