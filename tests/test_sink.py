@@ -712,3 +712,19 @@ def test_a_batch_round_trip_keeps_its_defaults() -> None:
         pass
     assert FlushBatch.from_scope(scope).state == "retry"
     assert FlushBatch.from_scope(scope, state="failure").state == "failure"
+
+
+def test_a_commit_of_many_with_a_bad_rollup_writes_each_batch_alone(
+    db_url: str, tmp_path, captured
+) -> None:
+    """The writer's commit fails for one batch's rollup (not the database): every batch is
+    written on its own, the bad rollup kept, nothing spooled."""
+    bad = commission_attempt(987655, 0, "orphan-many", captured)  # no such run: FK fails
+    good = _batch("req_many_good", "exec-many-good")
+    spool = FileSpool(tmp_path / "spool")
+    sink = DatabaseSink(spool=spool)
+    sink.flush_many([good, bad])
+    assert len(spool) == 0
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(OpenAICall)) == 3
+        assert s.scalar(select(func.count()).select_from(PendingRollup)) == 1
