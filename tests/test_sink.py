@@ -728,3 +728,17 @@ def test_a_commit_of_many_with_a_bad_rollup_writes_each_batch_alone(
     with session_scope() as s:
         assert s.scalar(select(func.count()).select_from(OpenAICall)) == 3
         assert s.scalar(select(func.count()).select_from(PendingRollup)) == 1
+
+
+def test_replay_dead_letters_a_bad_batch_and_goes_on_with_the_rest(db_url: str, tmp_path) -> None:
+    spool = FileSpool(tmp_path / "spool")
+    sink = DatabaseSink(spool=spool)
+    bad = _batch("req_replay_bad", "exec-replay-bad")
+    bad.calls[0].input_tokens = 2**70  # fits no integer column: this batch can never land
+    for batch in (_batch("req_replay_a", "exec-replay-a"), bad, _batch("req_replay_b", "e-b")):
+        spool.push(batch.to_json())
+    assert sink.replay(chunk=2) == 2  # the chunk with the bad one, one by one; then the rest
+    assert ledger_ids() == ["req_replay_a", "req_replay_b"]
+    assert len(spool) == 0
+    [dead] = spool.dead_letters()
+    assert dead["batch"]["calls"][0]["request_id"] == "req_replay_bad" and dead["error"]
