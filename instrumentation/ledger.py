@@ -202,7 +202,7 @@ class AuditRun(LedgerBase):
 
 
 class DailyUsage(LedgerBase):
-    """The ledger's totals per UTC day and (model, task, scope kind, status, served tier),
+    """The ledger's totals per UTC day and (model, task, scope kind, status, tier, project),
     kept by triggers on ``openai_calls`` in the same transaction as every write to it
     (migration tm0008).  ``''`` stands for no value in the key columns.  Read-only to code:
     the usage summary reads it for whole days."""
@@ -215,6 +215,7 @@ class DailyUsage(LedgerBase):
     scope_kind: Mapped[str] = mapped_column(String(64), primary_key=True, server_default="")
     status: Mapped[str] = mapped_column(String(16), primary_key=True, server_default="")
     service_tier: Mapped[str] = mapped_column(String(32), primary_key=True, server_default="")
+    project: Mapped[str] = mapped_column(String(128), primary_key=True, server_default="")
     calls: Mapped[int] = mapped_column(BigInteger, server_default="0")
     errors: Mapped[int] = mapped_column(BigInteger, server_default="0")
     input_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")

@@ -246,14 +246,22 @@ def parse_until(text: str | None) -> datetime:
         raise typer.BadParameter(str(exc)) from None
 
 
+GROUPINGS = ("model", "task", "kind", "day", "status", "tier", "project")
+
+
 @app.command("check-usage")
 def check_usage(
     since: str = typer.Option("7d", help=_SINCE_HELP),
     until: str | None = typer.Option(
         None, help="End of the window (ISO; naive = UTC; a bare date includes that day)."
     ),
-    by: str = typer.Option("model", help="Group by model, task, kind, day, status or tier."),
+    by: str = typer.Option("model", help="Group by " + ", ".join(GROUPINGS) + "."),
+    model: str | None = typer.Option(None, help="Only calls billed to this model."),
+    task: str | None = typer.Option(None, help="Only calls of this task name."),
     fmt: str = typer.Option("table", "--format", help="table, json or csv"),
+    watch: float | None = typer.Option(
+        None, help="Refresh every this many seconds (a live view; Ctrl-C to stop)."
+    ),
     database_url: str | None = typer.Option(None, "--database-url", envvar="DATABASE_URL"),
 ) -> None:
     """Usage and exact cost over a window: totals, tokens by category, cost per group."""
@@ -263,46 +271,99 @@ def check_usage(
 
     from sqlalchemy.orm import Session
 
-    from . import queries, render
+    from . import queries
 
-    if by not in ("model", "task", "kind", "day", "status", "tier"):
-        fail(f"--by must be model, task, kind, day, status or tier, not {by!r}")
+    if by not in GROUPINGS:
+        fail(f"--by must be {', '.join(GROUPINGS[:-1])} or {GROUPINGS[-1]}, not {by!r}")
     if fmt not in ("table", "json", "csv"):
         fail(f"--format must be table, json or csv, not {fmt!r}")
+    if watch is not None and (fmt != "table" or until is not None or not 0.2 <= watch <= 3600):
+        fail("--watch takes 0.2 to 3600 seconds, a table, and no --until (it follows now)")
+    window = parse_since(since)
     end = parse_until(until)
-    start = end - parse_since(since)
-    with Session(ledger_engine(database_url)) as session:
-        rows = queries.usage_summary(session, start, end, by)  # type: ignore[arg-type]
-        total = queries.usage_summary(session, start, end, "none")
+    engine = ledger_engine(database_url)
+
+    def read() -> tuple[datetime, datetime, list[Any]]:
+        finish = end if watch is None else datetime.now(UTC)
+        with Session(engine) as session:
+            rows = queries.usage_summary(
+                session,
+                finish - window,
+                finish,
+                by,  # type: ignore[arg-type]
+                model=model,
+                task=task,
+            )
+        return finish - window, finish, rows
+
+    if watch is not None:
+        _watch(read, by, watch)
+        return
+    start, end, rows = read()
+    total = queries.total_of(rows)
     if fmt == "json":
         payload = {
             "start": start.isoformat(),
             "end": end.isoformat(),
             "group_by": by,
             "groups": [_row_json(r) for r in rows],
-            "total": _row_json(total[0]),
+            "total": _row_json(total),
         }
         print(json.dumps(payload, indent=2))
         return
     if fmt == "csv":
         writer = csv.writer(sys.stdout)
-        writer.writerow([by, *list(_row_json(total[0]))[1:]])
+        writer.writerow([by, *list(_row_json(total))[1:]])
         for r in rows:
             writer.writerow(list(_row_json(r).values()))
         return
     out = console()
+    for part in _usage_view(start, end, rows, by, out.width):
+        out.print(part)
+
+
+def _usage_view(start: datetime, end: datetime, rows: list[Any], by: str, width: int) -> list[Any]:
+    """check-usage's table and total line, fitted to ``width`` columns."""
+    from . import queries, render
+
     if not rows:
-        out.print(f"no OpenAI calls between {start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC")
-        return
+        return [f"no OpenAI calls between {start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC"]
     title = f"usage by {by}, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
-    out.print(render.usage_table(rows, title, by))
-    t = total[0]
-    out.print(
+    t = queries.total_of(rows)
+    return [
+        render.usage_table(rows, title, by, width=width),
         f"total: {t.calls} calls, {t.input_tokens:,} input ({t.cached_input_tokens:,} "
         f"cached), {t.output_tokens:,} output ({t.reasoning_tokens:,} reasoning) tokens, "
         f"{t.image_count} images, {render.money(t.cost_usd)}"
-        + (f" ({t.unpriced_calls} calls with unknown prices)" if t.unpriced_calls else "")
-    )
+        + (f" ({t.unpriced_calls} calls with unknown prices)" if t.unpriced_calls else ""),
+    ]
+
+
+def _watch(read: Any, by: str, every: float) -> None:
+    """A live view for an operator watching a fleet: re-read and redraw every ``every`` s."""
+    import time
+
+    from rich.console import Group
+    from rich.live import Live
+
+    out = console()
+
+    def frame() -> Group:
+        start, end, rows = read()
+        parts = _usage_view(start, end, rows, by, out.width)
+        return Group(
+            *parts,
+            f"[dim]refreshed {datetime.now(UTC):%H:%M:%S} UTC, every {every:g}s; "
+            "Ctrl-C to stop[/dim]",
+        )
+
+    try:
+        with Live(frame(), console=out, auto_refresh=False) as live:
+            while True:
+                time.sleep(every)
+                live.update(frame(), refresh=True)
+    except KeyboardInterrupt:
+        return
 
 
 @app.command()
@@ -336,7 +397,8 @@ def scopes(
     elif not rows:
         console().print("no scopes with calls in the window")
     else:
-        console().print(render.scopes_table(rows))
+        out = console()
+        out.print(render.scopes_table(rows, width=out.width))
 
 
 @app.command()

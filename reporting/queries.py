@@ -18,13 +18,14 @@ from sqlalchemy.orm import Session
 
 from tokenmeter.ledger import DailyUsage, OpenAICall
 
-GroupBy = Literal["model", "task", "kind", "day", "status", "tier", "none"]
+GroupBy = Literal["model", "task", "kind", "day", "status", "tier", "project", "none"]
 GROUPS: dict[str, object] = {
     "model": OpenAICall.model,
     "task": OpenAICall.task_name,
     "kind": func.coalesce(OpenAICall.scope_kind, "none"),
     "status": OpenAICall.status,
     "tier": func.coalesce(OpenAICall.service_tier, "default"),  # the tier that served it
+    "project": OpenAICall.project,  # the project the client named (None: its key's own)
 }
 #: Counts summed per group besides the five every table shows (the JSON and CSV carry them).
 EXTRA_SUMS = (
@@ -109,13 +110,19 @@ def _extras(r: Any, at: int) -> dict[str, int]:
     return {name: int(r[at + i]) for i, name in enumerate(EXTRA_SUMS)}
 
 
-_SUMMARY_STATEMENTS: dict[tuple[str, str], Any] = {}
+_SUMMARY_STATEMENTS: dict[tuple[str, ...], Any] = {}
+#: The summary's filters: (the ledger's column, the daily totals' column).
+FILTERS: dict[str, tuple[Any, Any]] = {
+    "model": (OpenAICall.model, DailyUsage.model),
+    "task": (OpenAICall.task_name, DailyUsage.task_name),
+}
 
 
-def _summary_statement(dialect: str, group_by: str) -> Any:
-    """The summary's SELECT for a grouping, built once (with ``:start`` / ``:end``
-    parameters): building a statement costs more than running it on a small ledger."""
-    cached = _SUMMARY_STATEMENTS.get((dialect, group_by))
+def _summary_statement(dialect: str, group_by: str, filters: tuple[str, ...] = ()) -> Any:
+    """The summary's SELECT for a grouping, built once (with ``:start`` / ``:end`` and a
+    parameter per filter): building a statement costs more than running it on a small
+    ledger."""
+    cached = _SUMMARY_STATEMENTS.get((dialect, group_by, *filters))
     if cached is not None:
         return cached
     key: Any
@@ -148,15 +155,17 @@ def _summary_statement(dialect: str, group_by: str) -> Any:
         OpenAICall.created_at >= bindparam("start", type_=OpenAICall.created_at.type),
         OpenAICall.created_at < bindparam("end", type_=OpenAICall.created_at.type),
     )
+    for name in filters:
+        stmt = stmt.where(FILTERS[name][0] == bindparam(name))
     if group_by != "none":
         stmt = stmt.group_by(key).order_by(func.sum(OpenAICall.cost_usd).desc().nulls_last(), key)
-    _SUMMARY_STATEMENTS[(dialect, group_by)] = stmt
+    _SUMMARY_STATEMENTS[(dialect, group_by, *filters)] = stmt
     return stmt
 
 
-def _daily_statement(group_by: str) -> Any:
+def _daily_statement(group_by: str, filters: tuple[str, ...] = ()) -> Any:
     """The summary's SELECT over ``tokenmeter_daily_usage`` (whole UTC days ``[:d0, :d1)``)."""
-    cached = _SUMMARY_STATEMENTS.get(("daily", group_by))
+    cached = _SUMMARY_STATEMENTS.get(("daily", group_by, *filters))
     if cached is not None:
         return cached
     d = DailyUsage
@@ -167,6 +176,7 @@ def _daily_statement(group_by: str) -> Any:
         "status": d.status,
         "tier": case((d.service_tier == "", "default"), else_=d.service_tier),
         "day": d.day,
+        "project": func.nullif(d.project, ""),
         "none": literal_column("'total'"),
     }
     if group_by not in keys:
@@ -190,9 +200,11 @@ def _daily_statement(group_by: str) -> Any:
         d.day < bindparam("d1", type_=d.day.type),
         d.calls > 0,  # a group emptied by deletes
     )
+    for name in filters:
+        stmt = stmt.where(FILTERS[name][1] == bindparam(name))
     if group_by != "none":
         stmt = stmt.group_by(key)
-    _SUMMARY_STATEMENTS[("daily", group_by)] = stmt
+    _SUMMARY_STATEMENTS[("daily", group_by, *filters)] = stmt
     return stmt
 
 
@@ -202,7 +214,13 @@ USE_DAILY_TOTALS = True
 
 
 def usage_summary(
-    session: Session, start: datetime, end: datetime, group_by: GroupBy = "model"
+    session: Session,
+    start: datetime,
+    end: datetime,
+    group_by: GroupBy = "model",
+    *,
+    model: str | None = None,
+    task: str | None = None,
 ) -> list[UsageRow]:
     """Totals per group over ``[start, end)``; ``group_by="none"`` gives one total row.
 
@@ -214,7 +232,10 @@ def usage_summary(
     if end <= start:
         raise ValueError("end must be after start")
     dialect = session.get_bind().dialect.name
-    raw = _summary_statement(dialect, group_by)
+    given = {"model": model, "task": task}
+    filters = tuple(name for name, value in given.items() if value is not None)
+    params = {name: given[name] for name in filters}
+    raw = _summary_statement(dialect, group_by, filters)
     first = datetime.combine(start.date(), time(), UTC)
     if first < start:
         first += timedelta(days=1)
@@ -222,13 +243,13 @@ def usage_summary(
     results: list[Any] = []
     if USE_DAILY_TOTALS and first < last:
         if start < first:
-            results += session.execute(raw, {"start": start, "end": first}).all()
-        daily = _daily_statement(group_by)
-        results += session.execute(daily, {"d0": first.date(), "d1": last.date()}).all()
+            results += session.execute(raw, {"start": start, "end": first, **params}).all()
+        daily = _daily_statement(group_by, filters)
+        results += session.execute(daily, {"d0": first.date(), "d1": last.date(), **params}).all()
         if last < end:
-            results += session.execute(raw, {"start": last, "end": end}).all()
+            results += session.execute(raw, {"start": last, "end": end, **params}).all()
     else:
-        results += session.execute(raw, {"start": start, "end": end}).all()
+        results += session.execute(raw, {"start": start, "end": end, **params}).all()
     width = 10 + len(EXTRA_SUMS)  # calls .. unpriced, the extra sums, the priced count
     merged: dict[Any, list[Any]] = {}
     for r in results:

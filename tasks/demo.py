@@ -216,9 +216,10 @@ def _run(
         getattr(ours, f) == truth[f]
         for f in ("input_tokens", "output_tokens", "cached_input_tokens", "image_count")
     )
-    console.print(reports.runs_table(runs, "per pipeline run (commissions)"))
-    console.print(reports.posts_table(posts, "per scanned post"))
-    console.print(render.usage_table(by_model, "per model", "model"))
+    width = console.width
+    console.print(reports.runs_table(runs, "per pipeline run (commissions)", width))
+    console.print(reports.posts_table(posts, "per scanned post", width))
+    console.print(render.usage_table(by_model, "per model", "model", width))
     console.print(
         f"[bold]total[/bold]: {ours.calls} OpenAI calls, {ours.input_tokens:,} input "
         f"({ours.cached_input_tokens:,} cached) and {ours.output_tokens:,} output tokens, "

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from models.tables import AgentScannedPost, PipelineRun, PipelineRunUsage
 from tokenmeter.ledger import OpenAICall
-from tokenmeter.reporting.render import money
+from tokenmeter.reporting.render import Col, fitted_table, money
 
 
 @dataclass(frozen=True)
@@ -117,37 +117,53 @@ def post_detail(session: Session, post_id: str) -> tuple[AgentScannedPost, list[
     return post, calls
 
 
-def runs_table(rows: list[RunRow], title: str = "pipeline runs") -> Table:
-    table = Table(title=title)
-    for column in ("run", "status", "prompt", "completion", "images", "cost", "summary"):
-        table.add_column(column, justify="right" if column not in ("status", "summary") else "left")
-    for r in rows:
-        table.add_row(
+def runs_table(rows: list[RunRow], title: str = "pipeline runs", width: int | None = None) -> Table:
+    cols = [
+        Col("run", "key"),
+        Col("status", "key"),
+        Col("prompt", short="in", drop=2),
+        Col("completion", short="out", drop=1),
+        Col("images", short="img", drop=3),
+        Col("cost", "money"),
+        Col("summary", "text"),
+    ]
+    cells = [
+        [
             str(r.pipeline_run_id),
             r.status,
             f"{r.prompt_tokens:,}",
             f"{r.completion_tokens:,}",
             str(r.image_count),
             money(r.total_cost_usd),
-            (r.summary or "")[:60],
-        )
-    return table
+            r.summary or "",
+        ]
+        for r in rows
+    ]
+    return fitted_table(cols, cells, title, width)
 
 
-def posts_table(rows: list[PostRow], title: str = "scanned posts") -> Table:
-    table = Table(title=title)
-    for column in ("post", "subreddit", "promoted", "prompt", "completion", "cost", "title"):
-        table.add_column(
-            column, justify="right" if column in ("prompt", "completion", "cost") else "left"
-        )
-    for r in rows:
-        table.add_row(
+def posts_table(
+    rows: list[PostRow], title: str = "scanned posts", width: int | None = None
+) -> Table:
+    cols = [
+        Col("post", "key"),
+        Col("subreddit", "key", short="sub"),
+        Col("promoted", "key", short="prom"),
+        Col("prompt", short="in", drop=2),
+        Col("completion", short="out", drop=1),
+        Col("cost", "money"),
+        Col("title", "text"),
+    ]
+    cells = [
+        [
             r.post_id,
             r.subreddit,
             "yes" if r.promoted else "no",
             f"{r.prompt_tokens:,}",
             f"{r.completion_tokens:,}",
             money(r.total_cost_usd),
-            (r.title or "")[:50],
-        )
-    return table
+            r.title or "",
+        ]
+        for r in rows
+    ]
+    return fitted_table(cols, cells, title, width)

@@ -23,7 +23,7 @@ from tokenmeter.ledger import DailyUsage
 from tokenmeter.reporting import queries
 from tokenmeter.sink import DatabaseSink, FileSpool, FlushBatch
 
-GROUPS = ("model", "task", "kind", "day", "status", "tier", "none")
+GROUPS = ("model", "task", "kind", "day", "status", "tier", "project", "none")
 BASE = datetime(2026, 11, 20, tzinfo=UTC)
 MODELS = ("gpt-4o-mini-2024-07-18", "o3-mini", None, "dall-e-3")
 
@@ -46,6 +46,7 @@ def _record(i: int, at: datetime) -> CallRecord:
         task_name=("tasks.commission", None)[i % 2],
         scope_kind=("pipeline_run", None, "scanned_post")[i % 3],
         scope_ref=str(i),
+        project=("proj_a", None)[i % 2 == 0 and i % 3 == 0],
         created_at=at,
         execution_id=f"exec-daily-{i // 10}",
         seq=i % 10,
@@ -63,6 +64,7 @@ def _ledger_as_daily(session: Session) -> dict[tuple[object, ...], tuple[int, in
             call.scope_kind or "",
             call.status,
             call.service_tier or "",
+            call.project or "",
         )
         t = totals.setdefault(key, [0, 0, Decimal(0)])
         t[0] += 1  # type: ignore[operator]
@@ -73,7 +75,7 @@ def _ledger_as_daily(session: Session) -> dict[tuple[object, ...], tuple[int, in
 
 def _daily(session: Session) -> dict[tuple[object, ...], tuple[int, int, Decimal]]:
     return {
-        (d.day, d.model, d.task_name, d.scope_kind, d.status, d.service_tier): (
+        (d.day, d.model, d.task_name, d.scope_kind, d.status, d.service_tier, d.project): (
             d.calls,
             d.input_tokens,
             d.cost_usd,
@@ -83,11 +85,13 @@ def _daily(session: Session) -> dict[tuple[object, ...], tuple[int, int, Decimal
     }
 
 
-def _summary(start: datetime, end: datetime, group: str, daily: bool) -> list[queries.UsageRow]:
+def _summary(
+    start: datetime, end: datetime, group: str, daily: bool, **filters: str | None
+) -> list[queries.UsageRow]:
     previous, queries.USE_DAILY_TOTALS = queries.USE_DAILY_TOTALS, daily
     try:
         with Session(get_engine()) as session:
-            return queries.usage_summary(session, start, end, group)  # type: ignore[arg-type]
+            return queries.usage_summary(session, start, end, group, **filters)  # type: ignore[arg-type]
     finally:
         queries.USE_DAILY_TOTALS = previous
 
@@ -116,6 +120,7 @@ def ledger(db_url: str, tmp_path) -> None:
                     cost_usd=r.cost_usd,
                     task_name=r.task_name,
                     scope_kind=r.scope_kind,
+                    project=r.project,
                     created_at=r.created_at,
                     execution_id=r.execution_id,
                     seq=r.seq,
@@ -143,14 +148,17 @@ def test_the_daily_totals_equal_the_ledger_after_every_kind_of_write(ledger) -> 
     hours=st.integers(min_value=1, max_value=16 * 24),
     minutes=st.integers(min_value=0, max_value=59),
     group=st.sampled_from(GROUPS),
+    model=st.sampled_from([None, "o3-mini", "gpt-4o", "no-such-model"]),
+    task=st.sampled_from([None, "tasks.commission"]),
 )
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 def test_a_summary_through_the_daily_totals_equals_one_over_every_call(
-    ledger, start: int, hours: int, minutes: int, group: str
+    ledger, start: int, hours: int, minutes: int, group: str, model, task
 ) -> None:
     begin = BASE + timedelta(hours=start, minutes=minutes)
     end = begin + timedelta(hours=hours)
-    assert _summary(begin, end, group, daily=True) == _summary(begin, end, group, daily=False)
+    through_daily = _summary(begin, end, group, daily=True, model=model, task=task)
+    assert through_daily == _summary(begin, end, group, daily=False, model=model, task=task)
 
 
 def test_concurrent_writers_of_the_same_days_neither_deadlock_nor_lose_a_call(db_url) -> None:

@@ -1,7 +1,7 @@
 """Daily totals of the ledger, kept by the database itself: ``tokenmeter_daily_usage``.
 
-One row per UTC day and (model, task, scope kind, status, served tier) with every sum the usage
-summary reports.  Triggers on ``openai_calls`` keep it equal to the ledger in the same
+One row per UTC day and (model, task, scope kind, status, served tier, project) with every
+sum the usage summary reports.  Triggers on ``openai_calls`` keep it equal to the ledger in the same
 transaction, whatever writes the ledger (the sink's COPY, an ORM insert, a hand-written
 ``UPDATE`` or ``DELETE``): on PostgreSQL one aggregated upsert per statement (transition
 tables, keys locked in one order, so concurrent writers cannot deadlock); on SQLite a trigger
@@ -31,6 +31,7 @@ KEYS = (  # (column, width): the ledger's own widths, so every ledger value fits
     ("scope_kind", 64),
     ("status", 16),
     ("service_tier", 32),
+    ("project", 128),
 )
 #: (column, SQL of one ledger row's contribution, with {r} for the row)
 SUMS = (
@@ -77,7 +78,7 @@ def _pg_function(name: str, parts: list[tuple[str, int]]) -> str:
         statements.append(
             f"INSERT INTO {TABLE} AS d ({columns}) "
             f"SELECT (r.created_at AT TIME ZONE 'UTC')::date, {keys}, {sums} FROM {source} r "
-            f"GROUP BY 1, 2, 3, 4, 5, 6 ORDER BY 1, 2, 3, 4, 5, 6 "
+            f"GROUP BY 1, 2, 3, 4, 5, 6, 7 ORDER BY 1, 2, 3, 4, 5, 6, 7 "
             f"ON CONFLICT ({KEY_NAMES}) DO UPDATE SET {_set_clause('d')};"
         )
     body = "\n    ".join(statements)
@@ -126,7 +127,7 @@ def upgrade() -> None:
         day = "substr(r.created_at, 1, 10)"
     op.execute(  # what the ledger holds already
         f"INSERT INTO {TABLE} ({columns}) SELECT {day}, {keys}, {sums} FROM openai_calls r "
-        "GROUP BY 1, 2, 3, 4, 5, 6"
+        "GROUP BY 1, 2, 3, 4, 5, 6, 7"
     )
     if bind.dialect.name == "postgresql":
         op.execute(_pg_function("tokenmeter_daily_add", [("new_rows", 1)]))
