@@ -34,7 +34,7 @@ from tokenmeter.settings import TokenmeterSettings, get_settings
 from . import queries, web
 from .render import money
 
-GroupBy = Literal["model", "task", "kind", "day", "status", "tier"]
+GroupBy = Literal["model", "task", "kind", "day", "status", "tier", "project"]
 
 
 class SummaryResponse(BaseModel):
@@ -208,11 +208,13 @@ def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool
         start_date: str | None = Query(None, description="ISO date/datetime; default: end - 7d"),
         end_date: str | None = Query(None, description="ISO date/datetime; default: now"),
         group_by: GroupBy = Query("model"),
+        model: str | None = Query(None, max_length=128, description="only this billed model"),
+        task: str | None = Query(None, max_length=255, description="only this task name"),
     ) -> Response:
         """Totals and exact cost per group over a half-open window."""
         with reading() as session:
             start, end = window(start_date, end_date)
-            rows = queries.usage_summary(session, start, end, group_by)
+            rows = queries.usage_summary(session, start, end, group_by, model=model, task=task)
             body = SummaryResponse(
                 start=start,
                 end=end,

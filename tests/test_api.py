@@ -191,6 +191,16 @@ def test_windows_and_groups(client: TestClient) -> None:
     assert {g["key"] for g in by_kind["groups"]} == {"pipeline_run", "scanned_post", "none"}
     by_day = client.get("/api/usage/summary", headers=AUTH, params={"group_by": "day"}).json()
     assert sum(int(g["calls"]) for g in by_day["groups"]) == 4
+    only = client.get(
+        "/api/usage/summary",
+        headers=AUTH,
+        params={"group_by": "task", "model": "gpt-4o-mini", "task": "tasks.commission"},
+    ).json()
+    assert [(g["key"], g["calls"]) for g in only["groups"]] == [("tasks.commission", 1)]
+    by_project = client.get(
+        "/api/usage/summary", headers=AUTH, params={"group_by": "project"}
+    ).json()
+    assert [(g["key"], g["calls"]) for g in by_project["groups"]] == [("(none)", 4)]
 
 
 @pytest.mark.parametrize(
