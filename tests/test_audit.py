@@ -218,18 +218,24 @@ def test_the_books_lag_which_is_why_recent_buckets_wait(
     assert patient.compared == 0 and patient.skipped == [start] and patient.clean
 
 
-def test_the_cli_finds_an_unmetered_day_and_exits_1(db_url, sandbox, monkeypatch) -> None:
-    two_days_ago = int(time.time()) - 2 * 86400
+def _billed_two_days_ago(sandbox: Any, request_id: str, n_in: int, n_out: int) -> int:
+    """A gpt-4o-mini request the provider billed two days ago that no meter saw; its time."""
+    when = int(time.time()) - 2 * 86400
     sandbox.openai.ledger.add(
         BilledRequest(
-            request_id="req_unmetered",
+            request_id=request_id,
             operation="chat",
             model="gpt-4o-mini-2024-07-18",
-            input_tokens=100,
-            output_tokens=10,
-            created=two_days_ago,
+            input_tokens=n_in,
+            output_tokens=n_out,
+            created=when,
         )
     )
+    return when
+
+
+def test_the_cli_finds_an_unmetered_day_and_exits_1(db_url, sandbox, monkeypatch) -> None:
+    two_days_ago = _billed_two_days_ago(sandbox, "req_unmetered", 100, 10)
     monkeypatch.setenv("OPENAI_ADMIN_KEY", ADMIN_KEY)
     monkeypatch.setenv("OPENAI_BASE_URL", sandbox.openai_base_url)
     monkeypatch.setenv("COLUMNS", "160")
@@ -283,17 +289,7 @@ def test_the_beat_task_audits_keeps_the_run_and_sets_the_gauges(
 
     import tokenmeter
 
-    two_days_ago = int(time.time()) - 2 * 86400
-    sandbox.openai.ledger.add(
-        BilledRequest(
-            request_id="req_unmetered_task",
-            operation="chat",
-            model="gpt-4o-mini-2024-07-18",
-            input_tokens=1000,
-            output_tokens=20,
-            created=two_days_ago,
-        )
-    )
+    _billed_two_days_ago(sandbox, "req_unmetered_task", 1000, 20)
     monkeypatch.setenv("OPENAI_ADMIN_KEY", ADMIN_KEY)
     app = Celery("audit_beat")
     app.conf.update(task_always_eager=True, broker_url="memory://")
