@@ -15,8 +15,7 @@ from __future__ import annotations
 import html
 import json
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,8 +30,7 @@ from tokenmeter.db import get_engine
 from tokenmeter.schemas import FromRow, MoneyJSON, OpenAICallSchema, UsageGroup
 from tokenmeter.settings import TokenmeterSettings, get_settings
 
-from . import queries, web
-from .render import money
+from . import dashboard, queries, web
 
 GroupBy = Literal["model", "task", "kind", "day", "status", "tier", "project"]
 
@@ -296,24 +294,54 @@ def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool
             return found
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def dashboard(request: Request, days: int = Query(30, ge=1, le=366)) -> HTMLResponse:
-        with reading() as session:
-            if not signed_in(request):
-                return HTMLResponse(sign_in_page(), status_code=401)
+    def overview(
+        request: Request,
+        days: int = Query(30, ge=1, le=366),
+        start_date: str | None = Query(None, max_length=40),
+        end_date: str | None = Query(None, max_length=40),
+        group_by: str = Query("model", pattern="^(model|task|kind|tier|project|status)$"),
+    ) -> HTMLResponse:
+        if not signed_in(request):
+            return HTMLResponse(sign_in_page(), status_code=401)
+        if start_date or end_date:
+            start, end = window(start_date, end_date)
+            if end - start > timedelta(days=366):
+                raise HTTPException(422, "the dashboard shows at most 366 days")
+            days_text = f"{start:%Y-%m-%d} to {end:%Y-%m-%d} (UTC)"
+        else:
             end = datetime.now(UTC)
             start = end - timedelta(days=days)
-            by_day = queries.usage_summary(session, start, end, "day")
+            days_text = f"last {days} days"
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        with reading() as session:
+            spent = queries.usage_summary(session, today, datetime.now(UTC), "none")[0]
             return HTMLResponse(
-                render_dashboard(
-                    by_day,
-                    queries.usage_summary(session, start, end, "model"),
-                    queries.total_of(by_day),
-                    queries.top_scopes(session, start, end, limit=10),
-                    days,
-                    last_audit(session),
-                    sign_out_button=sign_in is not None,
+                dashboard.overview(
+                    session,
+                    start,
+                    end,
+                    group_by,
+                    _audit_panel(last_audit(session)),
+                    settings.tokenmeter_daily_budget_usd,
+                    spent.priced_cost_usd,
+                    sign_in is not None,
+                    days_text,
                 )
             )
+
+    @app.get("/scopes/{kind}/{ref}", response_class=HTMLResponse, include_in_schema=False)
+    def scope_detail(
+        request: Request,
+        kind: str = Path(min_length=1, max_length=255),
+        ref: str = Path(min_length=1, max_length=4096),
+    ) -> HTMLResponse:
+        if not signed_in(request):
+            return HTMLResponse(sign_in_page(), status_code=401)
+        with reading() as session:
+            calls = queries.scope_calls(session, kind, ref)
+        if not calls:
+            raise HTTPException(404, f"no calls recorded in scope {kind}/{ref}")
+        return HTMLResponse(dashboard.scope_page(kind, ref, calls, sign_in is not None))
 
     @app.post("/login", response_class=HTMLResponse, include_in_schema=False)
     async def login(request: Request) -> Response:
@@ -440,71 +468,3 @@ def _audit_panel(found: AuditResponse | None) -> str:
             f"{html.escape(w.provider)}, ledger {html.escape(w.ledger)}</p>"
         )
     return f'<h2>Provider audit</h2><p id="audit">{when}: {verdict}</p>{worst}'
-
-
-def _bars(rows: list[tuple[str, Decimal]], title: str) -> str:
-    """A horizontal SVG bar chart (no scripts, works offline)."""
-    if not rows:
-        return f"<h2>{html.escape(title)}</h2><p>no data</p>"
-    top = max((v for _, v in rows), default=Decimal(0)) or Decimal(1)
-    height = 26 * len(rows) + 10
-    bars = []
-    for i, (label, value) in enumerate(rows):
-        width = int(Decimal(560) * value / top)
-        y = 5 + 26 * i
-        bars.append(
-            f'<text x="0" y="{y + 16}" font-size="13">{html.escape(label[:28])}</text>'
-            f'<rect x="220" y="{y}" width="{max(width, 1)}" height="20" fill="#3b82f6"/>'
-            f'<text x="{226 + width}" y="{y + 16}" font-size="13">{money(value)}</text>'
-        )
-    return (
-        f'<h2>{html.escape(title)}</h2><svg width="900" height="{height}" '
-        f'role="img" aria-label="{html.escape(title)}">{"".join(bars)}</svg>'
-    )
-
-
-def render_dashboard(
-    by_day: list[queries.UsageRow],
-    by_model: list[queries.UsageRow],
-    total: queries.UsageRow,
-    scopes: list[queries.ScopeRow],
-    days: int,
-    audit: AuditResponse | None = None,
-    *,
-    sign_out_button: bool = False,
-) -> str:
-    day_rows = sorted(((r.key, r.priced_cost_usd) for r in by_day), key=lambda kv: kv[0])
-    model_rows = [(r.key, r.priced_cost_usd) for r in by_model]
-    scope_rows = "".join(
-        f"<tr><td>{html.escape(s.kind)}</td><td>{html.escape(s.ref)}</td><td>{s.calls}</td>"
-        f"<td>{s.input_tokens:,}</td><td>{s.output_tokens:,}</td><td>{s.image_count}</td>"
-        f"<td>{money(s.cost_usd)}</td></tr>"
-        for s in scopes
-    )
-    unpriced = (
-        f" ({total.unpriced_calls} calls with unknown prices)" if total.unpriced_calls else ""
-    )
-    page: list[Any] = [
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">',
-        "<title>tokenmeter usage</title><style>body{font-family:sans-serif;margin:2em;"
-        "color:#111}td,th{padding:4px 10px;text-align:right}th{background:#eef}</style></head>",
-        "<body>"
-        + (
-            '<form method="post" action="/logout" style="float:right">'
-            '<button type="submit">Sign out</button></form>'
-            if sign_out_button
-            else ""
-        ),
-        f"<h1>OpenAI usage, last {days} days</h1>",
-        f'<p id="total">Total: <b id="total-cost">{money(total.cost_usd)}</b> over '
-        f"{total.calls} calls, {total.input_tokens:,} input ({total.cached_input_tokens:,} "
-        f"cached), {total.output_tokens:,} output tokens, {total.image_count} images"
-        f"{unpriced}.</p>",
-        _bars(day_rows, "Cost per day (UTC)"),
-        _bars(model_rows, "Cost by model"),
-        "<h2>Most expensive scopes</h2><table><tr><th>kind</th><th>ref</th><th>calls</th>"
-        f"<th>input</th><th>output</th><th>images</th><th>cost</th></tr>{scope_rows}</table>",
-        _audit_panel(audit),
-        "</body></html>",
-    ]
-    return "".join(page)

@@ -286,6 +286,23 @@ def usage_summary(
     ]
 
 
+def cost_by_day(
+    session: Session, start: datetime, end: datetime, group_by: GroupBy = "model"
+) -> dict[str, dict[str, Decimal]]:
+    """Priced cost per UTC day (``YYYY-MM-DD``) and group over ``[start, end)``, for charts:
+    whole days from the daily totals, the partial days at the ends from the ledger."""
+    start, end = utc(start), utc(end)
+    out: dict[str, dict[str, Decimal]] = {}
+    day = datetime.combine(start.date(), time(), UTC)
+    while day < end:  # each day alone: its rows come from where usage_summary reads them
+        lo, hi = max(day, start), min(day + timedelta(days=1), end)
+        for row in usage_summary(session, lo, hi, group_by):
+            if row.calls:
+                out.setdefault(f"{day:%Y-%m-%d}", {})[row.key] = row.priced_cost_usd
+        day += timedelta(days=1)
+    return out
+
+
 def total_of(rows: list[UsageRow]) -> UsageRow:
     """The one total row of a grouped summary, summed exactly from its groups (the same as
     ``usage_summary(..., "none")[0]``, without a second query)."""

@@ -13,7 +13,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import schemathesis
 import uvicorn
@@ -296,11 +295,18 @@ def served(client: TestClient) -> Iterator[tuple[str, Any]]:
 
 
 def test_dashboard_renders_in_headless_chromium(served: tuple[str, Any], tmp_path: Path) -> None:
+    """The overview, a range, a grouping, a run's and a post's page, rendered by Chromium
+    with every host but this server unresolvable (nothing loads from anywhere else), each
+    checked on the totals it shows; screenshots of the overview and a run go to docs/ when
+    TOKENMETER_SCREENSHOTS is set."""
+    import os
+
     url, application = served
     chromium = "/usr/bin/chromium"
     if not Path(chromium).exists():
         pytest.fail("Debian's chromium is required (`make test` installs it)")
-    assert httpx.get(f"{url}/", headers=AUTH).status_code == 200
+    with session_scope() as s:
+        run_id = s.query(PipelineRun.id).scalar()
     flags = [
         "--headless",
         "--no-sandbox",
@@ -310,26 +316,64 @@ def test_dashboard_renders_in_headless_chromium(served: tuple[str, Any], tmp_pat
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # offline but for us
         f"--user-data-dir={tmp_path / 'profile'}",
     ]
 
-    def sign_in_link() -> str:  # what `tokenmeter api` prints: one use, then worthless
-        return f"{url}/login?once={application.state.sign_in.issue_once()}"
+    def render(path: str) -> str:
+        """Sign in with a one-time link (what `tokenmeter api` prints), then dump ``path``."""
+        once = application.state.sign_in.issue_once()
+        login = subprocess.run(
+            [chromium, *flags, "--dump-dom", f"{url}/login?once={once}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert "OpenAI usage" in login  # redirected to the overview, signed in
+        return subprocess.run(
+            [chromium, *flags, "--dump-dom", f"{url}{path}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
 
-    dom = subprocess.run(
-        [chromium, *flags, "--dump-dom", sign_in_link()],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    assert '<b id="total-cost">$0.080114</b>' in dom
-    assert "Cost per day" in dom and "Cost by model" in dom and "dall-e-3" in dom
-    shot = tmp_path / "dashboard.png"
-    subprocess.run(
-        [chromium, *flags, "--window-size=1000,900", f"--screenshot={shot}", sign_in_link()],
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    assert shot.stat().st_size > 5000
+    overview = render("/")
+    assert '<b id="total-cost">$0.080114</b>' in overview
+    assert "Cost per day (UTC) by model" in overview and "dall-e-3" in overview
+    assert f'href="/scopes/pipeline_run/{run_id}"' in overview  # runs link to their calls
+    assert 'href="/scopes/scanned_post/p1"' in overview
+    assert '<b id="unpriced">0</b>' in overview and '<b id="errors">1</b>' in overview
+    assert "http://" not in overview.replace(url, "") and "https://" not in overview
+
+    yesterday = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
+    ranged = render(f"/?start_date={yesterday}&end_date={yesterday}")
+    assert f"{yesterday} to " in ranged and "OpenAI usage" in ranged
+
+    by_task = render("/?group_by=task")
+    assert "Cost per day (UTC) by task" in by_task and "tasks.commission" in by_task
+
+    run = render(f"/scopes/pipeline_run/{run_id}")
+    assert '<b id="scope-cost">$0.080045</b>' in run and "2 calls" in run
+    assert "dall-e-3" in run and "gpt-4o-mini" in run
+    post = render("/scopes/scanned_post/p1")
+    assert '<b id="scope-cost">$0.000069</b>' in post and "1 calls" in post
+
+    shots = Path(os.environ.get("TOKENMETER_SCREENSHOTS") or tmp_path)
+    for name, path in (("dashboard", "/"), ("dashboard-run", f"/scopes/pipeline_run/{run_id}")):
+        once = application.state.sign_in.issue_once()
+        subprocess.run(  # signed in by the same profile's cookie
+            [chromium, *flags, "--dump-dom", f"{url}/login?once={once}"],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        shot = shots / f"{name}.png"
+        subprocess.run(
+            [chromium, *flags, "--window-size=1100,1000", f"--screenshot={shot}", f"{url}{path}"],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        assert shot.stat().st_size > 5000
