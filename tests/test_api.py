@@ -146,6 +146,23 @@ def test_summary_is_exact_and_agrees_with_cli_and_dashboard(client: TestClient) 
     page = client.get("/", headers=AUTH).text
     assert '<b id="total-cost">$0.080114</b>' in page
 
+    # every group, to the cent, in the API, the CLI's JSON and table, and the dashboard
+    from tokenmeter.reporting.render import money
+
+    for by in ("model", "task", "kind", "tier", "status"):
+        api = client.get("/api/usage/summary", headers=AUTH, params={"group_by": by}).json()
+        as_json = json.loads(
+            CliRunner().invoke(cli, ["check-usage", "--by", by, "--format", "json"]).output
+        )
+        table = CliRunner().invoke(cli, ["check-usage", "--by", by], env={"COLUMNS": "200"})
+        dash = client.get("/", headers=AUTH, params={"group_by": by, "days": 7}).text
+        pairs = {(g["key"], g["cost_usd"]) for g in api["groups"]}
+        assert pairs == {(g["key"], g["cost_usd"]) for g in as_json["groups"]}, by
+        for key, cost in pairs:
+            shown = money(Decimal(cost)) if cost is not None else "unknown"
+            assert any(key in line and shown in line for line in table.output.splitlines())
+            assert f'<td class="l">{key}</td>' in dash and shown in dash, (by, key)
+
 
 def test_money_is_plain_decimal_text_in_api_and_cli(client: TestClient) -> None:
     """Zero and sub-cent sums read "0.0000000000" and "0.0801140200", never "0E-10" / "2E-8"."""
