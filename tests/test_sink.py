@@ -674,7 +674,7 @@ def test_the_flush_log_line_says_how_long_and_an_unknown_cost(
     with caplog.at_level("INFO", logger="tokenmeter.sink"):
         assert sink.flush(unpriced)
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("flushed")]
-    assert "t-log" in line and "cost unknown USD" in line
+    assert "flushed unscoped t-log" in line and "cost unknown USD" in line
     ms = float(line.rsplit(" in ", 1)[1].removesuffix(" ms"))
     assert 0 <= ms < 60_000
 
@@ -742,3 +742,105 @@ def test_replay_dead_letters_a_bad_batch_and_goes_on_with_the_rest(db_url: str, 
     assert len(spool) == 0
     [dead] = spool.dead_letters()
     assert dead["batch"]["calls"][0]["request_id"] == "req_replay_bad" and dead["error"]
+
+
+def test_a_spooled_batch_carries_its_ledger_and_durable_means_durable(tmp_path) -> None:
+    """A batch that could not be written is stamped with the sink's ledger before it is
+    spooled (so another ledger never replays it), by flush and by the writer's flush_many;
+    a batch the spool refused too is not called durable."""
+    spool = FileSpool(tmp_path / "spool")
+    down = DatabaseSink(UNREACHABLE_PG, spool=spool, ledger_id="ledger-a")
+    assert down.persist(_batch("req_stamp_1", "exec-stamp-1")) is True  # in the spool
+    down.flush_many([_batch("req_stamp_2", "exec-stamp-2"), _batch("req_stamp_3", "e-s3")])
+    stamped = [json.loads(p)["ledger"] for p in spool.peek_many(10)]
+    assert stamped == ["ledger-a"] * 3
+    foreign = _batch("req_stamp_4", "exec-stamp-4", ledger="ledger-b")
+    down.flush(foreign)
+    last = FileSpool(tmp_path / "spool").peek_many(10)[-1]
+    assert json.loads(last)["ledger"] == "ledger-b"  # kept, not taken over
+    lost = DatabaseSink(UNREACHABLE_PG, spool=_BrokenSpool(tmp_path / "broken"))
+    assert lost.persist(_batch("req_stamp_5", "exec-stamp-5")) is False
+
+
+def test_the_log_lines_say_the_first_line_of_the_error(tmp_path, caplog) -> None:
+    with caplog.at_level("WARNING", logger="tokenmeter.sink"):
+        DatabaseSink(UNREACHABLE_PG, spool=FileSpool(tmp_path / "spool")).flush(
+            _batch("req_log_err", "exec-log-err")
+        )
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("flush failed")]
+    assert line.startswith("flush failed (OperationalError: (psycopg.OperationalError) ")
+    assert "Background on this error" not in line and "\n" not in line
+
+
+def test_the_rollup_warning_says_the_first_line_of_its_error(
+    db_url: str, tmp_path, captured, caplog
+) -> None:
+    batch = commission_attempt(987656, 0, "orphan-log", captured)  # no such run: FK fails
+    with caplog.at_level("WARNING", logger="tokenmeter.sink"):
+        assert DatabaseSink(spool=FileSpool(tmp_path / "spool")).flush(batch)
+    [line] = [r.getMessage() for r in caplog.records if "could not apply" in r.getMessage()]
+    assert "IntegrityError: (" in line and "[SQL:" not in line and "sqlalche.me" not in line
+
+
+def test_an_interrupt_in_a_rollup_goes_on_to_the_task(db_url: str, tmp_path, captured) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    batch = commission_attempt(987657, 0, "interrupted", captured)
+    sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))
+    original = TableRollup.apply
+
+    def interrupted(self, conn, calls):  # the task's time limit, mid-rollup
+        raise SoftTimeLimitExceeded()
+
+    TableRollup.apply = interrupted  # type: ignore[method-assign]
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            sink.write(batch)
+    finally:
+        TableRollup.apply = original  # type: ignore[method-assign]
+    with session_scope() as s:  # nothing half-written, nothing kept to retry
+        assert s.scalar(select(func.count()).select_from(PendingRollup)) == 0
+
+
+def test_file_spool_removes_exactly_the_payload_and_dead_letters_twice(tmp_path) -> None:
+    writer = FileSpool(tmp_path / "spool")
+    for payload in ("b", "a"):
+        writer.push(payload)
+    FileSpool(tmp_path / "spool").remove("a")  # a fresh instance: found by content
+    assert FileSpool(tmp_path / "spool").peek_many(5) == ["b"]
+    for payload in ('{"n": 1}', '{"n": 2}'):
+        writer.push(payload)
+        writer.dead_letter(payload, "bad")  # the dead-letter folder exists the second time
+    assert [d["batch"] for d in writer.dead_letters()] == [{"n": 1}, {"n": 2}]
+
+
+def test_a_fallback_spool_removes_from_both_when_one_fails(tmp_path) -> None:
+    from tokenmeter.sink import FallbackSpool
+
+    class Failing(FileSpool):
+        def remove(self, payload: str) -> None:
+            raise ConnectionError("redis is down")
+
+    fallback = FileSpool(tmp_path / "file")
+    spool = FallbackSpool(Failing(tmp_path / "primary"), fallback)
+    fallback.push("p")
+    spool.remove("p")
+    assert len(fallback) == 0
+    primary = FileSpool(tmp_path / "primary-ok")  # the local one failing, read first
+    spool = FallbackSpool(primary, Failing(tmp_path / "file-2"))
+    primary.push("q")
+    spool.remove("q")
+    assert len(primary) == 0
+
+
+def test_an_invalidated_connection_is_a_connectivity_error() -> None:
+    from sqlalchemy import exc as sa_exc
+
+    from tokenmeter.sink import is_connectivity_error
+
+    lost = sa_exc.DBAPIError(
+        "SELECT 1", {}, Exception("server closed"), connection_invalidated=True
+    )
+    assert is_connectivity_error(lost) is True
+    kept = sa_exc.DBAPIError("SELECT 1", {}, Exception("bad value"), connection_invalidated=False)
+    assert is_connectivity_error(kept) is False
