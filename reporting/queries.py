@@ -118,11 +118,13 @@ FILTERS: dict[str, tuple[Any, Any]] = {
 }
 
 
-def _summary_statement(dialect: str, group_by: str, filters: tuple[str, ...] = ()) -> Any:
+def _summary_statement(
+    dialect: str, group_by: str, filters: tuple[str, ...] = (), edges: bool = False
+) -> Any:
     """The summary's SELECT for a grouping, built once (with ``:start`` / ``:end`` and a
     parameter per filter): building a statement costs more than running it on a small
     ledger."""
-    cached = _SUMMARY_STATEMENTS.get((dialect, group_by, *filters))
+    cached = _SUMMARY_STATEMENTS.get((dialect, group_by, str(edges), *filters))
     if cached is not None:
         return cached
     key: Any
@@ -151,15 +153,22 @@ def _summary_statement(dialect: str, group_by: str, filters: tuple[str, ...] = (
         func.sum(case((billable & OpenAICall.cost_usd.is_(None), 1), else_=0)),
         *_extra_sums(),
         func.count(OpenAICall.cost_usd),  # priced calls: a group with none sorts last
-    ).where(
-        OpenAICall.created_at >= bindparam("start", type_=OpenAICall.created_at.type),
-        OpenAICall.created_at < bindparam("end", type_=OpenAICall.created_at.type),
     )
+    moment = OpenAICall.created_at
+    window = (moment >= bindparam("start", type_=moment.type)) & (
+        moment < bindparam("end", type_=moment.type)
+    )
+    if edges:  # the partial days at both ends of a window, in one statement
+        window = window | (
+            (moment >= bindparam("start2", type_=moment.type))
+            & (moment < bindparam("end2", type_=moment.type))
+        )
+    stmt = stmt.where(window)
     for name in filters:
         stmt = stmt.where(FILTERS[name][0] == bindparam(name))
     if group_by != "none":
         stmt = stmt.group_by(key).order_by(func.sum(OpenAICall.cost_usd).desc().nulls_last(), key)
-    _SUMMARY_STATEMENTS[(dialect, group_by, *filters)] = stmt
+    _SUMMARY_STATEMENTS[(dialect, group_by, str(edges), *filters)] = stmt
     return stmt
 
 
@@ -242,12 +251,12 @@ def usage_summary(
     last = datetime.combine(end.date(), time(), UTC)
     results: list[Any] = []
     if USE_DAILY_TOTALS and first < last:
-        if start < first:
-            results += session.execute(raw, {"start": start, "end": first, **params}).all()
         daily = _daily_statement(group_by, filters)
         results += session.execute(daily, {"d0": first.date(), "d1": last.date(), **params}).all()
-        if last < end:
-            results += session.execute(raw, {"start": last, "end": end, **params}).all()
+        if start < first or last < end:  # the hours before the first and after the last day
+            both = _summary_statement(dialect, group_by, filters, edges=True)
+            ranges = {"start": start, "end": first, "start2": last, "end2": end}
+            results += session.execute(both, {**ranges, **params}).all()
     else:
         results += session.execute(raw, {"start": start, "end": end, **params}).all()
     width = 10 + len(EXTRA_SUMS)  # calls .. unpriced, the extra sums, the priced count
