@@ -67,6 +67,8 @@ def fitted_table(
                 total += max([len(header), *cells])
         return total + 3 * (len(indexes) - 1)  # a space of padding, the rule, a space
 
+    # two columns to spare: rich versions differ by a column or two in what they take
+    width = None if width is None else width - 2
     short = False
     if width is not None and needed(keep, False) > width:
         short = True
@@ -78,7 +80,7 @@ def fitted_table(
             keep.remove(i)
             dropped.append(cols[i].name)
         if dropped:
-            notes.append(f"not shown at {width} columns: " + ", ".join(dropped))
+            notes.append(f"not shown at {width + 2} columns: " + ", ".join(dropped))
     table = Table(
         title=title,
         box=box.SIMPLE_HEAD,
