@@ -133,9 +133,17 @@ class PendingCall:
                     error_type=error_type,
                     usage_reported=False,
                     client_request_id=attempt.client_request_id,
+                    service_tier=self.asked_tier(),
                 )
             )
         return covered
+
+    def asked_tier(self) -> str | None:
+        """The tier the request asked for, for a call that was never answered (no response
+        says which served it): ``flex`` and ``priority`` are served as asked or refused;
+        ``auto`` and ``default`` leave it to the provider (None: the default)."""
+        tier = self.body.get("service_tier") if isinstance(self.body, dict) else None
+        return tier if tier in ("flex", "priority") else None
 
     # -- outcomes --------------------------------------------------------------------------------
     def record(self, **fields: Any) -> None:

@@ -480,6 +480,33 @@ def test_a_timed_out_call_counts_under_the_model_the_provider_served(
     }
 
 
+def test_a_timed_out_priority_call_counts_under_the_tier_it_asked_for(
+    metered, openai_client, sandbox, admin
+) -> None:
+    """Found by `make reconcile` under faults: a call never answered has no response to say
+    which tier served it; it asked for priority, and priority is what the provider billed."""
+    import openai
+
+    impatient = openai_client.with_options(timeout=0.3, max_retries=0)
+    with usage_scope("audit", "timeout-priority"):
+        _chat(openai_client, 1, model="gpt-5-mini", service_tier="priority")
+        with pytest.raises(openai.APITimeoutError):
+            _chat(
+                impatient,
+                1,
+                model="gpt-5-mini",
+                service_tier="priority",
+                extra_headers={"X-Sandbox-Fault": "slow=800"},
+            )
+    deadline = time.monotonic() + 10
+    while len(sandbox.ledger) < 2:
+        assert time.monotonic() < deadline, "the timed-out call was never billed"
+        time.sleep(0.05)
+    report = _run(admin, ("model", "service_tier"))
+    assert {d.kind for d in report.differences} == {"usage unknown"}, report.differences
+    assert {key[1] for key in report.ledger} == {("gpt-5-mini-2025-08-07", "priority")}
+
+
 def test_the_provider_failing_is_retried_then_said_in_one_line(
     metered, openai_client, sandbox, monkeypatch
 ) -> None:
