@@ -319,6 +319,7 @@ def coverage(rows: list[BilledRequest]) -> str:
     ]
     parts.append(f"{sum(r.image_count for r in rows)} images")
     parts.append(f"{sum(r.cached_input_tokens > 0 for r in rows)} with cached tokens")
+    parts.append(f"{sum(r.cache_write_tokens > 0 for r in rows)} with cache writes")
     parts.append(f"{sum(r.reasoning_tokens > 0 for r in rows)} with reasoning tokens")
     tiers = Counter(r.service_tier for r in rows if r.service_tier != "default")
     parts += [f"{n} on {tier}" for tier, n in sorted(tiers.items())]

@@ -122,6 +122,13 @@ def mixed(self: Any, i: int, fail_half_way: bool = False) -> int:
             prompt, model=model, service_tier=("flex", "priority", "default", "fast")[(i // 5) % 4]
         )
         calls += 1
+    if i % 11 == 7:  # gpt-5.6 writes its prompt to the cache (1.25x input), then reads it
+        tier: Any = ("default", "flex", "priority")[(i // 11) % 3]
+        prefix = f"Order {i} ({tier}). " + LONG_CONTEXT
+        for ask in ("Write it.", "Read it back."):
+            _chat(prefix + ask, model="gpt-5.6-sol", service_tier=tier)
+        openai_client().responses.create(model="gpt-5.6-sol", input=prefix, service_tier=tier)
+        calls += 3
     if i % 8 == 5:  # the web search tool, billed per call on top of the tokens
         openai_client().responses.create(
             model="gpt-5-mini", input=prompt, tools=[{"type": "web_search"}]

@@ -6,7 +6,10 @@ made: its updater is never started here); upgrading the package is how prices up
 
 What this adds to the package: nothing is guessed.  A tier or batch variant the data does not
 have for that model on that day, or a billed dimension the model has no price for (web search
-calls, cache writes, audio tokens), makes the cost unknown rather than the standard price or $0.
+calls, audio tokens, cache writes on a model whose writes cost extra), makes the cost unknown
+rather than the standard price or $0.  Cache writes on a model that bills them as plain input
+(every OpenAI model before the GPT-5.6 family: see ``writes_surcharged``) are input tokens at
+the input rate.
 """
 
 from __future__ import annotations
@@ -111,6 +114,8 @@ def quote(call: CallRecord, model: str, tier: str, batch: bool) -> Quote | None:
         used = getattr(call, field_name)
         if not used:
             continue
+        if field_name == "cache_write_tokens" and not writes_surcharged(model):
+            continue  # input tokens like any other, at the input rate (the module's docstring)
         if getattr(prices, price_key, None) is None:
             reason = f"{model_id} has no price for {field_name.replace('_', ' ')}"
             return Quote(None, model_id, version, reason)
@@ -129,6 +134,29 @@ def quote(call: CallRecord, model: str, tier: str, batch: bool) -> Quote | None:
     except (LookupError, ValueError) as exc:
         return Quote(None, model_id, version, f"{model_id}: {exc}")
     return Quote(Decimal(result["total_price"]), model_id, version)
+
+
+@lru_cache(maxsize=4096)  # pragma: no mutate  (a cache only: the same answer without it)
+def writes_surcharged(model: str) -> bool:
+    """Does the data price cache writes of ``model`` apart from its input tokens?
+
+    OpenAI charges nothing extra for writing a prompt to its cache on models before the
+    GPT-5.6 family, and 1.25x the uncached input rate from GPT-5.6 on ("Cache writes have no
+    additional fee on models before the GPT-5.6 family. For GPT-5.6 models and later model
+    families, cache writes cost 1.25x the uncached input token rate",
+    https://developers.openai.com/api/docs/guides/prompt-caching, read 2026-12-01).  The data
+    says which is which: a model with a ``cache_write_mtok`` in any of its rows or variants
+    has the surcharge (and a row of it without one cannot price its writes: unknown); a model
+    with none bills its writes as the input tokens they are, as ``calc_price`` does.
+    """
+    found = _find(model)
+    if found is None:
+        return True  # not in the data: nothing known either way
+    info = found[1]
+    rows = info.prices if isinstance(info.prices, list) else [info.prices]
+    prices = [getattr(r, "prices", r) for r in rows]
+    prices += [v.prices for v in info.price_variants or ()]
+    return any(getattr(p, "cache_write_mtok", None) is not None for p in prices)
 
 
 _Rates = tuple[Decimal, Decimal, Decimal, Decimal]

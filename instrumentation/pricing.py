@@ -311,11 +311,16 @@ def _cost(row: PriceRow, call: CallRecord) -> Decimal | None:
         per_image = row.images.get(key)
         return None if per_image is None else per_image * call.image_count
     # A category the call used but the row has no price for makes the cost unknown: pricing
-    # it at $0 would be a guess.
+    # it at $0 would be a guess.  Cache writes are the exception where OpenAI says what they
+    # cost without a price of their own: plain input, on every model whose writes carry no
+    # surcharge (maintained.writes_surcharged).
+    writes = call.cache_write_tokens
+    if writes and row.cache_write is None and not maintained.writes_surcharged(row.model):
+        writes = 0  # left in the plain input below
     needed = (
         (call.input_tokens, row.input),
         (call.output_tokens, row.output),
-        (call.cache_write_tokens, row.cache_write),
+        (writes, row.cache_write),
         (call.input_audio_tokens, row.input_audio),
         (call.output_audio_tokens, row.output_audio),
         (call.web_search_calls, row.web_search),
@@ -331,7 +336,7 @@ def _cost(row: PriceRow, call: CallRecord) -> Decimal | None:
     input_parts = [
         (min(call.cached_input_tokens, call.input_tokens), cached_price),
         (call.input_image_tokens, image_input_price),
-        (call.cache_write_tokens, row.cache_write),
+        (writes, row.cache_write),
         (call.input_audio_tokens, row.input_audio),
     ]
     text_in = call.input_tokens - sum(n for n, _ in input_parts)

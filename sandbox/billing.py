@@ -8,7 +8,8 @@ to investigate, not a number to copy.
 
 How OpenAI bills (standard tier, https://platform.openai.com/docs/pricing):
 - text models: uncached input, cached input and output tokens, each at its own rate per 1M
-  tokens; reasoning tokens are part of the output tokens and billed as output.
+  tokens; reasoning tokens are part of the output tokens and billed as output; cache writes
+  at 1.25x the input rate from the GPT-5.6 family on (as input before it).
 - embeddings: input tokens.
 - gpt-image-1: text input, image input and output (image) tokens, each at its own rate.
 - dall-e-2 / dall-e-3: a price per image by quality and size.
@@ -73,6 +74,8 @@ TOKEN_PRICES: dict[str, TokenRates] = {
     "gpt-5-mini-2025-08-07": _rates("0.25", "2.00", "0.025"),
     "gpt-5-nano-2025-08-07": _rates("0.05", "0.40", "0.005"),
     "gpt-5.4-2026-03-05": _rates("2.50", "15.00", "0.25"),
+    # after the 2026-08-21 cut ($5 / $30 before); genai-prices 0.2.3 has the same figures
+    "gpt-5.6-sol": _rates("4.00", "20.00", "0.40"),
 }
 
 #: Long context: a prompt of more than N input tokens is billed at other rates for the whole
@@ -80,6 +83,7 @@ TOKEN_PRICES: dict[str, TokenRates] = {
 #: full session", https://developers.openai.com/api/docs/models/gpt-5.4, read 2026-12-01).
 LONG_CONTEXT: dict[str, tuple[int, TokenRates]] = {
     "gpt-5.4-2026-03-05": (272_000, _rates("5.00", "22.50", "0.50")),
+    "gpt-5.6-sol": (272_000, _rates("8.00", "30.00", "0.80")),
 }
 
 #: The flex and priority tiers, by served snapshot (standard tier above).  Flex is half the
@@ -93,6 +97,8 @@ TIER_PRICES: dict[tuple[str, str], TokenRates] = {
     ("gpt-5-2025-08-07", "priority"): _rates("2.50", "20.00", "0.25"),
     ("gpt-5-mini-2025-08-07", "priority"): _rates("0.45", "3.60", "0.045"),
     ("gpt-4.1-2025-04-14", "priority"): _rates("3.50", "14.00", "0.875"),
+    ("gpt-5.6-sol", "flex"): _rates("2.00", "10.00", "0.20"),
+    ("gpt-5.6-sol", "priority"): _rates("8.00", "40.00", "0.80"),
 }
 #: The Batch API: half the standard price of input and output tokens
 #: (https://platform.openai.com/docs/guides/batch, read 2026-12-01), for the models the
@@ -102,6 +108,19 @@ BATCH_PRICES: dict[str, TokenRates] = {
     "gpt-4.1-mini-2025-04-14": _rates("0.20", "0.80"),
     "gpt-5-mini-2025-08-07": _rates("0.125", "1.00"),
 }
+#: Cache writes: "Cache writes have no additional fee on models before the GPT-5.6 family. For
+#: GPT-5.6 models and later model families, cache writes cost 1.25x the uncached input token
+#: rate" (https://developers.openai.com/api/docs/guides/prompt-caching, read 2026-12-01).  The
+#: rule, not a price per model: the sandbox derives the write rate from the input rate in force
+#: (tier, batch, long context), where the meter reads the maintained data's own figure.
+CACHE_WRITE_SURCHARGE = Decimal("1.25")
+WRITE_SURCHARGED_FAMILIES = ("gpt-5.6", "gpt-6")
+
+
+def writes_surcharged(model: str) -> bool:
+    return model.startswith(WRITE_SURCHARGED_FAMILIES)
+
+
 #: The web search tool: USD per call ($10 per 1,000 calls), on top of the model's tokens.
 WEB_SEARCH_PER_CALL = Decimal("0.01")
 
@@ -126,6 +145,8 @@ class Billable(Protocol):
     def input_tokens(self) -> int: ...
     @property
     def cached_input_tokens(self) -> int: ...
+    @property
+    def cache_write_tokens(self) -> int: ...
     @property
     def input_image_tokens(self) -> int: ...
     @property
@@ -165,8 +186,10 @@ def amount_usd(row: Billable) -> Decimal | None:
     # input_tokens counts every input token; cached and image tokens are parts of it.
     cached = row.cached_input_tokens if rates.cached_input is not None else 0
     image = row.input_image_tokens if rates.image_input is not None else 0
-    plain = row.input_tokens - cached - image
+    written = row.cache_write_tokens if writes_surcharged(row.model) else 0
+    plain = row.input_tokens - cached - image - written
     dollars = plain * rates.input + row.output_tokens * rates.output
+    dollars += written * rates.input * CACHE_WRITE_SURCHARGE
     if rates.cached_input is not None:
         dollars += cached * rates.cached_input
     if rates.image_input is not None:

@@ -26,6 +26,7 @@ class BilledRequest:
     service_tier: str = "default"  # the tier it served (and billed) the request on
     input_tokens: int = 0
     cached_input_tokens: int = 0
+    cache_write_tokens: int = 0  # written to the prompt cache (billed apart from GPT-5.6 on)
     input_image_tokens: int = 0  # gpt-image: image part of the input
     output_tokens: int = 0
     reasoning_tokens: int = 0
@@ -62,6 +63,7 @@ class BilledRequest:
 TOKEN_FIELDS = (
     "input_tokens",
     "cached_input_tokens",
+    "cache_write_tokens",
     "input_image_tokens",
     "output_tokens",
     "reasoning_tokens",

@@ -20,7 +20,10 @@ Token rules (deterministic, no tokenizer; see sandbox/README.md):
   tokens per choice, included in completion tokens (as OpenAI reports them).
 - prompt caching: a prompt of at least 1024 tokens whose first 4,096 characters were seen before
   gets ``cached_tokens`` = the shared prefix with the previous such prompt, in tokens, rounded
-  down to a multiple of 128.
+  down to a multiple of 128.  On the models that bill cache writes (the GPT-5.6 family on)
+  the rest of the prompt's cacheable part (its tokens rounded down to a multiple of 128) is
+  written: ``cache_write_tokens`` in ``prompt_tokens_details`` (chat) and
+  ``input_tokens_details`` (Responses, where the field is always present).
 - embeddings: text tokens of each input (token-id lists count their length).
 - images: dall-e bills per image by size and quality; gpt-image-1 bills text input tokens and
   image output tokens per image (1024x1024: low 272, medium 1056, high 4160; 1024x1536 and
@@ -52,6 +55,7 @@ from typing import Any
 
 from . import usage
 from .batches import ENDPOINTS, BatchStore, batch_object, output_line
+from .billing import writes_surcharged
 from .ground_truth import BilledRequest, Ledger
 from .http import DroppedConnection, JSONHandler, SandboxHTTPServer
 
@@ -74,12 +78,17 @@ SNAPSHOTS = {
     "gpt-5-mini": "gpt-5-mini-2025-08-07",
     "gpt-5-nano": "gpt-5-nano-2025-08-07",
     "gpt-5.4": "gpt-5.4-2026-03-05",
+    "gpt-5.6": "gpt-5.6-sol",  # the family's name serves its sol model (no dated snapshot)
 }
 #: Snapshots served on the flex and priority tiers (as the price list has them); any other
 #: request for a tier is served on default, and the response says so (the SDK documents that
 #: the served tier may differ from the one asked for).
-FLEX = frozenset({"gpt-5-2025-08-07", "gpt-5-mini-2025-08-07", "gpt-5-nano-2025-08-07"})
-PRIORITY = frozenset({"gpt-5-2025-08-07", "gpt-5-mini-2025-08-07", "gpt-4.1-2025-04-14"})
+FLEX = frozenset(
+    {"gpt-5-2025-08-07", "gpt-5-mini-2025-08-07", "gpt-5-nano-2025-08-07", "gpt-5.6-sol"}
+)
+PRIORITY = frozenset(
+    {"gpt-5-2025-08-07", "gpt-5-mini-2025-08-07", "gpt-4.1-2025-04-14", "gpt-5.6-sol"}
+)
 
 
 def served_tier(snapshot: str, asked: object) -> str:
@@ -283,6 +292,16 @@ class OpenAISandbox:
         #: How long a billed request takes to show in the Usage and Costs APIs (the provider's
         #: books lag; 0: at once).
         self.usage_lag_s = 0.0
+
+    def prompt_cache(self, prompt_text: str, prompt_tokens: int, model: str) -> tuple[int, int]:
+        """(cached, written) input tokens of a prompt: read from the cache, and newly written
+        to it.  Writes are reported by the models that bill them (``billing.writes_surcharged``:
+        the GPT-5.6 family on): the prompt's cacheable part (a multiple of 128 tokens, from
+        1,024) less what was read."""
+        cached = self.cached_tokens(prompt_text, prompt_tokens)
+        if not writes_surcharged(model) or prompt_tokens < 1024:
+            return cached, 0
+        return cached, max(0, prompt_tokens // 128 * 128 - cached)
 
     def cached_tokens(self, prompt_text: str, prompt_tokens: int) -> int:
         if prompt_tokens < 1024:
@@ -747,7 +766,8 @@ class OpenAIHandler(JSONHandler):
         if not model or not body.get("messages"):
             raise BadRequest("'model' and 'messages' are required", "messages")
         prompt_text, prompt_tokens = _chat_prompt(body)
-        cached = self.sandbox.cached_tokens(prompt_text, prompt_tokens)
+        response_model = snapshot_of(model)
+        cached, written = self.sandbox.prompt_cache(prompt_text, prompt_tokens, response_model)
         choices = _chat_choices(body, fault)
         completion = sum(c.visible_tokens + c.reasoning_tokens for c in choices)
         reasoning = sum(c.reasoning_tokens for c in choices)
@@ -755,7 +775,11 @@ class OpenAIHandler(JSONHandler):
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+            "prompt_tokens_details": {
+                "cached_tokens": cached,
+                "audio_tokens": 0,
+                **({"cache_write_tokens": written} if writes_surcharged(response_model) else {}),
+            },
             "completion_tokens_details": {
                 "reasoning_tokens": reasoning,
                 "audio_tokens": 0,
@@ -763,7 +787,6 @@ class OpenAIHandler(JSONHandler):
                 "rejected_prediction_tokens": 0,
             },
         }
-        response_model = snapshot_of(model)
         tier = served_tier(response_model, body.get("service_tier"))
         billed = BilledRequest(
             request_id=request_id,
@@ -772,6 +795,7 @@ class OpenAIHandler(JSONHandler):
             service_tier=tier,
             input_tokens=prompt_tokens,
             cached_input_tokens=cached,
+            cache_write_tokens=written,
             output_tokens=completion,
             reasoning_tokens=reasoning,
             stream=bool(body.get("stream")),
@@ -881,7 +905,8 @@ class OpenAIHandler(JSONHandler):
         texts = [body.get("instructions") or ""] + [_message_text(i.get("content")) for i in items]
         prompt_text = "\n".join(texts)
         input_tokens = text_tokens(texts[0]) + sum(4 + text_tokens(t) for t in texts[1:])
-        cached = self.sandbox.cached_tokens(prompt_text, input_tokens)
+        snapshot = snapshot_of(model)
+        cached, written = self.sandbox.prompt_cache(prompt_text, input_tokens, snapshot)
         h = _hash(_content_key(body))
         json_mode = ((body.get("text") or {}).get("format") or {}).get("type") == "json_object"
         if json_mode:
@@ -897,13 +922,12 @@ class OpenAIHandler(JSONHandler):
         output_tokens = visible + reasoning
         usage = {
             "input_tokens": input_tokens,
-            "input_tokens_details": {"cached_tokens": cached},
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
             "output_tokens": output_tokens,
             "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": input_tokens + output_tokens,
         }
         searches = [t for t in body.get("tools") or [] if t.get("type") in WEB_SEARCH_TOOLS]
-        snapshot = snapshot_of(model)
         billed = BilledRequest(
             request_id=request_id,
             operation="responses",
@@ -911,6 +935,7 @@ class OpenAIHandler(JSONHandler):
             service_tier=served_tier(snapshot, body.get("service_tier")),
             input_tokens=input_tokens,
             cached_input_tokens=cached,
+            cache_write_tokens=written,
             output_tokens=output_tokens,
             reasoning_tokens=reasoning,
             web_search_calls=1 if searches else 0,  # one search per answer (deterministic)

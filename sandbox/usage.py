@@ -197,10 +197,18 @@ def completions(
             continue
         key = (start, tuple(getattr(row, g) for g in groups))
         total = sums.setdefault(
-            key, {"input_tokens": 0, "input_cached_tokens": 0, "output_tokens": 0, "requests": 0}
+            key,
+            {
+                "input_tokens": 0,
+                "input_cached_tokens": 0,
+                "input_cache_write_tokens": 0,
+                "output_tokens": 0,
+                "requests": 0,
+            },
         )
         total["input_tokens"] += row.input_tokens
         total["input_cached_tokens"] += row.cached_input_tokens
+        total["input_cache_write_tokens"] += row.cache_write_tokens
         total["output_tokens"] += row.output_tokens
         total["requests"] += 1
     results: dict[int, list[dict[str, Any]]] = {}
@@ -210,6 +218,10 @@ def completions(
             "input_tokens": total["input_tokens"],
             "input_cached_tokens": total["input_cached_tokens"],
             "input_uncached_tokens": total["input_tokens"] - total["input_cached_tokens"],
+            # every write of the sandbox has the default 30-minute retention
+            "input_cache_write_tokens": total["input_cache_write_tokens"],
+            "input_cache_write_30m_tokens": total["input_cache_write_tokens"],
+            "input_cache_write_12h_tokens": 0,
             "input_audio_tokens": 0,
             "output_tokens": total["output_tokens"],
             "output_audio_tokens": 0,

@@ -558,3 +558,82 @@ def test_a_long_prompt_bills_the_whole_call_at_the_long_context_rate(
         long.cost_usd == (long.input_tokens * Decimal(5) + long.output_tokens * Decimal("22.5")) / M
     )
     assert_matches_ground_truth(scope, sandbox)
+
+
+CATALOGUE = "Catalogue of handmade gifts, one per line: wool foxes, felt owls. " * 80
+
+
+def test_cache_writes_are_captured_and_priced_as_billed(openai_client, sandbox) -> None:
+    """gpt-5.6-sol writes a long prompt to the cache on the first call and reads it on the
+    next; it bills writes at 1.25x the uncached input rate ($4 -> $5 per 1M; cached $0.40,
+    output $20; flex $2 -> $2.50, priority $8 -> $10;
+    https://developers.openai.com/api/docs/guides/prompt-caching, read 2026-12-01).  Chat and
+    Responses, plain and streamed, on three tiers."""
+    with usage_scope("task", "writes") as scope:
+        first = openai_client.chat.completions.create(
+            model="gpt-5.6-sol", messages=[{"role": "user", "content": CATALOGUE + " one"}]
+        )
+        for _ in openai_client.chat.completions.create(
+            model="gpt-5.6-sol",
+            messages=[{"role": "user", "content": CATALOGUE + " two"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
+            pass
+        for tier in ("flex", "priority"):
+            openai_client.responses.create(
+                model="gpt-5.6-sol", input=f"{tier} " + CATALOGUE, service_tier=tier
+            )
+        with openai_client.responses.stream(
+            model="gpt-5.6-sol", input="streamed " + CATALOGUE
+        ) as events:
+            for _ in events:
+                pass
+    assert_matches_ground_truth(scope, sandbox)
+    calls = scope.all_calls()
+    assert first.usage.prompt_tokens_details.cache_write_tokens == calls[0].cache_write_tokens
+    write, read = calls[0], calls[1]
+    assert write.cache_write_tokens == write.input_tokens // 128 * 128 > 1024
+    assert write.cached_input_tokens == 0
+    assert read.cached_input_tokens > 1024 and read.cache_write_tokens < 128
+    plain = write.input_tokens - write.cache_write_tokens
+    assert (
+        write.cost_usd == (plain * 4 + write.cache_write_tokens * 5 + write.output_tokens * 20) / M
+    )
+    flex = calls[2]
+    flex_plain = flex.input_tokens - flex.cache_write_tokens - flex.cached_input_tokens
+    assert flex.service_tier == "flex" and flex.cache_write_tokens > 0
+    assert (
+        flex.cost_usd
+        == (
+            flex_plain * 2
+            + flex.cache_write_tokens * Decimal("2.5")
+            + flex.cached_input_tokens * Decimal("0.2")
+            + flex.output_tokens * 10
+        )
+        / M
+    )
+    assert [c.service_tier for c in calls] == ["default", "default", "flex", "priority", "default"]
+    assert all(c.cache_write_tokens > 0 for c in calls if c.cached_input_tokens == 0)
+
+
+async def test_async_cache_writes(async_openai_client: AsyncOpenAI, sandbox) -> None:
+    async with usage_scope("task", "async-writes") as scope:
+        await async_openai_client.responses.create(model="gpt-5.6-sol", input="async " + CATALOGUE)
+        await async_openai_client.chat.completions.create(
+            model="gpt-5.6", messages=[{"role": "user", "content": "async " + CATALOGUE}]
+        )
+    assert_matches_ground_truth(scope, sandbox)
+    assert all(c.cache_write_tokens > 1024 for c in scope.all_calls())
+
+
+def test_an_older_model_bills_no_writes(openai_client, sandbox) -> None:
+    """Before the GPT-5.6 family a cache write costs nothing extra: the sandbox reports none
+    and bills the prompt as input, and so does the meter."""
+    with usage_scope("task", "old-writes") as scope:
+        openai_client.chat.completions.create(
+            model="gpt-5-mini", messages=[{"role": "user", "content": CATALOGUE}]
+        )
+        openai_client.responses.create(model="gpt-4.1-mini", input="again " + CATALOGUE)
+    assert_matches_ground_truth(scope, sandbox)
+    assert [c.cache_write_tokens for c in scope.all_calls()] == [0, 0]

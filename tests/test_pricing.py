@@ -263,12 +263,41 @@ def test_web_search_calls_carry_their_fee(prices) -> None:
 
 
 def test_a_dimension_without_a_price_is_unknown_not_free(prices) -> None:
-    """The maintained data has no cache-write price for gpt-5-mini: a call that wrote to the
-    cache costs NULL, not the input rate and not $0."""
-    wrote = chat("gpt-5-mini-2025-08-07", 2000, 10, cache_write_tokens=1024)
-    assert cost(prices, wrote) is None
     searched = chat("gpt-4o-search-preview", 100, 10, web_search_calls=1)
     assert cost(prices, searched) is None  # the model has no per-search price in the data
+
+
+def test_cache_writes_cost_the_input_rate_before_gpt_5_6_and_more_after() -> None:
+    """ "Cache writes have no additional fee on models before the GPT-5.6 family. For GPT-5.6
+    models and later model families, cache writes cost 1.25x the uncached input token rate"
+    (https://developers.openai.com/api/docs/guides/prompt-caching, read 2026-12-01).
+    gpt-5-mini: $0.25 input, $2 output per 1M; gpt-5.6-sol from 2026-08-21: $4 input, $5
+    written, $0.40 cached, $20 output (genai-prices 0.2.3)."""
+    prices = Prices.load()
+    wrote = chat("gpt-5-mini-2025-08-07", 2000, 10, cache_write_tokens=1024)
+    assert cost(prices, wrote) == (2000 * Decimal("0.25") + 10 * 2) / M  # no surcharge
+    assert cost(prices, wrote) == cost(prices, chat("gpt-5-mini-2025-08-07", 2000, 10))
+    sol = chat("gpt-5.6-sol", 3000, 100, cached=1000, cache_write_tokens=1536)
+    expected = (464 * 4 + 1536 * 5 + 1000 * Decimal("0.4") + 100 * 20) / M
+    assert cost(prices, sol) == expected
+    assert cost(prices, sol) > cost(prices, chat("gpt-5.6-sol", 3000, 100, cached=1000))
+
+
+def test_a_users_row_without_a_write_price(tmp_path: Path) -> None:
+    """A negotiated row that says nothing of cache writes: on a model without a surcharge the
+    writes are input at the row's rate; on one with a surcharge, or a model nobody knows,
+    their price is unknown and so is the call's."""
+    override = tmp_path / "prices.toml"
+    override.write_text(
+        '[[price]]\nmodel = "gpt-4o"\neffective = 2025-01-01\ninput = "2"\noutput = "8"\n\n'
+        '[[price]]\nmodel = "gpt-5.6-sol"\neffective = 2025-01-01\ninput = "3"\noutput = "15"\n\n'
+        '[[price]]\nmodel = "acme-llm"\neffective = 2025-01-01\ninput = "1"\noutput = "2"\n'
+    )
+    prices = Prices.load(override)
+    assert cost(prices, chat("gpt-4o", 2000, 100, cache_write_tokens=1024)) == Decimal("0.0048")
+    assert cost(prices, chat("gpt-5.6-sol", 2000, 100, cache_write_tokens=1024)) is None
+    assert cost(prices, chat("acme-llm", 2000, 100, cache_write_tokens=1024)) is None
+    assert cost(prices, chat("gpt-5.6-sol", 2000, 100)) == Decimal("0.0075")
 
 
 def test_gpt_image_tokens_and_embeddings(prices) -> None:
