@@ -12,8 +12,9 @@ throwaway PostgreSQL database for the ledger, a Redis broker and one ``celery wo
 ``n`` = 2), promotion scans (JSON-mode ratings, comments, one row per post) and mixed tasks
 (streaming with and without ``include_usage``, Responses API plain and streamed, embeddings,
 gpt-image-1 with ``n`` = 2, reasoning and cached tokens, the async client), while the sandbox
-fails a seeded ~5 % of requests with 429/500 or a lost answer (completed and billed, the
-connection cut before the answer leaves: the SDK and the tasks retry), some callers give up on
+fails a seeded ~5 % of requests with 429/500, a lost answer (completed and billed, the
+connection cut before the answer leaves) or a dropped one (cut before the request is taken,
+billed nothing): the SDK and the tasks retry; some callers give up on
 a slow answer (a client timeout) or stop reading a stream at ``finish_reason``, and a few tasks
 fail half way.
 
@@ -47,6 +48,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
@@ -72,6 +74,7 @@ from models.tables import AgentScannedPost, PipelineRunUsage  # noqa: E402
 from tokenmeter import OpenAICall  # noqa: E402
 from tokenmeter.filewal import FileWriteAheadLog  # noqa: E402
 from tokenmeter.ledger import PendingRollup  # noqa: E402
+from tokenmeter.reporting.audit import TEXT_OPERATIONS  # noqa: E402
 from tokenmeter.sandbox.ground_truth import TOKEN_FIELDS, BilledRequest  # noqa: E402
 from tokenmeter.sandbox.runner import SandboxServers  # noqa: E402
 
@@ -108,6 +111,9 @@ class Reconciliation:
     unanswered: list[str] = field(default_factory=list)
     #: billed, the meter saw no usage (a stream left early): matched by request id, cost NULL
     usage_unknown: list[str] = field(default_factory=list)
+    #: never answered and never billed (the connection broke before the provider took the
+    #: request, or, a stream, cut before its end): the operation of each such billed_unknown row
+    never_reached: list[str] = field(default_factory=list)
     unmetered_usd: Decimal = Decimal(0)  # what those two cost (the ledger has them at NULL)
     rollups: list[str] = field(default_factory=list)  # "table key: column rollup != ledger"
     kept_rollups: list[str] = field(default_factory=list)  # could not apply: never reached
@@ -218,7 +224,10 @@ def reconcile(session: Session, truth_rows: Iterable[BilledRequest]) -> Reconcil
             totals_ledger[name] += getattr(call, name)
         totals_ledger["cost_usd"] += call.cost_usd or Decimal(0)
         if call.request_id not in truth and call.id not in unknown:
-            result.error_rows += call.status != "ok"
+            if call.status == "billed_unknown":
+                result.never_reached.append(call.operation)
+            else:
+                result.error_rows += call.status != "ok"
             if call.status == "ok" or any(getattr(call, n) for n in TOKEN_FIELDS):
                 result.extra.append(f"{call.request_id or f'row {call.id}'} ({call.status})")
             elif call.status == "billed_unknown" and call.cost_usd is not None:
@@ -287,9 +296,10 @@ def report_table(result: Reconciliation) -> Table:
     table.add_row(
         "never answered (cost NULL)",
         f"{len(result.unanswered):,}",
-        f"{len(result.unanswered):,}",
+        f"{len(result.unanswered) + len(result.never_reached):,}",
         "",
     )
+    table.add_row("  of which never billed", "", f"{len(result.never_reached):,}", "")
     table.add_row(
         "stream left early (cost NULL)",
         f"{len(result.usage_unknown):,}",
@@ -432,9 +442,10 @@ class Run:
         self._engine = create_engine(self.db_url, pool_pre_ping=True)
         self.sandbox.start()
         # 429 and 500 answer with an error (billed nothing); "lost" completes and bills the
-        # request, then cuts the connection before the answer leaves
+        # request, then cuts the connection before the answer leaves; "drop" cuts it before
+        # the request is taken (billed nothing, the meter cannot tell it from "lost")
         self.sandbox.openai.faults.set_error_rate(
-            self.args.error_rate, seed=self.args.seed, faults=("429", "500", "lost")
+            self.args.error_rate, seed=self.args.seed, faults=("429", "500", "lost", "drop")
         )
         env = {
             **subprocess_env(),
@@ -672,10 +683,11 @@ class Run:
                 self.events.append(victim_line(session))
             result = reconcile(session, billed.rows())
         if args.audit:
-            self.audit_problems = self.audit_with_unmetered_caller(started_at)
+            never_reached = sum(op in TEXT_OPERATIONS for op in result.never_reached)
+            self.audit_problems = self.audit_with_unmetered_caller(started_at, never_reached)
         return result
 
-    def audit_with_unmetered_caller(self, started_at: float) -> list[str]:
+    def audit_with_unmetered_caller(self, started_at: float, never_reached: int = 0) -> list[str]:
         """Run an unmetered script (same key, its own project), then ``tokenmeter audit``'s
         comparison by the minute against the sandbox's Usage API: it must name exactly the
         script's calls as unmetered, and the ledger's calls of unknown usage as such.  Returns
@@ -733,20 +745,44 @@ class Run:
             problems.append(f"audit: unmetered {dict(found)} != the script's {dict(expected)}")
         provider_requests = sum(c.requests for c in report.provider.values())
         ledger_requests = sum(c.requests for c in report.ledger.values())
-        if provider_requests - ledger_requests != len(script):
+        if provider_requests - ledger_requests != len(script) - never_reached:
             problems.append(
                 f"audit: the provider counts {provider_requests} requests, the ledger "
-                f"{ledger_requests}: the difference is not the script's {len(script)}"
+                f"{ledger_requests}: the difference is not the script's {len(script)} less "
+                f"the {never_reached} calls that never reached the provider"
             )
         unknown = sum(c.usage_unknown for c in report.ledger.values())
         self.events.append(
             f"audit by the minute, {report.compared} buckets, by model, tier, batch and project: "
             f"{provider_requests} chat/Responses requests at the provider, {ledger_requests} in "
-            f"the ledger ({unknown} of unknown usage); the unmetered script's {len(script)} "
+            f"the ledger ({unknown} of unknown usage, {never_reached} of them never billed); "
+            f"the unmetered script's {len(script)} "
             f"calls (same key, {UNMETERED_PROJECT}) found: "
             + ", ".join(f"{k} {v}" for k, v in found.items())
         )
+        if problems:
+            problems.extend(self.booked_in_another_minute())
         return problems
+
+    def booked_in_another_minute(self) -> list[str]:
+        """Requests the provider booked in another minute than the ledger timed them: what
+        a difference by the minute would come from if not from a lost or invented call."""
+        with Session(self.engine) as session:
+            calls = list(session.scalars(select(OpenAICall)))
+        by_id = {c.request_id: c for c in calls if c.request_id}
+        by_client_id = {c.client_request_id: c for c in calls if c.client_request_id}
+        lines = []
+        for row in self.sandbox.ledger.rows():
+            call = by_id.get(row.request_id) or by_client_id.get(row.client_request_id or "")
+            if call is None:
+                continue
+            at = call.created_at if call.created_at.tzinfo else call.created_at.replace(tzinfo=UTC)
+            if int(at.timestamp()) // 60 != row.created // 60:
+                lines.append(
+                    f"audit: {row.request_id} ({row.operation} {row.model}, {call.status}) "
+                    f"booked at {row.created}, in the ledger at {at.timestamp():.3f}"
+                )
+        return lines
 
     def outcomes(self) -> list[str]:
         """Task outcomes, the application's apart from the meter's own test load."""

@@ -5,7 +5,8 @@
 openai SDK (``client.admin.organization.usage``), every page of them, and compares them bucket
 by bucket and group by group with the ledger's chat and Responses calls:
 
-- requests (``num_model_requests``) and input, cached input and output tokens, per bucket and
+- requests (``num_model_requests``) and input, cached input, cache-write
+  (``input_cache_write_tokens``) and output tokens, per bucket and
   per served model, tier, batch and project (``--by model,service_tier,batch,project_id``;
   the ledger knows a call's project when its client named one: ``OpenAI(project=...)`` or
   ``OPENAI_PROJECT_ID``; a call whose client named none went to its key's own project, which
@@ -16,8 +17,9 @@ Only closed buckets are compared: a bucket that ended less than ``settle`` ago (
 data lags) is skipped and said so.  Each difference is named: **unmetered** (the provider saw
 more: calls made outside metered processes), **missing upstream** (the ledger has more),
 **usage unknown** (the ledger's calls billed for an amount the meter could not see: an answer
-never received, a stream left before its usage), **priced differently** (the day's tokens
-agree, its dollars do not).
+never received, a stream left before its usage; or as many requests more in the ledger as it
+has calls never answered, which the provider may never have received), **priced differently**
+(the day's tokens agree, its dollars do not).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from tokenmeter.ledger import AuditRun, OpenAICall
 
 WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
 GROUPS = ("model", "service_tier", "batch", "project_id")
-TOKENS = ("requests", "input_tokens", "cached_input_tokens", "output_tokens")
+TOKENS = ("requests", "input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens")
 #: Operations the Usage API's completions endpoint counts (chat completions and Responses).
 TEXT_OPERATIONS = ("chat", "responses")
 #: Dollars may differ by this much per day before the audit calls it a difference: the Costs
@@ -55,6 +57,7 @@ class Counts:
     requests: int = 0
     input_tokens: int = 0
     cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
     output_tokens: int = 0
     usage_unknown: int = 0  # calls in the group billed for tokens the meter could not see
 
@@ -138,6 +141,7 @@ def provider_usage(
                 counts.requests += r.num_model_requests
                 counts.input_tokens += r.input_tokens
                 counts.cached_input_tokens += r.input_cached_tokens or 0
+                counts.cache_write_tokens += getattr(r, "input_cache_write_tokens", None) or 0
                 counts.output_tokens += r.output_tokens
     return out
 
@@ -192,6 +196,7 @@ def ledger_usage(
         OpenAICall.usage_reported,
         OpenAICall.input_tokens,
         OpenAICall.cached_input_tokens,
+        OpenAICall.cache_write_tokens,
         OpenAICall.output_tokens,
         OpenAICall.cost_usd,
     ).where(
@@ -220,6 +225,7 @@ def ledger_usage(
             return
         counts.input_tokens += row.input_tokens
         counts.cached_input_tokens += row.cached_input_tokens
+        counts.cache_write_tokens += row.cache_write_tokens
         counts.output_tokens += row.output_tokens
 
     for row in session.execute(stmt.execution_options(yield_per=5000)):
@@ -283,6 +289,10 @@ def audit(
             if a == b:
                 continue
             if a > b and name != "requests" and ours.usage_unknown:
+                kind = "usage unknown"
+            elif a < b and name == "requests" and b - a <= ours.usage_unknown:
+                # calls never answered: the connection may have broken before the provider
+                # took them, which the meter cannot tell from a lost answer
                 kind = "usage unknown"
             else:
                 kind = "unmetered" if a > b else "missing upstream"

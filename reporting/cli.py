@@ -640,6 +640,7 @@ MEASURES = {
     "requests": "requests",
     "input_tokens": "input",
     "cached_input_tokens": "cached",
+    "cache_write_tokens": "written",
     "output_tokens": "output",
     "usd": "usd",
 }

@@ -507,6 +507,49 @@ def test_a_timed_out_priority_call_counts_under_the_tier_it_asked_for(
     assert {key[1] for key in report.ledger} == {("gpt-5-mini-2025-08-07", "priority")}
 
 
+def test_a_call_that_never_reached_the_provider_is_usage_unknown_not_missing(
+    metered, openai_client, sandbox, admin
+) -> None:
+    """Found by `make reconcile --faults`: a call whose connection broke before the provider
+    took it is billed-unknown in the ledger (the meter cannot tell) and absent from the
+    provider's books; the ledger's extra request is one of its calls of unknown usage, not a
+    row the provider lost."""
+    import openai
+
+    once = openai_client.with_options(max_retries=0)
+    with usage_scope("audit", "dropped"):
+        _chat(openai_client, 1)
+        with pytest.raises(openai.APIConnectionError):
+            _chat(once, 1, extra_headers={"X-Sandbox-Fault": "drop"})
+    assert len(sandbox.ledger) == 1  # the dropped call billed nothing
+    with session_scope() as session:
+        statuses = sorted(c.status for c in session.query(OpenAICall))
+    assert statuses == ["billed_unknown", "ok"]
+    report = _run(admin)
+    assert [(d.what, d.provider, d.ledger, d.kind) for d in report.differences] == [
+        ("requests", 1, 2, "usage unknown")
+    ]
+    assert not any(auditing.unexplained(report).values())
+
+
+def test_cache_writes_are_compared(metered, openai_client, admin) -> None:
+    """The Usage API's ``input_cache_write_tokens`` against the ledger's: gpt-5.6 writes a long
+    prompt to the cache (and bills the writes apart); a ledger that lost them is named."""
+    prompt = "Catalogue of handmade gifts, one per line: wool foxes, felt owls. " * 80
+    with usage_scope("audit", "writes"):
+        openai_client.chat.completions.create(
+            model="gpt-5.6-sol", messages=[{"role": "user", "content": prompt}]
+        )
+    report = _run(admin)
+    assert report.clean, report.differences
+    (theirs,) = report.provider.values()
+    assert theirs.cache_write_tokens > 1024
+    with session_scope() as session:
+        session.query(OpenAICall).update({"cache_write_tokens": 0})
+    report = _run(admin)
+    assert [(d.what, d.kind) for d in report.differences] == [("cache_write_tokens", "unmetered")]
+
+
 def test_the_provider_failing_is_retried_then_said_in_one_line(
     metered, openai_client, sandbox, monkeypatch
 ) -> None:

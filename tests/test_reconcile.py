@@ -228,3 +228,25 @@ def test_an_unanswered_call_reconciles_as_unknown_and_never_as_zero(
 def _check_all(sandbox: SandboxServers):
     with Session(get_engine()) as s:
         return reconcile(s, sandbox.ledger.rows())
+
+
+def test_a_call_that_never_reached_the_provider_is_counted_apart(
+    sandbox: SandboxServers, metered_run: list[str], openai_client: Any
+) -> None:
+    """The connection broke before the provider took the call (the sandbox's ``drop``): the
+    ledger's billed-unknown row has no bill, and the run says so instead of calling it a
+    failed call (the audit by the minute needs the count to explain the ledger's extra
+    request)."""
+    once = openai_client.with_options(max_retries=0)
+    with usage_scope("task", "dropped"), pytest.raises(openai.APIConnectionError):
+        once.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "anyone?"}],
+            extra_headers={"X-Sandbox-Fault": "drop"},
+        )
+    result = _check_all(sandbox)
+    assert result.ok, (result.missing, result.extra, result.mismatched, result.rollups)
+    assert result.never_reached == ["chat"] and result.error_rows == 0
+    console = Console(record=True, width=120)
+    console.print(report_table(result))
+    assert re.search(r"of which never billed\s*│[\s│]*1\s*│", console.export_text())
