@@ -172,11 +172,8 @@ def _summary_statement(
     return stmt
 
 
-def _daily_statement(group_by: str, filters: tuple[str, ...] = ()) -> Any:
-    """The summary's SELECT over ``tokenmeter_daily_usage`` (whole UTC days ``[:d0, :d1)``)."""
-    cached = _SUMMARY_STATEMENTS.get(("daily", group_by, *filters))
-    if cached is not None:
-        return cached
+def _daily_key(group_by: str) -> Any:
+    """The column of ``tokenmeter_daily_usage`` a summary groups by, as the ledger's reads."""
     d = DailyUsage
     keys: dict[str, Any] = {
         "model": func.nullif(d.model, ""),
@@ -190,7 +187,16 @@ def _daily_statement(group_by: str, filters: tuple[str, ...] = ()) -> Any:
     }
     if group_by not in keys:
         raise ValueError(f"group_by must be one of {sorted(keys)}")
-    key = keys[group_by]
+    return keys[group_by]
+
+
+def _daily_statement(group_by: str, filters: tuple[str, ...] = ()) -> Any:
+    """The summary's SELECT over ``tokenmeter_daily_usage`` (whole UTC days ``[:d0, :d1)``)."""
+    cached = _SUMMARY_STATEMENTS.get(("daily", group_by, *filters))
+    if cached is not None:
+        return cached
+    d = DailyUsage
+    key = _daily_key(group_by)
     stmt = select(
         key.label("key"),
         func.sum(d.calls),
@@ -215,6 +221,22 @@ def _daily_statement(group_by: str, filters: tuple[str, ...] = ()) -> Any:
         stmt = stmt.group_by(key)
     _SUMMARY_STATEMENTS[("daily", group_by, *filters)] = stmt
     return stmt
+
+
+def _daily_cost_by_day(group_by: str) -> Any:
+    """(day, key, priced cost) per whole UTC day of ``[:d0, :d1)`` and group."""
+    d = DailyUsage
+    key = _daily_key(group_by)
+    return (
+        select(d.day, key.label("key"), func.sum(d.cost_usd))
+        .where(
+            d.day >= bindparam("d0", type_=d.day.type),
+            d.day < bindparam("d1", type_=d.day.type),
+            d.calls > 0,
+        )
+        .group_by(d.day, *(() if group_by == "none" else (key,)))
+        .having(func.sum(d.calls) > 0)
+    )
 
 
 #: The summary reads ``tokenmeter_daily_usage`` for the whole UTC days of a window (and the
@@ -302,14 +324,32 @@ def cost_by_day(
     whole days from the daily totals, the partial days at the ends from the ledger."""
     start, end = utc(start), utc(end)
     out: dict[str, dict[str, Decimal]] = {}
-    day = datetime.combine(start.date(), time(), UTC)
-    while day < end:  # each day alone: its rows come from where usage_summary reads them
-        lo, hi = max(day, start), min(day + timedelta(days=1), end)
+    first = datetime.combine(start.date(), time(), UTC)
+    if first < start:
+        first += timedelta(days=1)
+    last = max(first, datetime.combine(end.date(), time(), UTC))
+
+    def partial(lo: datetime, hi: datetime) -> None:
         for row in usage_summary(session, lo, hi, group_by):
             if row.calls:
-                out.setdefault(f"{day:%Y-%m-%d}", {})[row.key] = row.priced_cost_usd
-        day += timedelta(days=1)
-    return out
+                out.setdefault(f"{lo:%Y-%m-%d}", {})[row.key] = row.priced_cost_usd
+
+    if start < min(first, end):  # the hours of the first day, from the ledger
+        partial(start, min(first, end))
+    if USE_DAILY_TOTALS and first < last:  # every whole day in one grouped query
+        params = {"d0": first.date(), "d1": last.date()}
+        for day, key, cost in session.execute(_daily_cost_by_day(group_by), params):
+            label = str(key) if key is not None else "(none)"
+            spent = cost if isinstance(cost, Decimal) else Decimal(cost or 0)
+            out.setdefault(f"{day:%Y-%m-%d}", {})[label] = spent
+    else:
+        day = first
+        while day < last:
+            partial(day, day + timedelta(days=1))
+            day += timedelta(days=1)
+    if first <= last < end:  # the hours of the last day
+        partial(max(last, start), end)
+    return dict(sorted(out.items()))
 
 
 def total_of(rows: list[UsageRow]) -> UsageRow:

@@ -161,6 +161,31 @@ def test_a_summary_through_the_daily_totals_equals_one_over_every_call(
     assert through_daily == _summary(begin, end, group, daily=False, model=model, task=task)
 
 
+@given(
+    start=st.integers(min_value=-2 * 24, max_value=10 * 24),
+    hours=st.integers(min_value=1, max_value=12 * 24),
+    minutes=st.integers(min_value=0, max_value=59),
+    group=st.sampled_from(GROUPS),
+)
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+def test_cost_by_day_is_each_days_summary(
+    ledger, start: int, hours: int, minutes: int, group: str
+) -> None:
+    """The chart's figures (every whole day in one grouped query over the daily totals, the
+    hours at the ends from the ledger) equal a summary of each day on its own."""
+    begin = BASE + timedelta(hours=start, minutes=minutes)
+    end = begin + timedelta(hours=hours)
+    expected: dict[str, dict[str, Decimal]] = {}
+    day = datetime(begin.year, begin.month, begin.day, tzinfo=UTC)
+    while day < end:
+        for row in _summary(max(day, begin), min(day + timedelta(days=1), end), group, False):
+            if row.calls:
+                expected.setdefault(f"{day:%Y-%m-%d}", {})[row.key] = row.priced_cost_usd
+        day += timedelta(days=1)
+    with Session(get_engine()) as session:
+        assert queries.cost_by_day(session, begin, end, group) == expected  # type: ignore[arg-type]
+
+
 def test_concurrent_writers_of_the_same_days_neither_deadlock_nor_lose_a_call(db_url) -> None:
     """Writers as the sink writes: one multi-row statement per transaction, each listing the
     same daily rows in its own order.  The trigger takes the rows' locks sorted, so no writer
