@@ -8,7 +8,8 @@ tasks, scopes, statuses and costs drawn deterministically), ANALYZEs it, then ti
 ``reporting.queries.usage_summary`` for 7- and 30-day windows and each grouping, read through
 the daily totals the database keeps (``tokenmeter_daily_usage``) and, for comparison, from
 every call: median of ``--repeat`` runs, both in one run.  Target (#17): a 30-day summary
-over 10M rows < 150 ms.
+over 10M rows < 150 ms.  Then the dashboard's pages (overview, ranges, groupings, a run's and
+a post's calls) served by the app over the same rows (#18: fast on 10M rows).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--explain", action="store_true", help="print EXPLAIN ANALYZE")
+    parser.add_argument(
+        "--no-pages", dest="pages", action="store_false", help="skip the dashboard's pages"
+    )
     parser.add_argument("--results", type=Path, help="write the Markdown report here")
     parser.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
@@ -99,6 +103,9 @@ def main() -> None:
                         f"{statistics.median(timings[False]):>15.1f}",
                         flush=True,
                     )
+        pages: list[str] = []
+        if args.pages:
+            pages = time_pages(url, args.repeat)
         if args.explain:
             with engine.connect() as conn:
                 plan = conn.execute(
@@ -129,7 +136,62 @@ def main() -> None:
             *table,
         ]
     )
+    if pages:
+        body += "\n".join(
+            [
+                "",
+                "",
+                "The dashboard's pages on the same rows: `GET` through the app in-process "
+                "(FastAPI's TestClient, sign-in off), the HTML built and returned; median ms of "
+                f"{args.repeat} (after one warm-up).",
+                "",
+                "| page | ms | bytes |",
+                "| --- | ---: | ---: |",
+                *pages,
+            ]
+        )
     publish(body, args.results, f"report-queries-{args.rows}")
+
+
+PAGES = (
+    ("overview, last 30 days by model", "/"),
+    ("last 7 days", "/?days=7"),
+    ("30 days by task", "/?group_by=task"),
+    ("30 days by tier", "/?group_by=tier"),
+    ("a date range (60 days)", "/?start_date={d60}&end_date={d0}"),
+    ("a run's calls", "/scopes/pipeline_run/4000"),
+    ("a scanned post's calls", "/scopes/scanned_post/4001"),
+)
+
+
+def time_pages(url: str, repeat: int) -> list[str]:
+    """Median ms of each dashboard page, served by the real app over the seeded ledger."""
+    import os
+
+    from fastapi.testclient import TestClient
+
+    from tokenmeter.reporting.api import create_app
+    from tokenmeter.settings import get_settings
+
+    os.environ["DATABASE_URL"] = url
+    get_settings.cache_clear()
+    today = datetime.now(UTC).date()
+    dates = {"d0": today.isoformat(), "d60": (today - timedelta(days=60)).isoformat()}
+    rows = []
+    with TestClient(create_app(require_auth=False), base_url="http://127.0.0.1") as client:
+        for label, path in PAGES:
+            path = path.format(**dates)
+            client.get(path).raise_for_status()  # warm-up
+            timings = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                response = client.get(path)
+                timings.append((time.perf_counter() - t0) * 1000)
+                response.raise_for_status()
+            ms = statistics.median(timings)
+            print(f"page {label:<34}{ms:>9.1f} ms {len(response.content):>9,} bytes", flush=True)
+            rows.append(f"| {label} (`{path}`) | {ms:.1f} | {len(response.content):,} |")
+    return rows
 
 
 if __name__ == "__main__":

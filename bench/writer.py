@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument(
         "--without-daily-totals",
         action="store_true",
-        help="drop the daily-totals triggers (tm0008) first: what keeping them costs",
+        help="drop the daily-totals triggers (tm0008, tm0009) first: what keeping them costs",
     )
     args = parser.parse_args()
 
@@ -99,7 +99,10 @@ def main() -> None:
             bare = create_engine(db_url)
             with bare.begin() as conn:
                 for event in ("insert", "update", "delete"):
-                    conn.execute(text(f"DROP TRIGGER tokenmeter_daily_{event} ON openai_calls"))
+                    for table in ("daily", "scopes"):
+                        conn.execute(
+                            text(f"DROP TRIGGER tokenmeter_{table}_{event} ON openai_calls")
+                        )
             bare.dispose()
         sink = DatabaseSink(spool=FileSpool(Path(os.environ["TOKENMETER_DATA_DIR"]) / "spool"))
         writer = BackgroundWriter(sink)

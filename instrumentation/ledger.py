@@ -231,3 +231,18 @@ class DailyUsage(LedgerBase):
     priced_calls: Mapped[int] = mapped_column(BigInteger, server_default="0")
     unpriced_calls: Mapped[int] = mapped_column(BigInteger, server_default="0")
     cost_usd: Mapped[Decimal] = mapped_column(Money(), server_default="0")
+
+
+class DailyScope(LedgerBase):
+    """What each scope's calls cost per UTC day (calls and priced cost), kept by triggers on
+    ``openai_calls`` like ``DailyUsage`` (migration tm0009); calls outside any scope are not
+    in it, and ``''`` stands for no ref.  Read-only to code: the dashboard ranks its most
+    expensive runs and posts from it."""
+
+    __tablename__ = "tokenmeter_daily_scopes"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    scope_kind: Mapped[str] = mapped_column(String(64), primary_key=True)
+    scope_ref: Mapped[str] = mapped_column(String(255), primary_key=True, server_default="")
+    calls: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    cost_usd: Mapped[Decimal] = mapped_column(Money(), server_default="0")

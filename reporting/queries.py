@@ -13,10 +13,10 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from sqlalchemy import String, bindparam, case, func, literal_column, select
+from sqlalchemy import String, and_, bindparam, case, func, literal_column, or_, select, union_all
 from sqlalchemy.orm import Session
 
-from tokenmeter.ledger import DailyUsage, OpenAICall
+from tokenmeter.ledger import DailyScope, DailyUsage, OpenAICall
 
 GroupBy = Literal["model", "task", "kind", "day", "status", "tier", "project", "none"]
 GROUPS: dict[str, object] = {
@@ -470,6 +470,24 @@ def top_scopes(
     ]
     if kind:
         where.append(OpenAICall.scope_kind == kind)
+    if USE_DAILY_TOTALS:
+        keys = _top_scope_keys(session, start, end, kind, limit)
+        if keys is not None:  # the window has whole days: only these scopes' calls are read
+            if not keys:
+                return []
+            where.append(
+                or_(
+                    *(
+                        and_(
+                            OpenAICall.scope_kind == k,
+                            OpenAICall.scope_ref == r
+                            if r
+                            else or_(OpenAICall.scope_ref.is_(None), OpenAICall.scope_ref == ""),
+                        )
+                        for k, r in keys
+                    )
+                )
+            )
     stmt = (
         select(
             OpenAICall.scope_kind,
@@ -488,7 +506,7 @@ def top_scopes(
         )
         .where(*where)
         .group_by(OpenAICall.scope_kind, OpenAICall.scope_ref)
-        .order_by(priced.desc(), OpenAICall.scope_kind, OpenAICall.scope_ref)
+        .order_by(priced.desc(), OpenAICall.scope_kind, func.coalesce(OpenAICall.scope_ref, ""))
         .limit(limit)
     )
     return [
@@ -509,6 +527,47 @@ def top_scopes(
         )
         for r in session.execute(stmt)
     ]
+
+
+def _top_scope_keys(
+    session: Session, start: datetime, end: datetime, kind: str | None, limit: int
+) -> list[tuple[str, str]] | None:
+    """The ``limit`` most expensive scopes of ``[start, end)`` ranked as ``top_scopes`` ranks
+    them (priced cost, then kind and ref), read from the daily scope totals for the window's
+    whole UTC days and from the ledger for the hours at its ends; None when the window has no
+    whole day (the ledger alone is as cheap)."""
+    first = datetime.combine(start.date(), time(), UTC)
+    if first < start:
+        first += timedelta(days=1)
+    last = datetime.combine(end.date(), time(), UTC)
+    if first >= last:
+        return None
+    d, c = DailyScope, OpenAICall
+    days = select(d.scope_kind.label("k"), d.scope_ref.label("r"), d.cost_usd.label("usd")).where(
+        d.day >= first.date(), d.day < last.date(), d.calls > 0
+    )
+    edges = select(
+        c.scope_kind.label("k"),
+        func.coalesce(c.scope_ref, "").label("r"),
+        func.coalesce(c.cost_usd, 0).label("usd"),
+    ).where(
+        c.scope_kind.is_not(None),
+        or_(
+            and_(c.created_at >= start, c.created_at < first),
+            and_(c.created_at >= last, c.created_at < end),
+        ),
+    )
+    if kind:
+        days = days.where(d.scope_kind == kind)
+        edges = edges.where(c.scope_kind == kind)
+    both = union_all(days, edges).subquery()
+    ranked = (
+        select(both.c.k, both.c.r)
+        .group_by(both.c.k, both.c.r)
+        .order_by(func.sum(both.c.usd).desc(), both.c.k, both.c.r)
+        .limit(limit)
+    )
+    return [(str(k), str(r)) for k, r in session.execute(ranked)]
 
 
 def scope_calls(session: Session, kind: str, ref: str, limit: int = 1000) -> list[OpenAICall]:

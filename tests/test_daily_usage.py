@@ -19,7 +19,7 @@ from models import session_scope
 from tokenmeter import OpenAICall
 from tokenmeter.context import CallRecord
 from tokenmeter.db import get_engine
-from tokenmeter.ledger import DailyUsage
+from tokenmeter.ledger import DailyScope, DailyUsage
 from tokenmeter.reporting import queries
 from tokenmeter.sink import DatabaseSink, FileSpool, FlushBatch
 
@@ -184,6 +184,48 @@ def test_cost_by_day_is_each_days_summary(
         day += timedelta(days=1)
     with Session(get_engine()) as session:
         assert queries.cost_by_day(session, begin, end, group) == expected  # type: ignore[arg-type]
+
+
+def test_the_daily_scope_totals_equal_the_ledger_after_every_kind_of_write(ledger) -> None:
+    with session_scope() as s:
+        expected: dict[tuple[object, ...], list[object]] = {}
+        for call in s.scalars(select(OpenAICall).where(OpenAICall.scope_kind.is_not(None))):
+            at = call.created_at if call.created_at.tzinfo else call.created_at.replace(tzinfo=UTC)
+            key = (at.astimezone(UTC).date(), call.scope_kind, call.scope_ref or "")
+            t = expected.setdefault(key, [0, Decimal(0)])
+            t[0] += 1  # type: ignore[operator]
+            t[1] += call.cost_usd or 0  # type: ignore[operator]
+        kept = {
+            (d.day, d.scope_kind, d.scope_ref): [d.calls, d.cost_usd]
+            for d in s.scalars(select(DailyScope))
+            if d.calls
+        }
+    assert kept == expected
+    assert len(expected) > 20
+
+
+@given(
+    start=st.integers(min_value=-2 * 24, max_value=10 * 24),
+    hours=st.integers(min_value=1, max_value=12 * 24),
+    minutes=st.integers(min_value=0, max_value=59),
+    kind=st.sampled_from([None, "pipeline_run", "scanned_post", "no-such-kind"]),
+    limit=st.integers(min_value=1, max_value=12),
+)
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+def test_top_scopes_through_the_daily_scope_totals_equal_those_over_every_call(
+    ledger, start: int, hours: int, minutes: int, kind, limit: int
+) -> None:
+    begin = BASE + timedelta(hours=start, minutes=minutes)
+    end = begin + timedelta(hours=hours)
+    found = {}
+    for daily in (True, False):
+        previous, queries.USE_DAILY_TOTALS = queries.USE_DAILY_TOTALS, daily
+        try:
+            with Session(get_engine()) as session:
+                found[daily] = queries.top_scopes(session, begin, end, kind=kind, limit=limit)
+        finally:
+            queries.USE_DAILY_TOTALS = previous
+    assert found[True] == found[False]
 
 
 def test_concurrent_writers_of_the_same_days_neither_deadlock_nor_lose_a_call(db_url) -> None:

@@ -18,6 +18,7 @@ LEDGER_TABLES = {
     "tokenmeter_ledger",
     "tokenmeter_audits",
     "tokenmeter_daily_usage",
+    "tokenmeter_daily_scopes",
 }  # its own
 USAGE_COLUMNS = {"agent_model", "prompt_tokens", "completion_tokens", "total_cost_usd"}
 
