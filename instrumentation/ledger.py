@@ -107,7 +107,9 @@ class OpenAICall(LedgerBase):
     )
     stream: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     service_tier: Mapped[str | None] = mapped_column(
-        String(32), doc="the tier the response says served it (not the one asked for)"
+        String(32),
+        doc="the tier the response says served it (not the one asked for); a call never "
+        "answered has no response: the flex or priority tier it asked for, else NULL",
     )
     batch: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
