@@ -337,24 +337,20 @@ def test_dashboard_renders_in_headless_chromium(served: tuple[str, Any], tmp_pat
         f"--user-data-dir={tmp_path / 'profile'}",
     ]
 
-    def render(path: str) -> str:
-        """Sign in with a one-time link (what `tokenmeter api` prints), then dump ``path``."""
-        once = application.state.sign_in.issue_once()
-        login = subprocess.run(
-            [chromium, *flags, "--dump-dom", f"{url}/login?once={once}"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-        assert "OpenAI usage" in login  # redirected to the overview, signed in
+    def browse(*args: str) -> str:
         return subprocess.run(
-            [chromium, *flags, "--dump-dom", f"{url}{path}"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
+            [chromium, *flags, *args], capture_output=True, text=True, timeout=60, check=True
         ).stdout
+
+    def sign_in() -> None:
+        """With a one-time link (what `tokenmeter api` prints): the profile keeps the cookie."""
+        once = application.state.sign_in.issue_once()
+        login = browse("--dump-dom", f"{url}/login?once={once}")
+        assert "OpenAI usage" in login  # redirected to the overview, signed in
+
+    def render(path: str) -> str:
+        sign_in()
+        return browse("--dump-dom", f"{url}{path}")
 
     overview = render("/")
     assert '<b id="total-cost">$0.080114</b>' in overview
@@ -379,18 +375,7 @@ def test_dashboard_renders_in_headless_chromium(served: tuple[str, Any], tmp_pat
 
     shots = Path(os.environ.get("TOKENMETER_SCREENSHOTS") or tmp_path)
     for name, path in (("dashboard", "/"), ("dashboard-run", f"/scopes/pipeline_run/{run_id}")):
-        once = application.state.sign_in.issue_once()
-        subprocess.run(  # signed in by the same profile's cookie
-            [chromium, *flags, "--dump-dom", f"{url}/login?once={once}"],
-            capture_output=True,
-            timeout=60,
-            check=True,
-        )
+        sign_in()
         shot = shots / f"{name}.png"
-        subprocess.run(
-            [chromium, *flags, "--window-size=1100,1000", f"--screenshot={shot}", f"{url}{path}"],
-            capture_output=True,
-            timeout=60,
-            check=True,
-        )
+        browse("--window-size=1100,1000", f"--screenshot={shot}", f"{url}{path}")
         assert shot.stat().st_size > 5000
