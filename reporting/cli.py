@@ -78,8 +78,6 @@ def prices(
     import json
     from datetime import date
 
-    from rich.table import Table
-
     from tokenmeter import maintained
     from tokenmeter.pricing import prices as active_prices
 
@@ -132,24 +130,55 @@ def prices(
         ]
         print(json.dumps(out, indent=2))
         return
-    title = (
-        f"tokenmeter's price rows{' on ' + at if at else ''} (USD per 1M tokens; images per image)"
-    )
-    table = Table(title=title, caption=f"every other model: {maintained.source()}")
-    for column in ("model", "effective", "tier", "input", "cached", "output", "images"):
-        table.add_column(column)
-    for r in rows:
-        images = ", ".join(f"{k} {v}" for k, v in (r.images or {}).items())
-        cells = (r.input, r.cached_input, r.output)
-        tier_cell = r.service_tier + (" batch" if r.batch else "")
-        table.add_row(
-            r.model,
-            str(r.effective),
-            tier_cell,
-            *(str(x) if x is not None else "" for x in cells),
-            images,
+    console().print(price_rows_view(book, day, maintained.source()))
+
+
+#: A price row's dimensions as the listing names them, with the unit each is priced in.
+PRICE_DIMENSIONS = (
+    ("input", "input", "1M tokens"),
+    ("cached_input", "cached input", "1M tokens"),
+    ("cache_write", "cache write", "1M tokens"),
+    ("image_input", "image input", "1M tokens"),
+    ("input_audio", "audio input", "1M tokens"),
+    ("output", "output", "1M tokens"),
+    ("output_audio", "audio output", "1M tokens"),
+    ("web_search", "web search", "1K calls"),
+    ("file_search", "file search", "1K calls"),
+)
+
+
+def price_rows_view(book: Any, day: Any, fallback: str) -> Any:
+    """The rows in force, a block per row (its model on a line of its own, then one line per
+    price it sets): readable at 80 columns whatever the model's name, no figure cut."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    parts: list[Any] = [
+        Text(
+            f"Price rows in force{' on ' + day.isoformat() if day else ''}, USD; the first layer "
+            f"that knows a model wins; every other model: {fallback}",
+            style="bold",
         )
-    console().print(table)
+    ]
+    for layer in book.tables:
+        for r in layer.rows(day):
+            terms = r.service_tier + (", batch" if r.batch else "")
+            parts.append(Text(""))
+            parts.append(Text(r.model, style="bold cyan", overflow="fold"))
+            parts.append(Text(f"  from {r.effective}, {terms} tier; {layer.source}"))
+            lines = Table.grid(padding=(0, 2))
+            lines.add_column(no_wrap=True)
+            lines.add_column(justify="right", no_wrap=True)
+            lines.add_column(no_wrap=True)
+            for name, label, unit in PRICE_DIMENSIONS:
+                value = getattr(r, name)
+                if value is not None:
+                    lines.add_row(f"    {label}", f"${value}", f"per {unit}")
+            for size, value in (r.images or {}).items():
+                lines.add_row(f"    image {size}", f"${value}", "per image")
+            parts.append(lines)
+    return Group(*parts)
 
 
 def _price_of(model: str, tier: str, batch: bool, day: Any, fmt: str) -> None:

@@ -153,3 +153,33 @@ def test_watch_needs_a_table_and_no_until(ledger) -> None:
         args = ["check-usage", "--watch", "0.01" if not extra else "1", *extra]
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2 and "--watch takes" in result.output, (extra, result.output)
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_the_price_rows_keep_every_name_and_price_whole(tmp_path, monkeypatch, columns) -> None:
+    """Found by trying it: the listing cut a user's fine-tuned model to ``ft:gpt-4o-m…`` and
+    dall-e's sizes to ``standard/10…``, and left out cache-write and tool prices."""
+    from tests.helpers import clear_settings
+
+    name = "ft:gpt-4o-mini-2024-07-18:acme-corporation:support-bot-v2:9AbCdEfG"
+    rows = tmp_path / "prices.toml"
+    rows.write_text(
+        f'[[price]]\nmodel = "{name}"\neffective = 2025-01-01\ninput = "0.30"\n'
+        'cached_input = "0.15"\ncache_write = "0.375"\noutput = "1.20"\nweb_search = "10"\n'
+    )
+    monkeypatch.setenv("TOKENMETER_PRICES_FILE", str(rows))
+    clear_settings()
+    result = CliRunner().invoke(cli, ["prices"], env={"COLUMNS": str(columns)})
+    assert result.exit_code == 0, result.output
+    _check(
+        result.output,
+        columns,
+        [
+            name,
+            f"file:{rows}",
+            "$0.375  per 1M tokens",
+            "$10  per 1K calls",
+            "image standard/1024x1792  $0.080  per image",
+            "genai-prices",
+        ],
+    )
