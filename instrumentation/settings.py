@@ -120,6 +120,13 @@ class TokenmeterSettings(BaseSettings):
         default=None,
         description="Bearer token for the usage API; the API refuses to start without one.",
     )
+    tokenmeter_api_cache_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=3600,
+        description="The usage API answers a summary it computed less than this long ago "
+        "from memory (0: compute every one).",
+    )
     tokenmeter_metrics_port: int | None = None
     #: Export each call as an OpenTelemetry span and metrics in the GenAI semantic
     #: conventions (``otel.py``; needs opentelemetry-api).  Off by default.

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -201,15 +202,15 @@ def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool
 
     auth = [Depends(authorized)]
 
-    @app.get("/api/usage/summary", response_model=SummaryResponse, dependencies=auth)
-    def summary(
-        start_date: str | None = Query(None, description="ISO date/datetime; default: end - 7d"),
-        end_date: str | None = Query(None, description="ISO date/datetime; default: now"),
-        group_by: GroupBy = Query("model"),
-        model: str | None = Query(None, max_length=128, description="only this billed model"),
-        task: str | None = Query(None, max_length=255, description="only this task name"),
-    ) -> Response:
-        """Totals and exact cost per group over a half-open window."""
+    answers = web.AnswerCache(settings.tokenmeter_api_cache_s)
+
+    def summary_body(
+        start_date: str | None,
+        end_date: str | None,
+        group_by: GroupBy,
+        model: str | None,
+        task: str | None,
+    ) -> bytes:
         with reading() as session:
             start, end = window(start_date, end_date)
             rows = queries.usage_summary(session, start, end, group_by, model=model, task=task)
@@ -220,8 +221,26 @@ def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool
                 groups=[UsageGroup.model_validate(r) for r in rows],
                 total=UsageGroup.model_validate(queries.total_of(rows)),
             )
-            # serialised once, here (returned as a model, FastAPI would validate it again)
-            return Response(body.model_dump_json(), media_type="application/json")
+        # serialised once, here (returned as a model, FastAPI would validate it again)
+        return body.model_dump_json().encode()
+
+    @app.get("/api/usage/summary", response_model=SummaryResponse, dependencies=auth)
+    async def summary(
+        start_date: str | None = Query(None, description="ISO date/datetime; default: end - 7d"),
+        end_date: str | None = Query(None, description="ISO date/datetime; default: now"),
+        group_by: GroupBy = Query("model"),
+        model: str | None = Query(None, max_length=128, description="only this billed model"),
+        task: str | None = Query(None, max_length=255, description="only this task name"),
+    ) -> Response:
+        """Totals and exact cost per group over a half-open window.  The same query asked
+        again within ``TOKENMETER_API_CACHE_S`` (1 s) gets the same answer, from memory: its
+        ``start`` and ``end`` say which window it covers."""
+        key = (start_date, end_date, group_by, model, task)
+        body = answers.get(key)
+        if body is None:  # the database is read in the thread pool, never on the event loop
+            body = await run_in_threadpool(summary_body, *key)
+            answers.put(key, body)
+        return Response(body, media_type="application/json")
 
     @app.get("/api/usage/scopes", response_model=ScopesResponse, dependencies=auth)
     def scopes(

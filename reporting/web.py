@@ -194,3 +194,35 @@ def install_log_redaction() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactSecrets) for f in logger.filters):
             logger.addFilter(RedactSecrets())
+
+
+class AnswerCache:
+    """Bodies of recent answers by query, each kept ``ttl_s`` seconds (at most ``size``): what
+    a dashboard, a metrics scraper and a script polling the same summary would otherwise
+    compute again and again.  Used from the event loop only (no lock needed)."""
+
+    def __init__(self, ttl_s: float, size: int = 512) -> None:
+        self.ttl_s = ttl_s
+        self.size = size
+        self._bodies: dict[Any, tuple[float, bytes]] = {}
+
+    def get(self, key: Any) -> bytes | None:
+        if self.ttl_s <= 0:
+            return None
+        kept = self._bodies.get(key)
+        if kept is None:
+            return None
+        if kept[0] <= time.monotonic():
+            del self._bodies[key]
+            return None
+        return kept[1]
+
+    def put(self, key: Any, body: bytes) -> None:
+        if self.ttl_s <= 0:
+            return
+        if len(self._bodies) >= self.size:
+            now = time.monotonic()
+            self._bodies = {k: v for k, v in self._bodies.items() if v[0] > now}
+            if len(self._bodies) >= self.size:
+                self._bodies.pop(next(iter(self._bodies)))
+        self._bodies[key] = (time.monotonic() + self.ttl_s, body)

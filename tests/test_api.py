@@ -257,6 +257,50 @@ def test_scopes_and_calls(client: TestClient) -> None:
     assert client.get("/api/usage/calls", headers=AUTH, params={"page_size": 0}).status_code == 422
 
 
+@pytest.mark.parametrize("ttl", [0.0, 0.4])
+def test_a_repeated_summary_is_answered_from_memory_for_its_ttl_only(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, ttl: float
+) -> None:
+    """TOKENMETER_API_CACHE_S: the same query within it gets the same answer (its window
+    says which); after it, or with 0, a call written since is counted; another query is
+    computed on its own."""
+    import time
+
+    monkeypatch.setenv("TOKENMETER_API_TOKEN", TOKEN)
+    monkeypatch.setenv("TOKENMETER_API_CACHE_S", str(ttl))
+    clear_settings()
+    seed()
+    client = TestClient(create_app())
+
+    def calls(**params: str) -> int:
+        response = client.get("/api/usage/summary", params=params, headers=AUTH)
+        assert response.status_code == 200, response.text
+        return int(response.json()["total"]["calls"])
+
+    before = calls(group_by="model")
+    asked = time.monotonic()
+    with session_scope() as s:
+        s.add(OpenAICall(request_id="req_after", operation="chat", model="gpt-4o-mini"))
+    again = calls(group_by="model")
+    if ttl and time.monotonic() - asked < ttl:
+        assert again == before  # the same answer, from memory
+    else:
+        assert again == before + 1
+    assert calls(group_by="task") == before + 1  # another query: computed
+    time.sleep(ttl + 0.05)
+    assert calls(group_by="model") == before + 1
+
+
+def test_the_answer_cache_is_bounded() -> None:
+    from tokenmeter.reporting.web import AnswerCache
+
+    cache = AnswerCache(60, size=3)
+    for i in range(10):
+        cache.put(i, b"%d" % i)
+    assert [cache.get(i) for i in range(10)] == [None] * 7 + [b"7", b"8", b"9"]
+    assert AnswerCache(0).get("x") is None
+
+
 def test_openapi_fuzzing_finds_no_server_error(sqlite_url: str, monkeypatch) -> None:
     """Every operation of the OpenAPI schema, fuzzed: never a 5xx, only 200/404/422."""
     migrate.upgrade(sqlite_url)
