@@ -5,8 +5,9 @@
 
 Seeds a throwaway SQLite ledger, starts ``tokenmeter api`` (one uvicorn process, as a user
 runs it) and times, in ONE run: requests one at a time (requests/s, p50, p99), then
-``--concurrency`` clients at once (requests/s, p50, p99).  Targets (#17): >= 1,000 requests/s
-one at a time, p99 < 50 ms at concurrency 20.
+``--concurrency`` clients at once (requests/s, p50, p99), for the API with its answer cache,
+without it, and a bare FastAPI app.  Targets (#17): >= 1,000 requests/s one at a time, p99 <
+50 ms at concurrency 20.
 """
 
 from __future__ import annotations
@@ -112,6 +113,46 @@ def concurrent(url: str, n: int, clients: int) -> tuple[float, list[float]]:
     return len(times) / elapsed, times
 
 
+#: A FastAPI app with one sync endpoint that returns at once: what the framework itself costs
+#: a request on this machine, measured next to ours.
+BARE_APP = """
+from fastapi import FastAPI
+app = FastAPI()
+@app.get("/api/usage/summary")
+def summary():
+    return {"groups": []}
+"""
+
+
+def serve(db: str, mode: str, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    env = {**subprocess_env(), "DATABASE_URL": db, "TOKENMETER_API_TOKEN": TOKEN}
+    if mode == "bare":
+        (folder / "bare_app.py").write_text(BARE_APP)
+        command = [sys.executable, "-m", "uvicorn", "bare_app:app", "--app-dir", str(folder)]
+        command += ["--port", str(port), "--log-level", "warning"]
+    else:
+        env["TOKENMETER_API_CACHE_S"] = "0" if mode == "no cache" else "1"
+        command = [sys.executable, "-m", "tokenmeter.reporting.cli", "api", "--port", str(port)]
+    server = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
+    )
+    url = f"http://127.0.0.1:{port}/api/usage/summary"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"}).raise_for_status()
+            return server, url
+        except httpx.HTTPError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.terminate()
+                raise
+            time.sleep(0.1)
+
+
+MODES = ("tokenmeter (cache 1 s)", "no cache", "bare")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=31)
@@ -123,32 +164,23 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="tokenmeter-bench-api-"))
     db = f"sqlite:///{folder / 'ledger.sqlite'}"
     seed(db, args.rows)
-    port = _free_port()
-    env = {**subprocess_env(), "DATABASE_URL": db, "TOKENMETER_API_TOKEN": TOKEN}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tokenmeter.reporting.cli", "api", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}/api/usage/summary"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"}).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.1)
-        sequential(url, args.warmup)
-        rate, times = sequential(url, args.requests)
-        crate, ctimes = concurrent(url, args.requests, args.concurrency)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    table = []
+    for mode in MODES:  # one server at a time: each has the machine to itself
+        server, url = serve(db, mode, folder)
+        try:
+            sequential(url, args.warmup)
+            rate, times = sequential(url, args.requests)
+            crate, ctimes = concurrent(url, args.requests, args.concurrency)
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+        for clients, r, t in ((1, rate, times), (args.concurrency, crate, ctimes)):
+            row = (
+                f"| {mode} | {clients} | {r:,.0f} | {statistics.median(t) * 1000:.2f} | "
+                f"{_percentile(t, 0.99) * 1000:.2f} |"
+            )
+            print(row, flush=True)
+            table.append(row)
     from bench.results import publish
 
     command = (
@@ -159,17 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         [
             "### The usage API under load",
             "",
-            f"`{command}`: `GET /api/usage/summary` on a {args.rows}-row SQLite ledger, one "
-            "`tokenmeter api` process (uvicorn), the load generator on the same machine; one "
-            "run, one mode after the other. Targets: >= 1,000 requests/s one at a time, "
-            "p99 < 50 ms at concurrency 20.",
+            f"`{command}`: `GET /api/usage/summary` (the same query each time, as a dashboard "
+            f"or scraper polls it) on a {args.rows}-row SQLite ledger, one `tokenmeter api` "
+            "process (uvicorn) with its answer cache (the default, 1 s) and without it "
+            "(`TOKENMETER_API_CACHE_S=0`), and a bare FastAPI app whose one endpoint returns "
+            "at once (what the framework costs here); the load generator (httpx) on the same "
+            "2 cores; one run, one server after the other. Targets: >= 1,000 requests/s one "
+            "at a time, p99 < 50 ms at concurrency 20.",
             "",
-            "| clients | requests/s | p50 ms | p99 ms |",
-            "| ---: | ---: | ---: | ---: |",
-            f"| 1 | {rate:,.0f} | {statistics.median(times) * 1000:.2f} | "
-            f"{_percentile(times, 0.99) * 1000:.2f} |",
-            f"| {args.concurrency} | {crate:,.0f} | {statistics.median(ctimes) * 1000:.2f} | "
-            f"{_percentile(ctimes, 0.99) * 1000:.2f} |",
+            "| server | clients | requests/s | p50 ms | p99 ms |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            *table,
         ]
     )
     publish(body, args.results, "api")
