@@ -331,7 +331,7 @@ def run(args: argparse.Namespace, broker: str) -> None:
         profiler.disable()
         tool.off()
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(
-            r"tokenmeter|celery/app/trace|celery/utils/dispatch", 40
+            r"tokenmeter|instrumentation/|celery/app/trace|celery/utils/dispatch", 40
         )
         return
 

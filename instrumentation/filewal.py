@@ -30,6 +30,8 @@ from .sink import DatabaseSink, FlushBatch, call_to_json
 from .wal import WriteAheadLog
 
 logger = logging.getLogger("tokenmeter.wal")
+#: One encoder for every line (``json.dumps`` with options builds a new one each call).
+_line = json.JSONEncoder(separators=(",", ":")).encode
 
 #: A file with no open execution is emptied once it grows past this.
 COMPACT_BYTES = 1 << 20
@@ -84,7 +86,7 @@ class FileWriteAheadLog:
     def _write(self, *entries: dict[str, Any]) -> None:
         """Append ``entries`` in one write(2): in the OS once this returns (it outlives this
         process), with no buffer of Python's in between."""
-        data = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries).encode()
+        data = "".join(_line(e) + "\n" for e in entries).encode()
         with self._lock:
             os.write(self._handle(), data)
 

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -68,13 +68,22 @@ def fit(value: str, limit: int) -> str:
 
 # -- (de)serialisation ------------------------------------------------------------------------
 _CALL_FIELDS = tuple(f.name for f in fields(CallRecord))
+#: Fields with a plain default (not a factory): a call's JSON leaves them out when they hold
+#: it, so the write-ahead line of a call carries what the call has, not forty zeros.
+_DEFAULTS = {f.name: f.default for f in fields(CallRecord) if f.default is not MISSING}
 
 
 def call_to_json(call: CallRecord) -> dict[str, Any]:
-    out = {name: getattr(call, name) for name in _CALL_FIELDS}
-    if out["cost_usd"] is not None:
+    out = {}
+    for name in _CALL_FIELDS:
+        value = getattr(call, name)
+        default = _DEFAULTS.get(name, MISSING)
+        if value is default or (value == default and type(value) is type(default)):
+            continue
+        out[name] = value
+    if out.get("cost_usd") is not None:
         out["cost_usd"] = str(out["cost_usd"])
-    out["created_at"] = out["created_at"].isoformat()
+    out["created_at"] = call.created_at.isoformat()
     return out
 
 

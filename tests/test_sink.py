@@ -844,3 +844,22 @@ def test_an_invalidated_connection_is_a_connectivity_error() -> None:
     assert is_connectivity_error(lost) is True
     kept = sa_exc.DBAPIError("SELECT 1", {}, Exception("bad value"), connection_invalidated=False)
     assert is_connectivity_error(kept) is False
+
+
+def test_a_calls_json_leaves_out_what_holds_its_default_and_round_trips() -> None:
+    """The write-ahead line of a call carries what the call has (it is written per call, on
+    the task's path), and reads back to the same record."""
+    call = CallRecord(
+        operation="chat",
+        requested_model="gpt-4o-mini",
+        input_tokens=12,
+        cost_usd=Decimal("0.0000018"),
+        stream=False,
+        service_tier=None,
+    )
+    out = call_to_json(call)
+    assert set(out) == {"operation", "requested_model", "input_tokens", "cost_usd", "created_at"}
+    assert call_from_json(out) == call
+    zeros = CallRecord(operation="chat", usage_reported=False, cost_usd=Decimal(0))
+    assert call_from_json(call_to_json(zeros)) == zeros
+    assert call_to_json(zeros)["usage_reported"] is False and call_to_json(zeros)["cost_usd"] == "0"
