@@ -266,7 +266,6 @@ def usage_summary(
     given = {"model": model, "task": task}
     filters = tuple(name for name, value in given.items() if value is not None)
     params = {name: given[name] for name in filters}
-    raw = _summary_statement(dialect, group_by, filters)
     first = datetime.combine(start.date(), time(), UTC)
     if first < start:
         first += timedelta(days=1)
@@ -280,6 +279,7 @@ def usage_summary(
             ranges = {"start": start, "end": first, "start2": last, "end2": end}
             results += session.execute(both, {**ranges, **params}).all()
     else:
+        raw = _summary_statement(dialect, group_by, filters)
         results += session.execute(raw, {"start": start, "end": end, **params}).all()
     width = 10 + len(EXTRA_SUMS)  # calls .. unpriced, the extra sums, the priced count
     merged: dict[Any, list[Any]] = {}
