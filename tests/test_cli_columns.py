@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -162,7 +163,8 @@ def test_the_price_rows_keep_every_name_and_price_whole(tmp_path, monkeypatch, c
     from tests.helpers import clear_settings
 
     name = "ft:gpt-4o-mini-2024-07-18:acme-corporation:support-bot-v2:9AbCdEfG"
-    rows = tmp_path / "prices.toml"
+    monkeypatch.chdir(tmp_path)  # a short path: a long one is folded, as it must be
+    rows = Path("prices.toml")
     rows.write_text(
         f'[[price]]\nmodel = "{name}"\neffective = 2025-01-01\ninput = "0.30"\n'
         'cached_input = "0.15"\ncache_write = "0.375"\noutput = "1.20"\nweb_search = "10"\n'
