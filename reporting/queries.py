@@ -239,6 +239,16 @@ def _daily_cost_by_day(group_by: str) -> Any:
     )
 
 
+def whole_days(start: datetime, end: datetime) -> tuple[datetime, datetime]:
+    """(first, last): the first UTC midnight at or after ``start`` and the last at or before
+    ``end`` (UTC moments): ``[first, last)`` are the whole days of the window, when
+    ``first < last``, read from the daily totals; the rest from the ledger."""
+    first = datetime.combine(start.date(), time(), UTC)
+    if first < start:
+        first += timedelta(days=1)
+    return first, datetime.combine(end.date(), time(), UTC)
+
+
 #: The summary reads ``tokenmeter_daily_usage`` for the whole UTC days of a window (and the
 #: ledger for the hours at its ends); False reads only the ledger (tests compare the two).
 USE_DAILY_TOTALS = True
@@ -266,10 +276,7 @@ def usage_summary(
     given = {"model": model, "task": task}
     filters = tuple(name for name, value in given.items() if value is not None)
     params = {name: given[name] for name in filters}
-    first = datetime.combine(start.date(), time(), UTC)
-    if first < start:
-        first += timedelta(days=1)
-    last = datetime.combine(end.date(), time(), UTC)
+    first, last = whole_days(start, end)
     results: list[Any] = []
     if USE_DAILY_TOTALS and first < last:
         daily = _daily_statement(group_by, filters)
@@ -324,10 +331,8 @@ def cost_by_day(
     whole days from the daily totals, the partial days at the ends from the ledger."""
     start, end = utc(start), utc(end)
     out: dict[str, dict[str, Decimal]] = {}
-    first = datetime.combine(start.date(), time(), UTC)
-    if first < start:
-        first += timedelta(days=1)
-    last = max(first, datetime.combine(end.date(), time(), UTC))
+    first, last = whole_days(start, end)
+    last = max(first, last)
 
     def partial(lo: datetime, hi: datetime) -> None:
         for row in usage_summary(session, lo, hi, group_by):
@@ -536,10 +541,7 @@ def _top_scope_keys(
     them (priced cost, then kind and ref), read from the daily scope totals for the window's
     whole UTC days and from the ledger for the hours at its ends; None when the window has no
     whole day (the ledger alone is as cheap)."""
-    first = datetime.combine(start.date(), time(), UTC)
-    if first < start:
-        first += timedelta(days=1)
-    last = datetime.combine(end.date(), time(), UTC)
+    first, last = whole_days(start, end)
     if first >= last:
         return None
     d, c = DailyScope, OpenAICall
