@@ -322,17 +322,16 @@ def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool
     ) -> HTMLResponse:
         if not signed_in(request):
             return HTMLResponse(sign_in_page(), status_code=401)
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         if start_date or end_date:
             start, end = window(start_date, end_date)
             if end - start > timedelta(days=366):
                 raise HTTPException(422, "the dashboard shows at most 366 days")
             days_text = f"{start:%Y-%m-%d} to {end:%Y-%m-%d} (UTC)"
         else:  # whole UTC days, today's included: read from the daily totals alone
-            end = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-            end += timedelta(days=1)
+            end = today + timedelta(days=1)
             start = end - timedelta(days=days)
             days_text = f"last {days} days (UTC, today included)"
-        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         with reading() as session:
             spent = queries.usage_summary(session, today, today + timedelta(days=1), "none")[0]
             return HTMLResponse(
