@@ -43,6 +43,54 @@ MODES = {
 }
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used; 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def _processes() -> list[tuple[int, int, str]]:
+    """(pid, parent pid, command name) of every process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            head, tail = (entry / "stat").read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        found.append((int(entry.name), int(tail.split()[1]), head.split("(", 1)[1]))
+    return found
+
+
+def cpu_by_part(worker_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by the worker (its main process and pool children), by the
+    PostgreSQL server's processes and by Redis: read before and after the timed tasks."""
+    procs = _processes()
+    tree, parts = {worker_pid}, {"worker": 0.0, "postgres": 0.0, "redis": 0.0}
+    for _ in range(3):  # children, then theirs
+        tree |= {pid for pid, ppid, _ in procs if ppid in tree}
+    for pid, _, name in procs:
+        part = (
+            "worker"
+            if pid in tree
+            else "postgres"
+            if name.startswith("postgres")
+            else "redis"
+            if name.startswith("redis-server")
+            else None
+        )
+        if part is not None:
+            parts[part] += _cpu_of(pid)
+    return parts
+
+
 class RowWatch:
     """Notes when each task's first ledger row becomes visible (polling, 10 ms)."""
 
@@ -79,9 +127,13 @@ class RowWatch:
 
 
 def measure(
-    env: dict[str, str], app: Celery, args: argparse.Namespace, db_url: str | None
-) -> tuple[float, list[float]]:
-    """Tasks/second of one worker, and (when ``db_url``) each task's flush latency."""
+    env: dict[str, str], app: Celery, args: argparse.Namespace, db_url: str, metered: bool
+) -> tuple[float, list[float], dict[str, float]]:
+    """Tasks/second of one worker, each task's flush latency (metered), and the CPU
+    milliseconds per task of the worker, PostgreSQL and Redis.
+
+    The ledger is polled in every mode, bare included, so that the poll's own load is the
+    same for all of them."""
     worker = subprocess.Popen(
         [
             sys.executable,
@@ -114,13 +166,24 @@ def measure(
                 raise SystemExit("worker did not start")
         for r in [app.send_task("bench.calls", args=(args.calls,)) for _ in range(10)]:
             r.get(timeout=60)  # warm up: imports, connections, pools
-        watch = RowWatch(db_url) if db_url else None
+        watch = RowWatch(db_url)
+        cpu_before = cpu_by_part(worker.pid)
         started = time.perf_counter()
         results = [app.send_task("bench.calls", args=(args.calls,)) for _ in range(args.tasks)]
         ended = {r.id: r.get(timeout=600) for r in results}
         rate = args.tasks / (time.perf_counter() - started)
+        if metered:  # until every row is in: the writer's work is part of the tasks' cost
+            deadline = time.monotonic() + 30
+            while len(set(ended) & set(watch.seen)) < len(ended) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        cpu = {
+            part: (after - cpu_before[part]) * 1e3 / args.tasks
+            for part, after in cpu_by_part(worker.pid).items()
+        }
         latencies: list[float] = []
-        if watch is not None:
+        if not metered:
+            watch.stop()
+        else:
             deadline = time.monotonic() + 30
             while len(set(ended) & set(watch.seen)) < len(ended) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -129,7 +192,7 @@ def measure(
             if missing:
                 raise SystemExit(f"{len(missing)} tasks have no ledger row after 30 s")
             latencies = [watch.seen[t] - ended[t] for t in ended]
-        return rate, latencies
+        return rate, latencies, cpu
     finally:
         worker.terminate()
         worker.wait(timeout=60)
@@ -175,17 +238,24 @@ def run(args: argparse.Namespace, db_url: str, broker_db: ClaimedDB, backend_db:
     }
     rates: dict[str, list[float]] = {mode: [] for mode in MODES}
     latencies: dict[str, list[float]] = {mode: [] for mode in MODES}
+    cpus: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     try:
         for round_no in range(args.rounds):
             order = list(MODES.items())
             order = order[round_no % len(order) :] + order[: round_no % len(order)]
             for mode, extra in order:
                 metered = "TOKENMETER_DISABLED" not in extra
-                rate, lat = measure({**base_env, **extra}, app, args, db_url if metered else None)
+                rate, lat, cpu = measure({**base_env, **extra}, app, args, db_url, metered)
                 rates[mode].append(rate)
                 latencies[mode].extend(lat)
+                cpus[mode].append(cpu)
                 p99 = f"  p99 flush {_pct(lat, 99) * 1e3:6.0f} ms" if lat else ""
-                print(f"round {round_no + 1}: {mode:<34} {rate:8.1f} tasks/s{p99}", flush=True)
+                used = "  ".join(f"{part} {ms:.2f}" for part, ms in cpu.items())
+                print(
+                    f"round {round_no + 1}: {mode:<34} {rate:8.1f} tasks/s  "
+                    f"CPU ms/task: {used}{p99}",
+                    flush=True,
+                )
     finally:
         sandbox.stop()
         app.close()
@@ -197,7 +267,8 @@ def run(args: argparse.Namespace, db_url: str, broker_db: ClaimedDB, backend_db:
         f"-c {args.concurrency}, sandbox latency {args.latency_ms} ms, "
         f"median of {args.rounds} rounds"
     )
-    print(f"{'mode':<36}{'tasks/s':>10}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}")
+    header = ["tasks/s", "ratio", "p50 ms", "p99 ms", "max ms", "worker", "postgres", "redis"]
+    print(f"{'mode':<36}" + "".join(f"{h:>10}" for h in header))
     rows = []
     for mode in MODES:
         median = statistics.median(rates[mode])
@@ -207,7 +278,13 @@ def run(args: argparse.Namespace, db_url: str, broker_db: ClaimedDB, backend_db:
             if lat
             else ["", "", ""]
         )
-        print(f"{mode:<36}{median:>10.1f}{median / bare:>8.3f}" + "".join(f"{c:>9}" for c in cells))
+        cells += [
+            f"{statistics.median(c[part] for c in cpus[mode]):.2f}"
+            for part in ("worker", "postgres", "redis")
+        ]
+        print(
+            f"{mode:<36}{median:>10.1f}{median / bare:>10.3f}" + "".join(f"{c:>10}" for c in cells)
+        )
         rows.append(f"| {mode} | {median:,.1f} | {median / bare:.3f} | " + " | ".join(cells) + " |")
     if args.results:
         from bench.results import write_section
@@ -224,10 +301,15 @@ def run(args: argparse.Namespace, db_url: str, broker_db: ClaimedDB, backend_db:
                 f"`{command}`: real `celery worker -P {args.pool} -c {args.concurrency}`, Redis "
                 "broker, PostgreSQL ledger; median tasks/s of the rounds, modes interleaved "
                 "(order rotated each round). Flush latency: task's work ended -> its first "
-                "ledger row visible (a 10 ms poll), over every task of the rounds.",
+                "ledger row visible (a 10 ms poll of the ledger, which runs in every mode, bare "
+                "included), over every task of the rounds. CPU: milliseconds of CPU per task "
+                "(user + system, from /proc) of the worker's processes, of PostgreSQL's and of "
+                "Redis', from the first task sent until every task's rows are in; medians of "
+                "the rounds.",
                 "",
-                "| mode | tasks/s | ratio to bare | flush p50 (ms) | p99 (ms) | max (ms) |",
-                "| --- | ---: | ---: | ---: | ---: | ---: |",
+                "| mode | tasks/s | ratio to bare | flush p50 (ms) | p99 (ms) | max (ms) "
+                "| worker CPU (ms/task) | PostgreSQL CPU | Redis CPU |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
                 *rows,
             ]
         )
