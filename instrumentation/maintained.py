@@ -92,12 +92,10 @@ def quote(call: CallRecord, model: str, tier: str, batch: bool) -> Quote | None:
     """The maintained price of ``call`` as ``model``; None when the data has no such model."""
     from genai_prices import Usage
 
-    created = call.created_at
-    at = created.astimezone(UTC) if created.tzinfo else created.replace(tzinfo=UTC)
-    terms = _terms(model, tier, batch, at)
-    if terms is None:
+    found = terms(model, tier, batch, call.created_at)
+    if found is None:
         return None
-    model_id, version, prices, reason, rates = terms
+    model_id, version, prices, reason, rates = found
     if prices is None:
         return Quote(None, model_id, version, reason)
     if not call.usage_reported:  # the usage is unknown, not the price
@@ -159,11 +157,28 @@ def writes_surcharged(model: str) -> bool:
     return any(getattr(p, "cache_write_mtok", None) is not None for p in prices)
 
 
-_Rates = tuple[Decimal, Decimal, Decimal, Decimal]
+Rates = tuple[Decimal, Decimal, Decimal, Decimal]
+_Rates = Rates
 #: (model id, version, its prices or None, why they are None, their linear rates) of a model
 #: on a tier that day
 _Terms = tuple[str, str, Any, str | None, "_Rates | None"]
 _terms_by_day: dict[tuple[str, str, bool, date], _Terms | None] = {}
+
+
+def terms(model: str, tier: str, batch: bool, created: datetime) -> _Terms | None:
+    """What prices ``model`` for a call made at ``created`` (a naive moment is UTC): (model
+    id, row version, its prices or None, why they are None, their linear rates or None);
+    None when the data has no such model."""
+    at = created.astimezone(UTC) if created.tzinfo else created.replace(tzinfo=UTC)
+    return _terms(model, tier, batch, at)
+
+
+@lru_cache(maxsize=4096)  # pragma: no mutate  (a cache only: the same answer without it)
+def daily(model: str) -> bool:
+    """Do the prices of ``model`` change only at the start of a UTC day (or is it not in the
+    data at all)?  Then what prices it on a day holds for the whole day."""
+    found = _find(model)
+    return found is None or _daily(found[1])
 
 
 def _terms(model: str, tier: str, batch: bool, at: datetime) -> _Terms | None:

@@ -184,6 +184,18 @@ class Price:
     version: str | None = None  # the row: "gpt-5-mini@listed flex", "dall-e-3@2023-11-06"
 
 
+#: What prices a plain call: (source, row version, its linear rates).
+_PlainTerms = tuple[str, str, "maintained.Rates"]
+#: Billing dimensions a plain call does not use.
+_NOT_PLAIN = (
+    "cache_write_tokens",
+    "input_image_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+    "web_search_calls",
+    "file_search_calls",
+    "image_count",
+)
 UNKNOWN = Price(None)
 UNANSWERED = frozenset({"billed_unknown"})
 NOTHING = Price(Decimal(0))  # a failed or refused request bills nothing
@@ -196,6 +208,9 @@ class Prices:
         self.user, self.builtin = user, builtin
         self._warned: set[str] = set()
         self._lock = threading.Lock()
+        #: (response model, requested model, tier, batch, UTC day) of a plain call -> what
+        #: prices it that day as a linear function, or None where only the full path can
+        self._plain: dict[tuple[object, ...], _PlainTerms | None] = {}
 
     @classmethod
     def load(cls, override: Path | None = None) -> Prices:
@@ -213,6 +228,9 @@ class Prices:
             return UNKNOWN  # sent, never answered: what the provider billed is unknown
         if call.status in ("error", "blocked") and not (call.input_tokens or call.output_tokens):
             return NOTHING
+        plain = self._plain_cost(call)
+        if plain is not None:
+            return plain
         tier = served_tier(call.service_tier)
         names = [n for n in dict.fromkeys((call.model, call.requested_model)) if n]
         at = _moment(call.created_at)
@@ -223,15 +241,78 @@ class Prices:
         self.warn_unknown(call.model, "no price for this model")
         return UNKNOWN
 
-    def _resolve(self, call: CallRecord, name: str, at: datetime, tier: str) -> Price | None:
-        """The price of ``call`` as model ``name``; None when no layer knows the name."""
+    def _plain_cost(self, call: CallRecord) -> Price | None:
+        """The cost of a plain call (answered, billed in input, cached input and output tokens
+        only, as most are) from terms kept per model, tier and day; None: the full path.
+
+        The terms are the maintained data's own linear rates for that day (the same numbers
+        ``maintained.quote`` computes with), found once by the same layer order as
+        :meth:`_resolve`; a model a TOML layer prices, or whose prices are not linear or may
+        change within a day, always takes the full path.
+        """
+        if call.status != "ok" or not call.usage_reported or call.operation == "image":
+            return None
+        for name in _NOT_PLAIN:
+            if getattr(call, name):
+                return None
+        created = call.created_at
+        if created.tzinfo is not UTC:
+            return None
+        key = (
+            call.response_model,
+            call.requested_model,
+            call.service_tier,
+            call.batch,
+            created.date(),
+        )
+        try:
+            terms = self._plain[key]
+        except KeyError:
+            terms = self._plain_terms(call)
+            if len(self._plain) < 65536:  # pragma: no mutate  (a bound on the cache only)
+                self._plain[key] = terms
+        if terms is None:
+            return None
+        source, version, (base, per_input, per_cached, per_output) = terms
+        cached = min(call.cached_input_tokens, call.input_tokens)
+        cost = base + per_input * call.input_tokens + per_cached * cached
+        return Price(_exact(cost + per_output * call.output_tokens), source, version)
+
+    def _plain_terms(self, call: CallRecord) -> _PlainTerms | None:
+        tier = served_tier(call.service_tier)
+        for name in dict.fromkeys((call.model, call.requested_model)):
+            if not name:
+                continue
+            if self._table_layer(name) is not None or not maintained.daily(name):
+                return None
+            terms = maintained.terms(name, tier, call.batch, call.created_at)
+            if terms is None:  # not in the data: the family in a TOML layer, or the next name
+                if self.builtin.family(name) is not None:
+                    return None
+                continue
+            _, version, found, _, rates = terms
+            if found is None or rates is None:
+                return None
+            return maintained.source(), version, rates
+        return None
+
+    def _table_layer(self, name: str) -> tuple[PriceTable, str] | None:
+        """The TOML layer that prices ``name`` first (the user's rows always win: the exact
+        name, then its family; then tokenmeter's own table), or None."""
         layers: list[tuple[PriceTable, str | None]] = []
-        if self.user is not None:  # the user's rows always win: exact name, then family
+        if self.user is not None:
             layers += [(self.user, name), (self.user, self.user.family(name))]
         layers.append((self.builtin, name))
         for table, model in layers:
             if model and table.knows(model):
-                return self._from_row(call, table, model, at, tier)
+                return table, model
+        return None
+
+    def _resolve(self, call: CallRecord, name: str, at: datetime, tier: str) -> Price | None:
+        """The price of ``call`` as model ``name``; None when no layer knows the name."""
+        layer = self._table_layer(name)
+        if layer is not None:
+            return self._from_row(call, layer[0], layer[1], at, tier)
         quote = maintained.quote(call, name, tier, call.batch)
         if quote is not None:
             if quote.cost is None:
@@ -362,12 +443,22 @@ def _prices_for(override: str | None) -> Prices:
     return Prices.load(Path(override) if override else None)
 
 
+_last: tuple[object, Prices] | None = None
+
+
 def prices() -> Prices:
     """The process's prices: the user's file, tokenmeter's table, the maintained data."""
+    global _last
     from .settings import get_settings
 
-    override = get_settings().tokenmeter_prices_file
-    return _prices_for(str(override) if override else None)
+    settings = get_settings()
+    last = _last
+    if last is not None and last[0] is settings:  # the same settings: the same file
+        return last[1]
+    override = settings.tokenmeter_prices_file
+    found = _prices_for(str(override) if override else None)
+    _last = (settings, found)
+    return found
 
 
 def cost_of(call: CallRecord) -> Price:

@@ -733,3 +733,79 @@ def test_a_plain_call_is_priced_without_calc_price(prices, monkeypatch) -> None:
             "default",
             False,
         )
+
+
+def _full_path(prices: Prices, call: CallRecord) -> Price:
+    """What the layers say without the plain-call terms kept per day."""
+    keep, prices._plain_cost = prices._plain_cost, lambda _call: None  # type: ignore[method-assign]
+    try:
+        return prices.cost_of(call)
+    finally:
+        prices._plain_cost = keep  # type: ignore[method-assign]
+
+
+def test_a_plain_call_priced_from_the_day_s_terms_is_priced_as_the_layers_say(
+    tmp_path: Path,
+) -> None:
+    """Every OpenAI model of the data, asked for by its id and answered as its snapshot or not
+    at all, on every tier and batch, on days with different rows, with a user's file that
+    prices some of them: the same Price (cost, source, row) as the full path, call by call,
+    and a second call of the same model and day is served from the kept terms."""
+    import random
+
+    rng = random.Random(11)
+    own = tmp_path / "prices.toml"
+    own.write_text(
+        '[[price]]\nmodel = "gpt-4o"\neffective = 2024-01-01\ninput = 1\noutput = 2\n'
+        '[[price]]\nmodel = "my-model"\neffective = 2024-01-01\ninput = 3\noutput = 4\n'
+    )
+    models = [*maintained.openai_models(), "gpt-4o-2024-08-06", "my-model-2025-01-01", "nope"]
+    days = [datetime(2024, 6, 1, 9, tzinfo=UTC), datetime(2025, 7, 1, 23, 59, tzinfo=UTC), NOW]
+    checked = kept = 0
+    for table in (Prices.load(), Prices.load(own)):
+        for model in models:
+            for at in days:
+                tier = rng.choice([None, "default", "auto", "flex", "priority", "scale"])
+                batch = rng.random() < 0.2
+                for answered_as in (model, None):
+                    n_in = rng.choice([0, 1, 999, 300_000])
+                    call = chat(
+                        answered_as,
+                        n_in,
+                        rng.choice([0, 5, 70_000]),
+                        cached=rng.choice([rng.randint(0, n_in), n_in + 5]),  # (more: clamped)
+                        at=at,
+                        requested_model=model,
+                        service_tier=tier,
+                        batch=batch,
+                    )
+                    got = table.cost_of(call)
+                    assert got == _full_path(table, call), (model, at, tier, batch)
+                    checked += 1
+                    kept += (
+                        table._plain.get((answered_as, model, tier, batch, at.date())) is not None
+                    )
+    assert checked > 400 and kept > 100
+
+
+def test_only_plain_answered_calls_of_a_day_stable_price_use_the_day_s_terms(
+    prices, monkeypatch
+) -> None:
+    plain = chat("gpt-5-mini-2025-08-07", 1_000, 100, cached=200)
+    assert prices.cost_of(plain) == _full_path(prices, plain)
+    assert prices._plain  # kept
+    not_plain = [
+        chat("gpt-5-mini-2025-08-07", 1_000, 100, web_search_calls=1),
+        chat("gpt-4o-audio-preview", 1_000, 100, input_audio_tokens=10),
+        chat("gpt-5-mini-2025-08-07", 1_000, 100, usage_reported=False),
+        chat("gpt-5-mini-2025-08-07", 1_000, 100, status="error"),
+        chat("gpt-5-mini-2025-08-07", 1_000, 100, at=datetime(2026, 12, 1, 12)),  # naive
+    ]
+    for call in not_plain:
+        assert prices._plain_cost(call) is None
+        assert prices.cost_of(call) == _full_path(prices, call)
+    # a model whose price may change within a day is looked up for every call
+    monkeypatch.setattr(maintained, "daily", lambda _model: False)
+    prices._plain.clear()
+    assert prices._plain_cost(plain) is None
+    assert prices.cost_of(plain).cost is not None
