@@ -86,6 +86,9 @@ class PendingCall:
     batch: bool = False  # a line of a Batch API output file
     project: str | None = None  # the OpenAI project the client named
     api_key_hint: str | None = None  # key_hint() of the client's key
+    #: False when the request is known to carry no X-Client-Request-Id of the caller's (the
+    #: attempt then sets one without looking: a miss in httpx's headers costs an exception)
+    may_carry_id: bool = True
 
     @property
     def client_request_id(self) -> str | None:
@@ -96,7 +99,7 @@ class PendingCall:
     def start_attempt(self, request: Any) -> Attempt:
         """Tag an outgoing request with its own client request id (unless the caller set one)."""
         headers = request.headers
-        given = headers.get(CLIENT_REQUEST_ID)
+        given = headers.get(CLIENT_REQUEST_ID) if self.may_carry_id else None
         if given is None:
             given = new_client_request_id()
             headers[CLIENT_REQUEST_ID] = given
@@ -192,6 +195,22 @@ class PendingCall:
         """The call raised ``exc`` to the caller: record what it billed, or may have."""
         if not self.settle_unanswered(exc):
             self.error(exc)
+
+
+_LOWER_ID = CLIENT_REQUEST_ID.lower()
+
+
+def names_request_id(*header_sets: object) -> bool:
+    """May any of these header mappings (the call's extra headers, the client's own) set an
+    X-Client-Request-Id?  True when one does, or is not a mapping we can read."""
+    for headers in header_sets:
+        if not headers:
+            continue
+        if not isinstance(headers, dict):
+            return True
+        if any(isinstance(k, str) and k.lower() == _LOWER_ID for k in headers):
+            return True
+    return False
 
 
 def key_hint(key: object) -> str | None:

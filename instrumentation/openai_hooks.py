@@ -47,7 +47,7 @@ except ImportError as _exc:  # pragma: no cover - an SDK whose layout changed
     _IMPORT_PROBLEM = str(_exc)
 
 from . import batches
-from .capture import PendingCall, get, key_hint, record_parsed, safe, tracked
+from .capture import PendingCall, get, key_hint, names_request_id, record_parsed, safe, tracked
 from .context import before_call, current_scope, is_interrupt
 from .settings import get_settings
 from .streams import WATCHED, watch_async, watch_async_response, watch_response, watch_sync
@@ -112,6 +112,11 @@ def _begin(options: Any, client: Any = None) -> tuple[PendingCall | None, Any]:
         headers = options.headers if isinstance(options.headers, dict) else {}
         pending.project = headers.get("OpenAI-Project") or getattr(client, "project", None)
         pending.api_key_hint = key_hint(getattr(client, "api_key", None))
+        # the SDK keeps a client's own default headers in _custom_headers; without it (another
+        # SDK), every attempt looks for the caller's id in the request itself
+        pending.may_carry_id = names_request_id(
+            options.headers, getattr(client, "_custom_headers", {"?": None})
+        )
     except Exception as exc:
         if is_interrupt(exc):
             raise

@@ -801,8 +801,14 @@ def test_only_plain_answered_calls_of_a_day_stable_price_use_the_day_s_terms(
         chat("gpt-5-mini-2025-08-07", 1_000, 100, status="error"),
         chat("gpt-5-mini-2025-08-07", 1_000, 100, at=datetime(2026, 12, 1, 12)),  # naive
     ]
+    from tokenmeter.context import SUMMED_FIELDS
+
+    plain_parts = {"input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens"}
+    for name in sorted(set(SUMMED_FIELDS) - plain_parts):  # (reasoning is billed as output)
+        not_plain.append(chat("gpt-5-mini-2025-08-07", 1_000, 100, **{name: 1}))
+    not_plain.append(CallRecord("image", "gpt-image-1", input_tokens=10, output_tokens=10))
     for call in not_plain:
-        assert prices._plain_cost(call) is None
+        assert prices._plain_cost(call) is None, call
         assert prices.cost_of(call) == _full_path(prices, call)
     # a model whose price may change within a day is looked up for every call
     monkeypatch.setattr(maintained, "daily", lambda _model: False)

@@ -103,6 +103,22 @@ def test_the_callers_own_client_request_id_is_kept(openai_client, sandbox) -> No
     assert sandbox.ledger.get(answer._request_id).client_request_id == "order-77"
 
 
+def test_a_client_s_own_default_request_id_and_any_spelling_are_kept(sandbox) -> None:
+    own = OpenAI(
+        base_url=sandbox.openai_base_url,
+        api_key="sk",
+        default_headers={"x-client-request-id": "client-wide-1"},
+    )
+    with usage_scope("task", "own-ids") as scope:
+        first = own.chat.completions.create(model="gpt-4o-mini", messages=HI)
+        second = own.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, extra_headers={"X-CLIENT-REQUEST-ID": "call-2"}
+        )
+    assert [c.client_request_id for c in scope.all_calls()] == ["client-wide-1", "call-2"]
+    assert sandbox.ledger.get(first._request_id).client_request_id == "client-wide-1"
+    assert sandbox.ledger.get(second._request_id).client_request_id == "call-2"
+
+
 async def test_async_timeout_is_billed_unknown(sandbox) -> None:
     client = AsyncOpenAI(base_url=sandbox.openai_base_url, api_key="sk", max_retries=0, timeout=0.3)
     async with usage_scope("task", "async-timeout") as scope:
