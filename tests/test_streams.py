@@ -209,3 +209,47 @@ async def test_async_streaming_response_read_as_lines_and_bytes(
     for call in (streamed, plain):
         assert_exact(call, sandbox)
     assert not any('"usage":{' in line for line in lines) and json.loads(body)["usage"]
+
+
+def _freed_without_the_collector(refs_of) -> list[bool]:
+    """Are the objects ``refs_of()`` made (and returned weak references to) freed as soon as
+    the caller drops them, with the cyclic collector off?"""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        return [ref() is None for ref in refs_of()]
+    finally:
+        gc.enable()
+
+
+def test_a_stream_read_to_its_end_is_freed_when_the_caller_drops_it(openai_client, sandbox) -> None:
+    """Watching a stream adds no reference cycle: read to its end (as the SDK frees it
+    unwatched), it goes with the caller's last reference, not at the next collection."""
+    import weakref
+
+    def refs():
+        stream = openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, stream=True
+        )
+        list(stream)
+        return [weakref.ref(stream), weakref.ref(stream.response)]
+
+    with usage_scope("task", "freed") as scope:
+        freed = _freed_without_the_collector(refs)
+    [call] = scope.all_calls()
+    assert_exact(call, sandbox)
+    assert freed == [True, True]
+
+
+async def test_closing_a_watched_async_stream_closes_its_response(
+    async_openai_client: AsyncOpenAI,
+) -> None:
+    async with usage_scope("task", "closed-async") as scope:
+        stream = await async_openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, stream=True
+        )
+        await stream.close()
+        assert stream.response.is_closed
+    assert [c.status for c in scope.all_calls()] == ["incomplete"]
