@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
+from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -253,26 +254,43 @@ _COPY_COLUMNS = [c for c in _LEDGER.columns if c.name != "id"]
 _STAGE = "tokenmeter_stage_calls"
 
 
-_copy_plans: dict[str, list[tuple[str, Any]]] = {}
+@dataclass(frozen=True)
+class _CopyPlan:
+    """How a call becomes a COPY row, built once per dialect: every column read in one
+    ``attrgetter`` call, then only the columns that need it fitted or processed."""
+
+    values: Callable[[CallRecord], tuple[Any, ...]]
+    limits: tuple[tuple[int, int], ...]  # (position, length) of each bounded text column
+    processors: tuple[tuple[int, Callable[[Any], Any]], ...]  # (position, bind processor)
 
 
-def _copy_plan(dialect: Any) -> list[tuple[str, Any]]:
-    """Per column of the COPY: (name, bind processor), built once per dialect."""
+_copy_plans: dict[str, _CopyPlan] = {}
+
+
+def _copy_plan(dialect: Any) -> _CopyPlan:
     plan = _copy_plans.get(dialect.name)
     if plan is None:
-        plan = [
-            (c.name, c.type.dialect_impl(dialect).bind_processor(dialect)) for c in _COPY_COLUMNS
-        ]
+        names = [c.name for c in _COPY_COLUMNS]
+        processors = [c.type.dialect_impl(dialect).bind_processor(dialect) for c in _COPY_COLUMNS]
+        plan = _CopyPlan(
+            values=attrgetter(*names),
+            limits=tuple((i, _TEXT_LIMITS[n]) for i, n in enumerate(names) if n in _TEXT_LIMITS),
+            processors=tuple((i, p) for i, p in enumerate(processors) if p is not None),
+        )
         _copy_plans[dialect.name] = plan
     return plan
 
 
-def _copy_row(call: CallRecord, plan: list[tuple[str, Any]]) -> list[Any]:
-    """The ledger row of ``call`` in COPY column order, through each column's processor."""
-    row = []
-    for name, process in plan:
-        value = _column_value(call, name)
-        row.append(value if process is None else process(value))
+def _copy_row(call: CallRecord, plan: _CopyPlan) -> list[Any]:
+    """The ledger row of ``call`` in COPY column order (labels fitted, values processed):
+    what ``_column_value`` gives for each column, without a lookup per column."""
+    row = list(plan.values(call))
+    for i, limit in plan.limits:
+        value = row[i]
+        if isinstance(value, str) and len(value) > limit:
+            row[i] = fit(value, limit)
+    for i, process in plan.processors:
+        row[i] = process(row[i])
     return row
 
 

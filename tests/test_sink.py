@@ -590,6 +590,51 @@ def test_a_label_that_fits_is_kept_whole_and_a_longer_one_fits_exactly() -> None
     assert len(_column_value(over, "requested_model")) == 128
 
 
+def test_a_copy_row_is_each_column_s_value_fitted_and_processed() -> None:
+    """The COPY row (one attrgetter, then the bounded and processed columns) is exactly what
+    the column-by-column path gives: every column, long labels fitted, booleans, money."""
+    from sqlalchemy.dialects import postgresql
+
+    from tokenmeter.sink import _COPY_COLUMNS, _column_value, _copy_plan, _copy_row
+
+    dialect = postgresql.psycopg.dialect()  # type: ignore[attr-defined]
+    plan = _copy_plan(dialect)
+    long = "é" * 600
+    calls = [
+        chat(10, 2, "0.000003", "req-1", execution_id="e" * 32, seq=3, stream=True),
+        CallRecord(
+            operation=long,
+            requested_model=long,
+            response_model=None,
+            request_id=long,
+            client_request_id=long,
+            task_id=long,
+            task_name=long,
+            scope_kind=long,
+            scope_ref=long,
+            hostname=long,
+            project=long,
+            api_key_hint=long,
+            service_tier=long,
+            image_size=long,
+            image_quality=long,
+            status=long,
+            error_type=long,
+            execution_id=long,
+            usage_reported=False,
+            batch=True,
+        ),
+    ]
+    for call in calls:
+        expected = []
+        for column in _COPY_COLUMNS:
+            process = column.type.dialect_impl(dialect).bind_processor(dialect)
+            value = _column_value(call, column.name)
+            expected.append(value if process is None else process(value))
+        assert _copy_row(call, plan) == expected
+    assert len(_copy_row(calls[1], plan)[[c.name for c in _COPY_COLUMNS].index("model")]) == 128
+
+
 def test_every_statement_of_a_flush_is_bounded_by_database_timeout(
     db_url: str, tmp_path, monkeypatch
 ) -> None:
