@@ -9,7 +9,7 @@ RECONCILE_ARGS ?=
 export TOKENMETER_DATA_DIR ?= $(CURDIR)/var
 
 .DEFAULT_GOAL := help
-.PHONY: help setup chromium demo test lint migrate check-usage bench reconcile compat compat-lowest mutation worker beat api sandbox clean
+.PHONY: help setup chromium wrk demo test lint migrate check-usage bench reconcile compat compat-lowest mutation worker beat api sandbox clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,6 +44,16 @@ chromium: ## Install Debian's chromium for the dashboard test when it is missing
 	    exit 2; \
 	  fi; }
 
+wrk: ## Install Debian's wrk for bench/api.py when it is missing (as root; else its rows are skipped)
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's wrk (bench/api.py's C load generator)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends wrk >/dev/null; \
+	  else \
+	    echo "bench/api.py measures with wrk too: 'sudo apt-get install wrk' (its rows are skipped)" >&2; \
+	  fi; }
+
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -55,7 +65,7 @@ migrate: setup ## Create/upgrade the demo app's database (tokenmeter's ledger + 
 check-usage: setup ## Usage of the last 7 days by model (ARGS="--by task --since 30d")
 	$(VENV)/bin/tokenmeter check-usage $(ARGS)
 
-bench: setup ## Per task and call vs OpenTelemetry, peers, throughput, writer, API, reports -> bench/RESULTS.md
+bench: setup wrk ## Per task and call vs OpenTelemetry, peers, throughput, writer, API, reports -> bench/RESULTS.md
 	$(PY) -m pip install --quiet -e ".[dev,bench]" --config-settings editable_mode=strict
 	$(PY) bench/per_task.py --results bench/RESULTS.md
 	$(PY) bench/peers.py --results bench/RESULTS.md

@@ -34,3 +34,31 @@ def test_a_killed_runs_redis_claim_is_abandoned_a_live_or_foreign_one_is_not() -
     assert not _abandoned(f"{host}:{os.getpid()}:abc")  # this very run
     assert not _abandoned(f"another-host:{dead_pid()}:abc")  # not ours to judge
     assert not _abandoned(None) and not _abandoned(b"garbage")
+
+
+WRK = """Running 5s test @ http://127.0.0.1:40111/api/usage/summary
+  1 threads and 20 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     4.74ms    5.16ms  99.41ms   97.29%
+    Req/Sec     4.86k   436.88     5.19k    90.00%
+  Latency Distribution
+     50%  812.00us
+     75%    3.93ms
+     90%    4.15ms
+     99%    1.02s
+  24182 requests in 5.00s, 8.83MB read
+Requests/sec:   4836.28
+Transfer/sec:      1.77MB
+"""
+
+
+def test_a_wrk_report_is_read_in_seconds_and_a_failed_run_is_refused() -> None:
+    import pytest
+
+    from bench.api import parse_wrk
+
+    assert parse_wrk(WRK) == (4836.28, 812e-6, 1.02)
+    with pytest.raises(SystemExit, match="failed requests"):
+        parse_wrk(WRK.replace("Requests/sec", "  Non-2xx or 3xx responses: 3\nRequests/sec"))
+    with pytest.raises(SystemExit, match="not a wrk"):
+        parse_wrk("Running 5s test\n")
