@@ -236,10 +236,8 @@ def create_app(settings: TokenmeterSettings | None = None, *, require_auth: bool
         again within ``TOKENMETER_API_CACHE_S`` (1 s) gets the same answer, from memory: its
         ``start`` and ``end`` say which window it covers."""
         key = (start_date, end_date, group_by, model, task)
-        body = answers.get(key)
-        if body is None:  # the database is read in the thread pool, never on the event loop
-            body = await run_in_threadpool(summary_body, *key)
-            answers.put(key, body)
+        # the database is read in the thread pool, never on the event loop
+        body = await answers.answer(key, lambda: run_in_threadpool(summary_body, *key))
         return Response(body, media_type="application/json")
 
     @app.get("/api/usage/scopes", response_model=ScopesResponse, dependencies=auth)

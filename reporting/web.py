@@ -16,6 +16,8 @@ that never carries a secret.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -205,6 +207,30 @@ class AnswerCache:
         self.ttl_s = ttl_s
         self.size = size
         self._bodies: dict[Any, tuple[float, bytes]] = {}
+        self._flights: dict[Any, asyncio.Future[bytes]] = {}
+
+    async def answer(self, key: Any, compute: Callable[[], Awaitable[bytes]]) -> bytes:
+        """The kept body of ``key``, else ``compute()``'s, computed once however many ask at
+        the same moment (when the answer expires under load, the requests that arrive while
+        it is recomputed wait for that one computation instead of each starting their own).
+        A failure reaches every waiter and is not kept.  With the cache off (ttl 0), every
+        request computes its own."""
+        body = self.get(key)
+        if body is not None:
+            return body
+        if self.ttl_s <= 0:
+            return await compute()
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(compute())
+            self._flights[key] = flight
+            flight.add_done_callback(functools.partial(self._landed, key))
+        return await asyncio.shield(flight)  # a waiter that leaves does not cancel it
+
+    def _landed(self, key: Any, flight: asyncio.Future[bytes]) -> None:
+        self._flights.pop(key, None)
+        if not flight.cancelled() and flight.exception() is None:
+            self.put(key, flight.result())
 
     def get(self, key: Any) -> bytes | None:
         if self.ttl_s <= 0:

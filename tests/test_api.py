@@ -301,6 +301,43 @@ def test_the_answer_cache_is_bounded() -> None:
     assert AnswerCache(0).get("x") is None
 
 
+async def test_answers_asked_at_the_same_moment_are_computed_once() -> None:
+    """Requests that miss the cache together share one computation; a failure reaches each
+    of them and is not kept; with the cache off each computes its own."""
+    import asyncio
+
+    from tokenmeter.reporting.web import AnswerCache
+
+    computed: list[str] = []
+    release = asyncio.Event()
+
+    async def slow(tag: str, fail: bool = False) -> bytes:
+        computed.append(tag)
+        await release.wait()
+        if fail:
+            raise ValueError("bad window")
+        return tag.encode()
+
+    cache = AnswerCache(60)
+    waiting = [asyncio.ensure_future(cache.answer("k", lambda: slow("k"))) for _ in range(5)]
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(*waiting) == [b"k"] * 5 and computed == ["k"]
+    assert await cache.answer("k", lambda: slow("again")) == b"k"  # kept: not computed
+    release.clear()
+    failing = [asyncio.ensure_future(cache.answer("f", lambda: slow("f", True))) for _ in range(3)]
+    await asyncio.sleep(0)
+    release.set()
+    outcomes = await asyncio.gather(*failing, return_exceptions=True)
+    assert all(isinstance(o, ValueError) for o in outcomes) and computed == ["k", "f"]
+    assert cache.get("f") is None  # a failure is not kept
+    off = AnswerCache(0)
+    both = await asyncio.gather(
+        off.answer("k", lambda: slow("1")), off.answer("k", lambda: slow("2"))
+    )
+    assert both == [b"1", b"2"]
+
+
 def test_openapi_fuzzing_finds_no_server_error(sqlite_url: str, monkeypatch) -> None:
     """Every operation of the OpenAPI schema, fuzzed: never a 5xx, only 200/404/422."""
     migrate.upgrade(sqlite_url)
