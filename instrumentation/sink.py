@@ -74,14 +74,18 @@ _CALL_FIELDS = tuple(f.name for f in fields(CallRecord))
 _DEFAULTS = {f.name: f.default for f in fields(CallRecord) if f.default is not MISSING}
 
 
+_CALL_VALUES = attrgetter(*_CALL_FIELDS)
+_CALL_DEFAULTS = tuple(_DEFAULTS.get(name, MISSING) for name in _CALL_FIELDS)
+
+
 def call_to_json(call: CallRecord) -> dict[str, Any]:
-    out = {}
-    for name in _CALL_FIELDS:
-        value = getattr(call, name)
-        default = _DEFAULTS.get(name, MISSING)
-        if value is default or (value == default and type(value) is type(default)):
-            continue
-        out[name] = value
+    out = {
+        name: value
+        for name, value, default in zip(
+            _CALL_FIELDS, _CALL_VALUES(call), _CALL_DEFAULTS, strict=True
+        )  # pragma: no mutate  (the three have one length by construction)
+        if not (value is default or (value == default and type(value) is type(default)))
+    }
     if out.get("cost_usd") is not None:
         out["cost_usd"] = str(out["cost_usd"])
     out["created_at"] = call.created_at.isoformat()
