@@ -33,26 +33,23 @@ demo: setup ## The whole thing offline: sandbox, worker+beat, commissions, a sca
 test: setup chromium ## Run the whole test suite (SQLite, PostgreSQL, Redis, chromium)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-chromium: ## Install Debian's chromium for the dashboard test when it is missing (as root)
-	@command -v chromium >/dev/null 2>&1 || { \
+# $(call apt_install,<package>,<why>,<what to say when it cannot install>,<then, e.g. exit 2;>)
+define apt_install
+	@command -v $(1) >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's chromium (the dashboard test renders the page in it)"; \
+	    echo "installing Debian's $(1) ($(2))"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	      apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	      apt-get install -y -qq --no-install-recommends $(1) >/dev/null; \
 	  else \
-	    echo "the dashboard test needs chromium: run 'sudo apt-get install chromium' (Debian/Ubuntu)" >&2; \
-	    exit 2; \
+	    echo "$(3)" >&2; $(4) \
 	  fi; }
+endef
+
+chromium: ## Install Debian's chromium for the dashboard test when it is missing (as root)
+	$(call apt_install,chromium,the dashboard test renders the page in it,the dashboard test needs chromium: run 'sudo apt-get install chromium' (Debian/Ubuntu),exit 2;)
 
 wrk: ## Install Debian's wrk for bench/api.py when it is missing (as root; else its rows are skipped)
-	@command -v wrk >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's wrk (bench/api.py's C load generator)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	      apt-get install -y -qq --no-install-recommends wrk >/dev/null; \
-	  else \
-	    echo "bench/api.py measures with wrk too: 'sudo apt-get install wrk' (its rows are skipped)" >&2; \
-	  fi; }
+	$(call apt_install,wrk,bench/api.py's C load generator,bench/api.py measures with wrk too: 'sudo apt-get install wrk' (its rows are skipped),)
 
 lint: setup ## ruff and mypy
 	$(VENV)/bin/ruff check .
