@@ -232,30 +232,38 @@ def get(obj: Any, *names: str) -> Any:
     return obj
 
 
+def _attribute(obj: Any, name: str) -> Any:
+    """``obj.name``, None when missing (``get`` for one step of an SDK object)."""
+    return getattr(obj, name, None)
+
+
 def usage_fields(operation: str, usage: Any) -> dict[str, Any]:
-    """The provider's ``usage`` as CallRecord fields (every billing dimension it reports)."""
+    """The provider's ``usage`` as CallRecord fields (every billing dimension it reports):
+    the SDK's object (read by attribute) or its JSON as a dict."""
     if usage is None:
         return {"usage_reported": False}
+    read = get if isinstance(usage, dict) else _attribute
     if operation in ("responses", "image"):
-        inp, out = get(usage, "input_tokens"), get(usage, "output_tokens")
-        details = get(usage, "input_tokens_details")
-        out_details = get(usage, "output_tokens_details")
+        inp, out = read(usage, "input_tokens"), read(usage, "output_tokens")
+        details = read(usage, "input_tokens_details")
+        out_details = read(usage, "output_tokens_details")
     else:
-        inp, out = get(usage, "prompt_tokens"), get(usage, "completion_tokens")
-        details = get(usage, "prompt_tokens_details")
-        out_details = get(usage, "completion_tokens_details")
-    fields = {
+        inp, out = read(usage, "prompt_tokens"), read(usage, "completion_tokens")
+        details = read(usage, "prompt_tokens_details")
+        out_details = read(usage, "completion_tokens_details")
+    of_in = get if isinstance(details, dict) else _attribute
+    of_out = get if isinstance(out_details, dict) else _attribute
+    return {
         "input_tokens": inp or 0,
         "output_tokens": out or 0,
-        "cached_input_tokens": get(details, "cached_tokens") or 0,
-        "cache_write_tokens": get(details, "cache_write_tokens") or 0,
-        "input_image_tokens": get(details, "image_tokens") or 0,
-        "input_audio_tokens": get(details, "audio_tokens") or 0,
-        "reasoning_tokens": get(out_details, "reasoning_tokens") or 0,
-        "output_audio_tokens": get(out_details, "audio_tokens") or 0,
+        "cached_input_tokens": of_in(details, "cached_tokens") or 0,
+        "cache_write_tokens": of_in(details, "cache_write_tokens") or 0,
+        "input_image_tokens": of_in(details, "image_tokens") or 0,
+        "input_audio_tokens": of_in(details, "audio_tokens") or 0,
+        "reasoning_tokens": of_out(out_details, "reasoning_tokens") or 0,
+        "output_audio_tokens": of_out(out_details, "audio_tokens") or 0,
         "usage_reported": inp is not None or out is not None,
     }
-    return fields
 
 
 #: Responses API output items billed per call, by the CallRecord field that counts them.

@@ -154,8 +154,19 @@ class UsageTotals:
         self.calls += 1
         if call.status != "ok":
             self.errors += 1
-        for name in SUMMED_FIELDS:
-            setattr(self, name, getattr(self, name) + getattr(call, name))
+        # SUMMED_FIELDS, spelled out (twice as fast as a loop of getattr/setattr, on every
+        # call and every ancestor scope); test_context checks the two lists agree
+        self.input_tokens += call.input_tokens
+        self.cached_input_tokens += call.cached_input_tokens
+        self.cache_write_tokens += call.cache_write_tokens
+        self.input_image_tokens += call.input_image_tokens
+        self.input_audio_tokens += call.input_audio_tokens
+        self.output_tokens += call.output_tokens
+        self.reasoning_tokens += call.reasoning_tokens
+        self.output_audio_tokens += call.output_audio_tokens
+        self.image_count += call.image_count
+        self.web_search_calls += call.web_search_calls
+        self.file_search_calls += call.file_search_calls
         if call.cost_usd is not None:
             self.priced_cost_usd += call.cost_usd
         elif _is_billable(call):

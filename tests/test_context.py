@@ -152,3 +152,26 @@ def test_a_thread_that_outlives_its_task_is_flushed_on_its_own(sink: CollectingS
     assert (late.input_tokens, late.task_id, late.task_name) == (7, "t-late", "demo.late")
     assert (late.scope_kind, late.scope_ref) == ("post", "p-late")
     assert late.execution_id and late.execution_id != root.execution_id
+
+
+def test_totals_add_every_summed_count_of_a_call() -> None:
+    """UsageTotals.add spells SUMMED_FIELDS out: each count a call reports is added, once,
+    and the list of counts and the totals' fields are the same."""
+    from dataclasses import fields
+
+    from tokenmeter.context import SUMMED_FIELDS, CallRecord, UsageTotals
+
+    totals_fields = {f.name for f in fields(UsageTotals)}
+    assert set(SUMMED_FIELDS) == totals_fields - {
+        "calls",
+        "errors",
+        "priced_cost_usd",
+        "uncosted_calls",
+    }
+    call = CallRecord("chat", **{name: n for n, name in enumerate(SUMMED_FIELDS, start=1)})
+    totals = UsageTotals()
+    totals.add(call)
+    totals.add(call)
+    assert {name: getattr(totals, name) for name in SUMMED_FIELDS} == {
+        name: 2 * n for n, name in enumerate(SUMMED_FIELDS, start=1)
+    }

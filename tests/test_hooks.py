@@ -637,3 +637,39 @@ def test_an_older_model_bills_no_writes(openai_client, sandbox) -> None:
         openai_client.responses.create(model="gpt-4.1-mini", input="again " + CATALOGUE)
     assert_matches_ground_truth(scope, sandbox)
     assert [c.cache_write_tokens for c in scope.all_calls()] == [0, 0]
+
+
+def test_usage_is_read_alike_from_the_sdk_s_objects_and_from_their_json() -> None:
+    """usage_fields reads the SDK's usage objects by attribute and JSON (batch output lines,
+    raw bodies) as dicts: the same fields either way, details missing or present."""
+    from openai.types import CompletionUsage
+    from openai.types.responses import ResponseUsage
+
+    from tokenmeter.capture import usage_fields
+
+    chats = [
+        CompletionUsage(prompt_tokens=120, completion_tokens=7, total_tokens=127),
+        CompletionUsage.model_validate(
+            {
+                "prompt_tokens": 1200,
+                "completion_tokens": 40,
+                "total_tokens": 1240,
+                "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 3},
+                "completion_tokens_details": {"reasoning_tokens": 9, "audio_tokens": 2},
+            }
+        ),
+    ]
+    responses = ResponseUsage.model_validate(
+        {
+            "input_tokens": 50,
+            "output_tokens": 20,
+            "total_tokens": 70,
+            "input_tokens_details": {"cached_tokens": 10, "cache_write_tokens": 4},
+            "output_tokens_details": {"reasoning_tokens": 5},
+        }
+    )
+    for operation, usage in [("chat", chats[0]), ("chat", chats[1]), ("responses", responses)]:
+        as_json = usage.model_dump()
+        assert usage_fields(operation, usage) == usage_fields(operation, as_json)
+    assert usage_fields("chat", chats[1])["cached_input_tokens"] == 1024
+    assert usage_fields("responses", responses)["reasoning_tokens"] == 5
