@@ -601,7 +601,9 @@ class DatabaseSink:
 
     # Sink protocol
     def scope_closed(self, scope: UsageScope) -> None:
-        self.deliver(FlushBatch.from_scope(scope))
+        batch = FlushBatch.from_scope(scope)
+        if batch.calls or batch.rollups:  # a task that called nothing writes nothing
+            self.deliver(batch)
 
     def unscoped_call(self, call: CallRecord) -> None:
         self.deliver(

@@ -131,6 +131,39 @@ def test_tasks_end_without_the_database_and_the_writer_commits_many_at_once(
     assert set(transactions) == {"tokenmeter-writer"} and len(transactions) == 2
 
 
+def test_a_task_that_calls_nothing_writes_nothing(app, metering, sink, monkeypatch) -> None:
+    """Most tasks of a Celery app make no OpenAI call: their end queues no batch and opens no
+    transaction; a scope that bound a rollup is still written (its row is kept equal, at 0)."""
+    transactions: list[str] = []
+    original = sink._transaction
+
+    def watched():
+        transactions.append(threading.current_thread().name)
+        return original()
+
+    monkeypatch.setattr(sink, "_transaction", watched)
+
+    @app.task(name="demo.no_calls")
+    def no_calls() -> int:
+        return 1
+
+    queued_before = metering.writer._queued
+    for _ in range(20):
+        no_calls.apply()
+    assert tokenmeter.flush(timeout=10) is True
+    assert metering.writer._queued == queued_before and transactions == [] and ledger() == []
+
+    from tokenmeter.sink import FlushBatch as Batch
+
+    delivered: list[Batch] = []
+    monkeypatch.setattr(sink, "deliver", delivered.append)
+    with usage_scope("pipeline_run", "empty") as scope:  # closed into the installed sink
+        scope.bind_rollup(TableRollup(AgentScannedPost, key={"id": 1}, sums={}))
+    with usage_scope("pipeline_run", "nothing"):
+        pass
+    assert [len(b.rollups) for b in delivered] == [1]
+
+
 def test_uninstall_writes_what_is_queued(app, db_url, sink, monkeypatch) -> None:
     handle = tokenmeter.install(app, sink=sink, recovery_interval_s=0, instrument_openai=False)
     gate = Gate(sink, monkeypatch)
