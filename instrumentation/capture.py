@@ -232,7 +232,7 @@ def get(obj: Any, *names: str) -> Any:
     return obj
 
 
-def _attribute(obj: Any, name: str) -> Any:
+def attribute(obj: Any, name: str) -> Any:
     """``obj.name``, None when missing (``get`` for one step of an SDK object)."""
     return getattr(obj, name, None)
 
@@ -242,7 +242,7 @@ def usage_fields(operation: str, usage: Any) -> dict[str, Any]:
     the SDK's object (read by attribute) or its JSON as a dict."""
     if usage is None:
         return {"usage_reported": False}
-    read = get if isinstance(usage, dict) else _attribute
+    read = get if isinstance(usage, dict) else attribute
     if operation in ("responses", "image"):
         inp, out = read(usage, "input_tokens"), read(usage, "output_tokens")
         details = read(usage, "input_tokens_details")
@@ -251,8 +251,8 @@ def usage_fields(operation: str, usage: Any) -> dict[str, Any]:
         inp, out = read(usage, "prompt_tokens"), read(usage, "completion_tokens")
         details = read(usage, "prompt_tokens_details")
         out_details = read(usage, "completion_tokens_details")
-    of_in = get if isinstance(details, dict) else _attribute
-    of_out = get if isinstance(out_details, dict) else _attribute
+    of_in = get if isinstance(details, dict) else attribute
+    of_out = get if isinstance(out_details, dict) else attribute
     return {
         "input_tokens": inp or 0,
         "output_tokens": out or 0,

@@ -30,6 +30,7 @@ from openai import AsyncStream, Stream
 from .capture import (
     BILLED_UNKNOWN,
     PendingCall,
+    attribute,
     get,
     record_parsed,
     safe,
@@ -80,15 +81,17 @@ class StreamWatch:
                 self.service_tier = get(response, "service_tier")
                 self.tools = tool_calls(get(response, "output"))
             return True
-        self.model = get(item, "model") or self.model
-        self.service_tier = get(item, "service_tier") or self.service_tier
-        for choice in get(item, "choices") or ():
+        read = get if isinstance(item, dict) else attribute  # an SDK chunk: attributes
+        self.model = read(item, "model") or self.model
+        self.service_tier = read(item, "service_tier") or self.service_tier
+        choices = read(item, "choices")
+        for choice in choices or ():
             if get(choice, "finish_reason"):
                 self.finished.add(get(choice, "index") or 0)
-        usage = get(item, "usage")
+        usage = read(item, "usage")
         if usage is not None:
             self.usage = usage
-            if self.pending.injected_usage and not get(item, "choices"):
+            if self.pending.injected_usage and not choices:
                 return False
         elif self.pending.injected_usage:
             fields_set = getattr(item, "__pydantic_fields_set__", None)
