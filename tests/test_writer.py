@@ -78,6 +78,19 @@ class Gate:
         monkeypatch.setattr(sink, "flush_many", held)
 
 
+def watch_transactions(sink: DatabaseSink, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread of each transaction ``sink`` opens from now on."""
+    transactions: list[str] = []
+    original = sink._transaction
+
+    def watched():
+        transactions.append(threading.current_thread().name)
+        return original()
+
+    monkeypatch.setattr(sink, "_transaction", watched)
+    return transactions
+
+
 @pytest.fixture
 def app(no_installation: None) -> Celery:
     app = Celery("writer_test")
@@ -100,14 +113,7 @@ def metering(app: Celery, db_url: str, sink: DatabaseSink) -> Iterator[tokenmete
 def test_tasks_end_without_the_database_and_the_writer_commits_many_at_once(
     app, metering, sink, monkeypatch
 ) -> None:
-    transactions: list[str] = []
-    original = sink._transaction
-
-    def watched():
-        transactions.append(threading.current_thread().name)
-        return original()
-
-    monkeypatch.setattr(sink, "_transaction", watched)
+    transactions = watch_transactions(sink, monkeypatch)
     gate = Gate(sink, monkeypatch)
 
     @app.task(name="demo.two_calls")
@@ -134,14 +140,7 @@ def test_tasks_end_without_the_database_and_the_writer_commits_many_at_once(
 def test_a_task_that_calls_nothing_writes_nothing(app, metering, sink, monkeypatch) -> None:
     """Most tasks of a Celery app make no OpenAI call: their end queues no batch and opens no
     transaction; a scope that bound a rollup is still written (its row is kept equal, at 0)."""
-    transactions: list[str] = []
-    original = sink._transaction
-
-    def watched():
-        transactions.append(threading.current_thread().name)
-        return original()
-
-    monkeypatch.setattr(sink, "_transaction", watched)
+    transactions = watch_transactions(sink, monkeypatch)
 
     @app.task(name="demo.no_calls")
     def no_calls() -> int:
