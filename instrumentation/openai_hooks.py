@@ -85,6 +85,14 @@ def _azure_model(client: Any, body: dict[str, Any]) -> tuple[bool, str | None]:
     return True, get_settings().tokenmeter_azure_deployments.get(deployment, deployment)
 
 
+def _may_carry_id(options: Any, client: Any) -> bool:
+    """May the request carry an X-Client-Request-Id of the caller's?  The SDK keeps a
+    client's own default headers in ``_custom_headers``; a client without it (no client,
+    another SDK) may: every attempt then looks in the request itself."""
+    custom = getattr(client, "_custom_headers", None)
+    return custom is None or names_request_id(options.headers, custom)
+
+
 def _begin(options: Any, client: Any = None) -> tuple[PendingCall | None, Any]:
     """Inspect a request; returns (pending, options to send).  Budget guards may raise."""
     try:
@@ -112,11 +120,7 @@ def _begin(options: Any, client: Any = None) -> tuple[PendingCall | None, Any]:
         headers = options.headers if isinstance(options.headers, dict) else {}
         pending.project = headers.get("OpenAI-Project") or getattr(client, "project", None)
         pending.api_key_hint = key_hint(getattr(client, "api_key", None))
-        # the SDK keeps a client's own default headers in _custom_headers; without it (another
-        # SDK), every attempt looks for the caller's id in the request itself
-        pending.may_carry_id = names_request_id(
-            options.headers, getattr(client, "_custom_headers", {"?": None})
-        )
+        pending.may_carry_id = _may_carry_id(options, client)
     except Exception as exc:
         if is_interrupt(exc):
             raise

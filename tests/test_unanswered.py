@@ -123,6 +123,22 @@ def test_a_client_s_own_default_request_id_and_any_spelling_are_kept(
     assert sandbox.ledger.get(second._request_id).client_request_id == "call-2"
 
 
+def test_an_attempt_looks_for_the_caller_s_id_unless_it_knows_there_is_none() -> None:
+    """Known headers that name no id: the attempt sets its own without looking; a client
+    whose own headers cannot be read (none, another SDK's): it looks."""
+    from types import SimpleNamespace
+
+    from tokenmeter.openai_hooks import _may_carry_id
+
+    plain = SimpleNamespace(headers={"OpenAI-Project": "p"})
+    named = SimpleNamespace(headers={"x-client-request-id": "mine"})
+    assert not _may_carry_id(plain, SimpleNamespace(_custom_headers={}))
+    assert _may_carry_id(named, SimpleNamespace(_custom_headers={}))
+    assert _may_carry_id(plain, SimpleNamespace(_custom_headers={"X-Client-Request-Id": "c"}))
+    assert _may_carry_id(plain, SimpleNamespace())  # no _custom_headers: unknown, so look
+    assert _may_carry_id(plain, None)
+
+
 async def test_async_timeout_is_billed_unknown(sandbox) -> None:
     client = AsyncOpenAI(base_url=sandbox.openai_base_url, api_key="sk", max_retries=0, timeout=0.3)
     async with usage_scope("task", "async-timeout") as scope:
