@@ -119,12 +119,8 @@ def quote(call: CallRecord, model: str, tier: str, batch: bool) -> Quote | None:
             return Quote(None, model_id, version, reason)
         usage[usage_key] = used
     if len(usage) == len(_TOKENS) and rates is not None:  # input, cached, output tokens only
-        base, per_input, per_cached, per_output = rates
-        cost = (
-            base
-            + per_input * usage["input_tokens"]
-            + per_cached * usage["cache_read_tokens"]
-            + per_output * usage["output_tokens"]
+        cost = linear_cost(
+            rates, usage["input_tokens"], usage["cache_read_tokens"], usage["output_tokens"]
         )
         return Quote(cost, model_id, version)
     try:  # the very rates checked above: no second lookup
@@ -158,10 +154,9 @@ def writes_surcharged(model: str) -> bool:
 
 
 Rates = tuple[Decimal, Decimal, Decimal, Decimal]
-_Rates = Rates
 #: (model id, version, its prices or None, why they are None, their linear rates) of a model
 #: on a tier that day
-_Terms = tuple[str, str, Any, str | None, "_Rates | None"]
+_Terms = tuple[str, str, Any, str | None, "Rates | None"]
 _terms_by_day: dict[tuple[str, str, bool, date], _Terms | None] = {}
 
 
@@ -229,11 +224,18 @@ def _terms_at(provider: Any, info: Any, tier: str, batch: bool, at: datetime) ->
     return info.id, version, prices, None, linear_rates(prices)
 
 
+def linear_cost(rates: Rates, input_tokens: int, cached_tokens: int, output_tokens: int) -> Decimal:
+    """The cost of a call from the linear ``rates`` (:func:`linear_rates`); ``cached_tokens``
+    are the cached part of ``input_tokens``."""
+    base, per_input, per_cached, per_output = rates
+    return base + per_input * input_tokens + per_cached * cached_tokens + per_output * output_tokens
+
+
 _TOKENS = ("input_tokens", "cache_read_tokens", "output_tokens")
-_rates: dict[tuple[Any, ...], _Rates | None] = {}
+_rates: dict[tuple[Any, ...], Rates | None] = {}
 
 
-def linear_rates(prices: Any) -> _Rates | None:
+def linear_rates(prices: Any) -> Rates | None:
     """The package's own price of (input, cached, output) tokens as a linear function:
     (per call, per input token, per cached token on top, per output token), or None.
 
@@ -259,7 +261,7 @@ def linear_rates(prices: Any) -> _Rates | None:
 _MISSING = object()
 
 
-def _probe(prices: Any) -> _Rates | None:
+def _probe(prices: Any) -> Rates | None:
     from genai_prices import Usage
     from genai_prices.types import TieredPrices
 
@@ -278,12 +280,12 @@ def _probe(prices: Any) -> _Rates | None:
         per_cached = (cost(million, million, 0) - uncached) / million
         per_output = (cost(0, 0, million) - base) / million
         n_in, cached, n_out = 1_234_567, 345_679, 76_543  # pragma: no mutate  (any point)
-        linear = base + per_input * n_in + per_cached * cached + per_output * n_out
-        if linear != cost(n_in, cached, n_out):
+        rates = (base, per_input, per_cached, per_output)
+        if linear_cost(rates, n_in, cached, n_out) != cost(n_in, cached, n_out):
             return None
     except (LookupError, ValueError):
         return None
-    return base, per_input, per_cached, per_output
+    return rates
 
 
 def openai_models() -> list[str]:

@@ -270,10 +270,10 @@ class Prices:
                 self._plain[key] = terms
         if terms is None:
             return None
-        source, version, (base, per_input, per_cached, per_output) = terms
+        source, version, rates = terms
         cached = min(call.cached_input_tokens, call.input_tokens)
-        cost = base + per_input * call.input_tokens + per_cached * cached
-        return Price(_exact(cost + per_output * call.output_tokens), source, version)
+        cost = maintained.linear_cost(rates, call.input_tokens, cached, call.output_tokens)
+        return Price(_exact(cost), source, version)
 
     def _plain_terms(self, call: CallRecord) -> _PlainTerms | None:
         tier = served_tier(call.service_tier)
