@@ -190,13 +190,16 @@ def insert_ignore(conn: Any, table: Table) -> Insert:
     raise NotImplementedError(f"tokenmeter's ledger supports PostgreSQL and SQLite, not {name}")
 
 
+def _fitted(value: Any, limit: int) -> Any:
+    """``value``, fitted to ``limit`` when it is a longer string (see :func:`fit`)."""
+    return fit(value, limit) if isinstance(value, str) and len(value) > limit else value
+
+
 def _column_value(call: CallRecord, name: str) -> Any:
     """The value of ledger column ``name`` for ``call``, a label fitted to its column."""
     value = getattr(call, name)  # (``model`` is a property: the served model, else the asked)
     limit = _TEXT_LIMITS.get(name)
-    if limit is not None and isinstance(value, str) and len(value) > limit:
-        return fit(value, limit)
-    return value
+    return value if limit is None else _fitted(value, limit)
 
 
 def _ledger_row(call: CallRecord) -> dict[str, Any]:
@@ -290,9 +293,7 @@ def _copy_row(call: CallRecord, plan: _CopyPlan) -> list[Any]:
     what ``_column_value`` gives for each column, without a lookup per column."""
     row = list(plan.values(call))
     for i, limit in plan.limits:
-        value = row[i]
-        if isinstance(value, str) and len(value) > limit:
-            row[i] = fit(value, limit)
+        row[i] = _fitted(row[i], limit)
     for i, process in plan.processors:
         row[i] = process(row[i])
     return row
