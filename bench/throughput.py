@@ -48,17 +48,9 @@ MODES = {
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_of(pid: int) -> float:
-    """CPU seconds (user + system) a live process has used; 0 when it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-
-
-def _processes() -> list[tuple[int, int, str]]:
-    """(pid, parent pid, command name) of every process."""
+def _processes() -> list[tuple[int, int, str, float]]:
+    """(pid, parent pid, command name, CPU seconds used so far: user + system) of every
+    process, each read from its /proc stat once."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -67,7 +59,9 @@ def _processes() -> list[tuple[int, int, str]]:
             head, tail = (entry / "stat").read_text().rsplit(")", 1)
         except OSError:
             continue
-        found.append((int(entry.name), int(tail.split()[1]), head.split("(", 1)[1]))
+        fields = tail.split()  # from field 3 on: the name (field 2) may hold spaces
+        cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+        found.append((int(entry.name), int(fields[1]), head.split("(", 1)[1], cpu))
     return found
 
 
@@ -77,8 +71,8 @@ def cpu_by_part(worker_pid: int) -> dict[str, float]:
     procs = _processes()
     tree, parts = {worker_pid}, {"worker": 0.0, "postgres": 0.0, "redis": 0.0}
     for _ in range(3):  # children, then theirs
-        tree |= {pid for pid, ppid, _ in procs if ppid in tree}
-    for pid, _, name in procs:
+        tree |= {pid for pid, ppid, _, _ in procs if ppid in tree}
+    for pid, _, name, cpu in procs:
         part = (
             "worker"
             if pid in tree
@@ -89,7 +83,7 @@ def cpu_by_part(worker_pid: int) -> dict[str, float]:
             else None
         )
         if part is not None:
-            parts[part] += _cpu_of(pid)
+            parts[part] += cpu
     return parts
 
 
