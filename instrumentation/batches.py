@@ -77,10 +77,11 @@ def record_output(result: Any) -> int:
         operation = _OPERATIONS.get(str(get(body, "object")), "chat")
         pending = PendingCall(operation, get(body, "model"), False, False, scope, {}, batch=True)
         created = get(body, "created") or get(body, "created_at")
-        at = {"created_at": datetime.fromtimestamp(created, UTC)} if created else {}
+        if created:  # priced by the day the provider processed it, not the day it is read
+            pending.created_at = datetime.fromtimestamp(created, UTC)
         status = get(response, "status_code")
         if status == 200:
-            _record_line(pending, body, request_id, at)
+            record_parsed(pending, body, request_id)
         else:
             pending.record(
                 request_id=request_id,
@@ -88,20 +89,6 @@ def record_output(result: Any) -> int:
                 error_type="BatchLineFailed",
                 http_status=status,
                 usage_reported=False,
-                **at,
             )
         recorded += 1
     return recorded
-
-
-def _record_line(
-    pending: PendingCall, body: dict[str, Any], request_id: str, at: dict[str, Any]
-) -> None:
-    if at:  # priced by the day the provider processed it, not the day the file is read
-        original = pending.record
-
-        def record(**fields: Any) -> None:
-            original(**{**at, **fields})
-
-        pending.record = record  # type: ignore[method-assign]
-    record_parsed(pending, body, request_id)

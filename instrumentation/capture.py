@@ -17,6 +17,7 @@ import contextvars
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from openai import APIStatusError
@@ -89,6 +90,8 @@ class PendingCall:
     #: False when the request is known to carry no X-Client-Request-Id of the caller's (the
     #: attempt then sets one without looking: a miss in httpx's headers costs an exception)
     may_carry_id: bool = True
+    #: when the provider processed it, where that was not now (a Batch API output line)
+    created_at: datetime | None = None
 
     @property
     def client_request_id(self) -> str | None:
@@ -126,7 +129,7 @@ class PendingCall:
             last = n == len(self.attempts) - 1
             if last and final is not None and attempt.error in (final, final.__cause__):
                 covered, error_type = True, type(final).__name__
-            self._record(
+            self.store(
                 CallRecord(
                     operation=self.operation,
                     requested_model=self.requested_model,
@@ -149,22 +152,33 @@ class PendingCall:
         return tier if tier in ("flex", "priority") else None
 
     # -- outcomes --------------------------------------------------------------------------------
-    def record(self, **fields: Any) -> None:
-        fields.setdefault("client_request_id", self.client_request_id)
-        fields.setdefault("batch", self.batch)
-        fields.setdefault("project", self.project)
-        fields.setdefault("api_key_hint", self.api_key_hint)
-        self._record(
-            CallRecord(
-                operation=self.operation,
-                requested_model=self.requested_model,
-                stream=self.stream,
-                latency_ms=(time.perf_counter() - self.started) * 1000,
-                **fields,
-            )
+    def new_call(self, request_id: str | None = None) -> CallRecord:
+        """This call's record as answered now (status ``ok``), before its usage is read."""
+        attempts = self.attempts
+        call = CallRecord(
+            operation=self.operation,
+            requested_model=self.requested_model,
+            request_id=request_id,
+            client_request_id=attempts[-1].client_request_id if attempts else None,
+            batch=self.batch,
+            stream=self.stream,
+            latency_ms=(time.perf_counter() - self.started) * 1000,
+            project=self.project,
+            api_key_hint=self.api_key_hint,
         )
+        if self.created_at is not None:
+            call.created_at = self.created_at
+        return call
 
-    def _record(self, call: CallRecord) -> None:
+    def record(self, **fields: Any) -> None:
+        """Record this call with ``fields`` (CallRecord's) set on :meth:`new_call`'s record."""
+        call = self.new_call()
+        for name, value in fields.items():
+            setattr(call, name, value)
+        self.store(call)
+
+    def store(self, call: CallRecord) -> None:
+        """Price ``call`` and record it in the scope the call began in."""
         if call.operation == "image":
             image_details(call, self.body)
         price = cost_of(call)
@@ -237,13 +251,28 @@ def attribute(obj: Any, name: str) -> Any:
     return getattr(obj, name, None)
 
 
-def usage_fields(operation: str, usage: Any) -> dict[str, Any]:
-    """The provider's ``usage`` as CallRecord fields (every billing dimension it reports):
-    the SDK's object (read by attribute) or its JSON as a dict."""
+#: The CallRecord fields :func:`read_usage` sets.
+USAGE_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "input_image_tokens",
+    "input_audio_tokens",
+    "reasoning_tokens",
+    "output_audio_tokens",
+    "usage_reported",
+)
+
+
+def read_usage(call: CallRecord, usage: Any) -> None:
+    """Set ``call``'s counts from the provider's ``usage`` (every billing dimension it
+    reports): the SDK's object, read by attribute, or its JSON as a dict."""
     if usage is None:
-        return {"usage_reported": False}
+        call.usage_reported = False
+        return
     read = get if isinstance(usage, dict) else attribute
-    if operation in ("responses", "image"):
+    if call.operation in ("responses", "image"):
         inp, out = read(usage, "input_tokens"), read(usage, "output_tokens")
         details = read(usage, "input_tokens_details")
         out_details = read(usage, "output_tokens_details")
@@ -251,19 +280,26 @@ def usage_fields(operation: str, usage: Any) -> dict[str, Any]:
         inp, out = read(usage, "prompt_tokens"), read(usage, "completion_tokens")
         details = read(usage, "prompt_tokens_details")
         out_details = read(usage, "completion_tokens_details")
-    of_in = get if isinstance(details, dict) else attribute
-    of_out = get if isinstance(out_details, dict) else attribute
-    return {
-        "input_tokens": inp or 0,
-        "output_tokens": out or 0,
-        "cached_input_tokens": of_in(details, "cached_tokens") or 0,
-        "cache_write_tokens": of_in(details, "cache_write_tokens") or 0,
-        "input_image_tokens": of_in(details, "image_tokens") or 0,
-        "input_audio_tokens": of_in(details, "audio_tokens") or 0,
-        "reasoning_tokens": of_out(out_details, "reasoning_tokens") or 0,
-        "output_audio_tokens": of_out(out_details, "audio_tokens") or 0,
-        "usage_reported": inp is not None or out is not None,
-    }
+    call.input_tokens = inp or 0
+    call.output_tokens = out or 0
+    call.usage_reported = inp is not None or out is not None
+    if details is not None:
+        of = get if isinstance(details, dict) else attribute
+        call.cached_input_tokens = of(details, "cached_tokens") or 0
+        call.cache_write_tokens = of(details, "cache_write_tokens") or 0
+        call.input_image_tokens = of(details, "image_tokens") or 0
+        call.input_audio_tokens = of(details, "audio_tokens") or 0
+    if out_details is not None:
+        of = get if isinstance(out_details, dict) else attribute
+        call.reasoning_tokens = of(out_details, "reasoning_tokens") or 0
+        call.output_audio_tokens = of(out_details, "audio_tokens") or 0
+
+
+def usage_fields(operation: str, usage: Any) -> dict[str, Any]:
+    """The provider's ``usage`` as CallRecord fields (:func:`read_usage`'s, as a dict)."""
+    call = CallRecord(operation)
+    read_usage(call, usage)
+    return {name: getattr(call, name) for name in USAGE_FIELDS}
 
 
 #: Responses API output items billed per call, by the CallRecord field that counts them.
@@ -290,22 +326,23 @@ def image_details(call: CallRecord, body: dict[str, Any]) -> None:
 
 def record_parsed(pending: PendingCall, parsed: Any, request_id: str | None) -> None:
     """Record a complete (non-streamed) answer, an SDK object or its JSON as a dict."""
-    fields = usage_fields(pending.operation, get(parsed, "usage"))
-    if pending.operation == "image":
-        fields["image_count"] = len(get(parsed, "data") or [])
-        fields["image_size"] = get(parsed, "size")
-        fields["image_quality"] = get(parsed, "quality")
-        fields["response_model"] = None
-        if not fields["usage_reported"] and not (pending.requested_model or "").startswith(
-            "gpt-image"
-        ):
-            fields["usage_reported"] = True  # dall-e has no token usage by design
+    read = get if isinstance(parsed, dict) else attribute
+    call = pending.new_call(request_id or read(parsed, "_request_id"))
+    read_usage(call, read(parsed, "usage"))
+    operation = call.operation
+    if operation == "image":
+        call.image_count = len(read(parsed, "data") or [])
+        call.image_size = read(parsed, "size")
+        call.image_quality = read(parsed, "quality")
+        if not call.usage_reported and not (pending.requested_model or "").startswith("gpt-image"):
+            call.usage_reported = True  # dall-e has no token usage by design
     else:
-        fields["response_model"] = get(parsed, "model")
-    if pending.operation == "responses":
-        fields.update(tool_calls(get(parsed, "output")))
-    fields["service_tier"] = get(parsed, "service_tier")
-    pending.record(request_id=request_id or get(parsed, "_request_id"), **fields)
+        call.response_model = read(parsed, "model")
+        if operation == "responses":
+            for name, count in tool_calls(read(parsed, "output")).items():
+                setattr(call, name, count)
+    call.service_tier = read(parsed, "service_tier")
+    pending.store(call)
 
 
 def safe(fn: Any, *args: Any, default: Any = None) -> Any:

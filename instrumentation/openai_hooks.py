@@ -132,6 +132,9 @@ def _begin(options: Any, client: Any = None) -> tuple[PendingCall | None, Any]:
 
 def _observe(pending: PendingCall, result: Any) -> Any:
     """Record (or arrange to record) ``result``; returns what the caller gets."""
+    if isinstance(result, openai.BaseModel):  # most calls: the parsed answer
+        record_parsed(pending, result, None)
+        return result
     if isinstance(result, Stream):
         return watch_sync(pending, result)
     if isinstance(result, AsyncStream):

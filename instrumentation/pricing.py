@@ -37,6 +37,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import maintained
+from . import settings as _settings
 from .context import CallRecord
 from .money import MONEY_QUANTUM
 
@@ -446,9 +447,7 @@ _last: tuple[object, Prices] | None = None
 def prices() -> Prices:
     """The process's prices: the user's file, tokenmeter's table, the maintained data."""
     global _last
-    from .settings import get_settings
-
-    settings = get_settings()
+    settings = _settings.get_settings()  # the module's: a test may replace the function
     last = _last
     if last is not None and last[0] is settings:  # the same settings: the same file
         return last[1]

@@ -32,11 +32,11 @@ from .capture import (
     PendingCall,
     attribute,
     get,
+    read_usage,
     record_parsed,
     safe,
     safe_async,
     tool_calls,
-    usage_fields,
 )
 
 #: Events read after the caller stopped, looking for the usage of a complete answer.
@@ -166,22 +166,18 @@ class StreamWatch:
 
     def finish(self) -> None:
         if self._claim():
-            fields = usage_fields(self.pending.operation, self.usage)
-            if self.pending.operation == "image":
-                fields.update(
-                    image_count=self.images,
-                    image_size=self.image_size,
-                    image_quality=self.image_quality,
-                )
-                if not (self.pending.requested_model or "").startswith("gpt-image"):
-                    fields["usage_reported"] = self.images > 0  # dall-e: priced per image
-            self.pending.record(
-                request_id=self.request_id,
-                response_model=self.model,
-                service_tier=self.service_tier,
-                **self.tools,
-                **fields,
-            )
+            pending = self.pending
+            call = pending.new_call(self.request_id)
+            read_usage(call, self.usage)
+            call.response_model, call.service_tier = self.model, self.service_tier
+            for name, count in self.tools.items():
+                setattr(call, name, count)
+            if pending.operation == "image":
+                call.image_count = self.images
+                call.image_size, call.image_quality = self.image_size, self.image_quality
+                if not (pending.requested_model or "").startswith("gpt-image"):
+                    call.usage_reported = self.images > 0  # dall-e: priced per image
+            pending.store(call)
 
     def fail(self, exc: BaseException) -> None:
         if self.usage is not None:  # the usage arrived before the failure: keep it
