@@ -22,7 +22,7 @@ from typing import Any
 
 from openai import APIStatusError
 
-from .context import CallRecord, UsageScope, is_interrupt, record_call
+from .context import CallRecord, UsageScope, hand_to_sink, is_interrupt
 from .ids import new_id
 from .pricing import cost_of
 
@@ -63,7 +63,7 @@ def new_client_request_id() -> str:
     return f"tm-{new_id()}"
 
 
-@dataclass
+@dataclass(slots=True)
 class Attempt:
     """One HTTP request the SDK sent for a call."""
 
@@ -72,7 +72,7 @@ class Attempt:
     error: BaseException | None = None  # set when it may have been billed but got no answer
 
 
-@dataclass
+@dataclass(slots=True)
 class PendingCall:
     """A call in flight: what we know before the answer."""
 
@@ -104,7 +104,7 @@ class PendingCall:
         headers = request.headers
         given = headers.get(CLIENT_REQUEST_ID) if self.may_carry_id else None
         if given is None:
-            given = new_client_request_id()
+            given = "tm-" + new_id()  # new_client_request_id()
             headers[CLIENT_REQUEST_ID] = given
         attempt = Attempt(given)
         self.attempts.append(attempt)
@@ -187,7 +187,9 @@ class PendingCall:
             price.source,
             price.version,
         )
-        record_call(call, self.scope)
+        scope = self.scope
+        if scope is None or scope.record(call) is None:
+            hand_to_sink(call, scope)
         counter = tracked.get()
         if counter is not None:
             counter[0] += 1

@@ -420,9 +420,10 @@ def remove_call_guard(guard: CallGuard) -> None:
 
 def before_call(operation: str, model: str | None) -> None:
     """Called by the hooks before a request is sent; guards (budgets) may raise here."""
-    scope = _current.get()
-    for guard in list(_guards):
-        guard(scope, operation, model)
+    if _guards:
+        scope = _current.get()
+        for guard in list(_guards):
+            guard(scope, operation, model)
 
 
 _CURRENT = object()
@@ -437,11 +438,15 @@ def record_call(call: CallRecord, scope: UsageScope | object | None = _CURRENT) 
     if scope is _CURRENT:
         scope = _current.get()
     assert scope is None or isinstance(scope, UsageScope)
+    if scope is not None and scope.record(call) is not None:
+        return call
+    return hand_to_sink(call, scope)
+
+
+def hand_to_sink(call: CallRecord, scope: UsageScope | None) -> CallRecord:
+    """Flush a call on its own: made outside any scope, or in ``scope`` after its task's root
+    scope was flushed (a thread that outlived the task), whose attribution it then keeps."""
     if scope is not None:
-        if scope.record(call) is not None:
-            return call
-        # Its task's root scope has been flushed already (a thread that outlived the task):
-        # the call keeps its task and scope, and is flushed as an execution of its own.
         logger.warning(
             "call in scope %r recorded after its task was flushed; flushing it on its own", scope
         )

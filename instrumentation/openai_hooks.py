@@ -73,16 +73,18 @@ _inflight: contextvars.ContextVar[PendingCall | None] = contextvars.ContextVar(
 )
 
 
-def _azure_model(client: Any, body: dict[str, Any]) -> tuple[bool, str | None]:
-    """(is Azure, the model it serves): an Azure deployment names the model, and responses
-    without a model (images) are priced by ``TOKENMETER_AZURE_DEPLOYMENTS``; a deployment it
-    does not list stays its own name (unknown: cost NULL with a warning, never a guess)."""
-    if not isinstance(client, openai.AzureOpenAI | openai.AsyncAzureOpenAI):
-        return False, None
+_AZURE = (openai.AzureOpenAI, openai.AsyncAzureOpenAI)
+
+
+def _azure_model(client: Any, body: dict[str, Any]) -> str | None:
+    """The model an Azure client's deployment serves: a deployment names the model, and
+    responses without a model (images) are priced by ``TOKENMETER_AZURE_DEPLOYMENTS``; a
+    deployment it does not list stays its own name (unknown: cost NULL with a warning, never a
+    guess)."""
     deployment = getattr(client, "_azure_deployment", None) or body.get("model")
     if not deployment:
-        return True, None
-    return True, get_settings().tokenmeter_azure_deployments.get(deployment, deployment)
+        return None
+    return get_settings().tokenmeter_azure_deployments.get(deployment, deployment)
 
 
 def _may_carry_id(options: Any, client: Any) -> bool:
@@ -93,33 +95,49 @@ def _may_carry_id(options: Any, client: Any) -> bool:
     return custom is None or names_request_id(options.headers, custom)
 
 
+#: key_hint() of the keys seen (a handful per process; bounded all the same)
+_hints: dict[object, str | None] = {}
+
+
+def _is_post(options: Any) -> bool:
+    method = getattr(options, "method", None)
+    return method == "post" or str(method).lower() == "post"  # the SDK spells it "post"
+
+
 def _begin(options: Any, client: Any = None) -> tuple[PendingCall | None, Any]:
-    """Inspect a request; returns (pending, options to send).  Budget guards may raise."""
+    """Inspect a POST request; returns (pending, options to send).  Budget guards may raise."""
     try:
-        if str(getattr(options, "method", "")).lower() != "post":
-            return None, options
-        operation = _OPERATIONS.get(str(options.url).rstrip("/"))
+        url = options.url
+        operation = _OPERATIONS.get(url) or _OPERATIONS.get(str(url).rstrip("/"))
         if operation is None:
             return None, options
-        body = options.json_data if isinstance(options.json_data, dict) else {}
+        body = options.json_data
+        if not isinstance(body, dict):
+            body = {}
         model = body.get("model")
-        azure, deployed = _azure_model(client, body)
-        if azure:
-            model = deployed
+        if isinstance(client, _AZURE):
+            model = _azure_model(client, body)
         elif operation == "image" and not model:
             model = "dall-e-2"  # the API's default image model
         stream = bool(body.get("stream"))
         injected = False
-        if operation == "chat" and stream:
+        if stream and operation == "chat":
             stream_options = body.get("stream_options") or {}
             if not stream_options.get("include_usage"):
                 body = {**body, "stream_options": {**stream_options, "include_usage": True}}
                 options = options.model_copy(update={"json_data": body})
                 injected = True
         pending = PendingCall(operation, model, stream, injected, current_scope(), body)
-        headers = options.headers if isinstance(options.headers, dict) else {}
-        pending.project = headers.get("OpenAI-Project") or getattr(client, "project", None)
-        pending.api_key_hint = key_hint(getattr(client, "api_key", None))
+        headers = options.headers
+        project = headers.get("OpenAI-Project") if isinstance(headers, dict) else None
+        pending.project = project or getattr(client, "project", None)
+        key = getattr(client, "api_key", None)
+        try:
+            pending.api_key_hint = _hints[key]
+        except (KeyError, TypeError):  # a key not seen yet (or not hashable)
+            pending.api_key_hint = hint = key_hint(key)
+            if isinstance(key, str) and len(_hints) < 64:  # pragma: no mutate (a bound only)
+                _hints[key] = hint
         pending.may_carry_id = _may_carry_id(options, client)
     except Exception as exc:
         if is_interrupt(exc):
@@ -160,9 +178,11 @@ def _observe(pending: PendingCall, result: Any) -> Any:
 def _wrap_sync(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
-        if batches.is_file_content(options):  # maybe a batch's output: its lines are calls
-            result = original(self, cast_to, options, *args, **kwargs)
-            safe(batches.record_output, result)
+        if not _is_post(options):
+            if not batches.is_file_content(options):
+                return original(self, cast_to, options, *args, **kwargs)
+            result = original(self, cast_to, options, *args, **kwargs)  # maybe a batch's output
+            safe(batches.record_output, result)  # its lines are calls
             return result
         pending, options = _begin(options, self)
         if pending is None:
@@ -185,7 +205,9 @@ def _wrap_sync(original: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(original)
     async def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
-        if batches.is_file_content(options):
+        if not _is_post(options):
+            if not batches.is_file_content(options):
+                return await original(self, cast_to, options, *args, **kwargs)
             result = await original(self, cast_to, options, *args, **kwargs)
             safe(batches.record_output, result)
             return result

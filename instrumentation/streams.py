@@ -19,6 +19,7 @@ number of times records once.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import weakref
 from collections import deque
@@ -38,10 +39,12 @@ from .capture import (
     safe_async,
     tool_calls,
 )
+from .context import is_interrupt
 
 #: Events read after the caller stopped, looking for the usage of a complete answer.
 MAX_DRAIN_EVENTS = 8
 WATCHED = "_tokenmeter_watched"
+logger = logging.getLogger("tokenmeter.openai")
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
@@ -71,9 +74,10 @@ class StreamWatch:
     # -- reading -----------------------------------------------------------------------------
     def see(self, item: Any) -> bool:
         """Look at one item; False if it is the injected usage chunk to hide from the caller."""
-        if self.pending.operation == "image":
+        operation = self.pending.operation
+        if operation == "image":
             return self._see_image(item)
-        if self.pending.operation == "responses":
+        if operation == "responses":
             response = get(item, "response")
             if get(item, "type") in _TERMINAL and response is not None:
                 self.terminal = True
@@ -210,6 +214,15 @@ class StreamWatch:
         self.abandon()
 
 
+def _not_seen(exc: Exception) -> bool:
+    """``StreamWatch.see`` raised ``exc``: an interrupt goes on to the task; a bug is logged
+    and the chunk is the caller's (``safe``, spelled out in the loops that read chunks)."""
+    if is_interrupt(exc):
+        raise exc
+    logger.exception("tokenmeter failed to read a stream chunk")
+    return True
+
+
 def _closer(stream: Any) -> Any:
     """The stream's own ``close``, held without holding the stream.
 
@@ -247,7 +260,11 @@ def watch_sync(pending: PendingCall, stream: Stream[Any]) -> Stream[Any]:
                     item = next(inner)
                 except StopIteration:
                     break
-                if safe(watch.see, item, default=True):
+                try:
+                    keep = watch.see(item)
+                except Exception as exc:  # a bug of metering: the caller gets the chunk
+                    keep = _not_seen(exc)
+                if keep:
                     yield item
         except GeneratorExit:  # closed or collected before its end
             safe(watch.drain)
@@ -287,7 +304,11 @@ def watch_async(pending: PendingCall, stream: AsyncStream[Any]) -> AsyncStream[A
                     item = await inner.__anext__()
                 except StopAsyncIteration:
                     break
-                if safe(watch.see, item, default=True):
+                try:
+                    keep = watch.see(item)
+                except Exception as exc:
+                    keep = _not_seen(exc)
+                if keep:
                     yield item
         except GeneratorExit:
             safe(watch.abandon)

@@ -253,3 +253,38 @@ async def test_closing_a_watched_async_stream_closes_its_response(
         await stream.close()
         assert stream.response.is_closed
     assert [c.status for c in scope.all_calls()] == ["incomplete"]
+
+
+def test_a_bug_reading_a_chunk_is_logged_and_the_caller_gets_every_chunk(
+    openai_client, monkeypatch, caplog
+) -> None:
+    """A metering bug in the chunk reader never costs the caller a chunk; an interrupt (a
+    soft time limit) raised there still reaches the task."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from tokenmeter.streams import StreamWatch
+
+    def chunks() -> list[str]:
+        stream = openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, stream=True
+        )
+        return [c.choices[0].delta.content or "" for c in stream if c.choices]
+
+    with usage_scope("task", "reference"):
+        expected = chunks()
+    assert len(expected) > 1
+
+    def broken(self, item):
+        raise RuntimeError("metering bug")
+
+    monkeypatch.setattr(StreamWatch, "see", broken)
+    with usage_scope("task", "bug"):
+        assert chunks() == expected
+    assert "failed to read a stream chunk" in caplog.text
+
+    def interrupted(self, item):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(StreamWatch, "see", interrupted)
+    with usage_scope("task", "interrupt"), pytest.raises(SoftTimeLimitExceeded):
+        chunks()
