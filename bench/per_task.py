@@ -17,7 +17,9 @@ ledger in a throwaway database, in blocks of tasks, for each mode in turn:
 
 Modes rotate within every round, so drift on a noisy machine hits them alike; the figure is the
 median over rounds of each block's time per task, and "adds" is that minus bare's in the same
-round.  The per-call table does the same for single chat and streamed calls inside a scope.
+round.  The per-call figures are single chat and streamed calls, each in its mode's context (a
+tokenmeter scope, an OpenTelemetry span), the modes taking turns call by call (each tool's
+patches put in and taken out around its own calls): medians per round of every call's time.
 Targets: tokenmeter adds <= 0.5 ms per task and less than OpenTelemetry; <= 30 us per call.
 """
 
@@ -30,7 +32,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -121,17 +123,25 @@ class Tool:
     def call_scope(self) -> Iterator[None]:
         yield
 
+    def calls_on(self) -> None:
+        """Between ``on()`` and ``off()``: the tool's patches of the client put back."""
+
+    def calls_off(self) -> None:
+        """... and taken out (the next call is another mode's), its context left open."""
+
 
 class TokenmeterTool(Tool):
     name = "tokenmeter"
 
     def __init__(self, app: Celery) -> None:
         self.app = app
+        self.hooks: list[tuple[Any, str, Any, Any]] = []
 
     def on(self) -> None:
         import tokenmeter
 
         tokenmeter.install(self.app)
+        self.hooks = self._hooks()
 
     def off(self) -> None:
         import tokenmeter
@@ -150,6 +160,23 @@ class TokenmeterTool(Tool):
 
         with tokenmeter.usage_scope("bench", "per-call"):
             yield
+
+    def _hooks(self) -> list[tuple[Any, str, Any, Any]]:
+        from openai._base_client import AsyncAPIClient, SyncAPIClient
+
+        return [
+            (cls, name, getattr(cls, name), getattr(cls, name).__tokenmeter_original__)
+            for cls in (SyncAPIClient, AsyncAPIClient)
+            for name in ("request", "_send_request")
+        ]
+
+    def calls_on(self) -> None:
+        for cls, name, wrapped, _ in self.hooks:
+            setattr(cls, name, wrapped)
+
+    def calls_off(self) -> None:
+        for cls, name, _, original in self.hooks:
+            setattr(cls, name, original)
 
 
 class OpenTelemetryTool(Tool):
@@ -198,6 +225,12 @@ class OpenTelemetryTool(Tool):
         with self.provider.get_tracer("bench").start_as_current_span("bench"):
             yield
 
+    def calls_on(self) -> None:
+        self.toggle.on()
+
+    def calls_off(self) -> None:
+        self.toggle.off()
+
 
 class NaiveTool(Tool):
     name = "naive"
@@ -212,6 +245,12 @@ class NaiveTool(Tool):
     def off(self) -> None:
         global _wrap
         _wrap = None
+
+    def calls_on(self) -> None:
+        self.on()
+
+    def calls_off(self) -> None:
+        self.off()
 
 
 _wrap: Callable[[Any], Any] | None = None
@@ -259,14 +298,32 @@ def time_block(task: Any, n: int, tool: Tool) -> float:
     return (time.perf_counter() - started) / n
 
 
-def time_calls(c: OpenAI, n: int, tool: Tool, stream: bool) -> float:
-    with tool.call_scope():
-        started = time.perf_counter()
-        for _ in range(n):
-            chat(c, stream)
-        elapsed = time.perf_counter() - started
-    tool.settle()
-    return elapsed / n
+def time_calls(c: OpenAI, n: int, tools: list[Tool], stream: bool) -> dict[str, list[float]]:
+    """``n`` calls of each mode, the modes taking turns call by call (each call in its mode's
+    context: a tokenmeter scope, an OpenTelemetry span): seconds per call, by mode.
+
+    Interleaving puts every mode's calls in the same moments of a noisy machine, and each call
+    runs with the others' code in between, as calls do in an application."""
+    timed: dict[str, list[float]] = {t.name: [] for t in tools}
+    clock = time.perf_counter
+    with ExitStack() as contexts:
+        for tool in tools:
+            tool.on()
+            tool.calls_off()
+            contexts.enter_context(tool.call_scope())
+        for i in range(n):
+            turn = i % len(tools)
+            for tool in tools[turn:] + tools[:turn]:
+                tool.calls_on()
+                started = clock()
+                chat(c, stream)
+                elapsed = clock() - started
+                tool.calls_off()
+                timed[tool.name].append(elapsed)
+    for tool in tools:
+        tool.calls_on()
+        tool.off()
+    return timed
 
 
 def main() -> None:
@@ -314,9 +371,9 @@ def run(args: argparse.Namespace, broker: str) -> None:
     for tool in tools:  # warm up: imports, connections, the ledger's identity
         tool.on()
         time_block(task, 20, tool)
-        time_calls(c, 20, tool, False)
-        time_calls(c, 20, tool, True)
         tool.off()
+    time_calls(c, 20, tools, False)
+    time_calls(c, 20, tools, True)
 
     if args.profile:
         import cProfile
@@ -346,13 +403,9 @@ def run(args: argparse.Namespace, broker: str) -> None:
                 per_round["task"].setdefault(tool.name, []).append(
                     time_block(task, args.block, tool)
                 )
-                per_round["chat"].setdefault(tool.name, []).append(
-                    time_calls(c, args.block, tool, False)
-                )
-                per_round["stream"].setdefault(tool.name, []).append(
-                    time_calls(c, args.block, tool, True)
-                )
                 tool.off()
+        for kind, stream in (("chat", False), ("stream", True)):
+            per_round[kind] = time_calls(c, args.block * args.blocks, order, stream)
         for kind in kinds:
             for name, values in per_round[kind].items():
                 figures[kind][name].append(statistics.median(values))
@@ -397,8 +450,10 @@ def report(
             f"`{command}`: one process; the openai client on an `httpx.MockTransport`; a "
             "task of two chat calls run with `Task.apply()` under a Redis broker URL and a "
             "PostgreSQL ledger; blocks include the tool's background work (tokenmeter's "
-            "writer, OpenTelemetry's batch exporter). Medians over rounds of each mode's "
-            "median block; *adds* = the mode minus bare in the same round.",
+            "writer, OpenTelemetry's batch exporter). Per task: medians over rounds of each "
+            "mode's median block. Per call: single calls in the mode's context (a scope, a "
+            "span), the modes taking turns call by call; medians over rounds of each mode's "
+            "median call. *adds* = the mode minus bare in the same round.",
             "",
             "| mode | ms / task | adds (ms) | chat us / call | adds (us) | stream us / call "
             "| adds (us) |",
