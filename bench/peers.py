@@ -58,7 +58,23 @@ LONG = "Catalogue of handmade gifts, materials, prices and shipping rules. " * 8
 
 
 # -- the tools, one adapter each (run in the child process) ----------------------------------
-class PatchToggle:
+class Patches:
+    """Attributes a tool patched, each (class, name, the tool's value, the original one):
+    ``on()`` puts the tool's values in, ``off()`` the originals."""
+
+    def __init__(self, changed: list[tuple[Any, str, Any, Any]]) -> None:
+        self.changed = changed
+
+    def on(self) -> None:
+        for cls, attr, tool, _ in self.changed:
+            setattr(cls, attr, tool)
+
+    def off(self) -> None:
+        for cls, attr, _, bare in self.changed:
+            setattr(cls, attr, bare)
+
+
+class PatchToggle(Patches):
     """Turns a third-party instrumentation of the ``openai`` package off and on again.
 
     Snapshots the attributes of every class in the loaded ``openai`` modules before the tool
@@ -75,7 +91,7 @@ class PatchToggle:
                 getattr(client, resource)
             _ = client.chat.completions
         self.before = self._snapshot()
-        self.changed: list[tuple[Any, str, Any, Any]] = []
+        super().__init__([])
 
     @staticmethod
     def _snapshot() -> dict[tuple[Any, str], Any]:
@@ -100,14 +116,6 @@ class PatchToggle:
         ]  # (classes the tool loaded itself are not on the path of the calls timed here)
         if not self.changed:
             raise RuntimeError("the tool patched nothing that could be toggled")
-
-    def on(self) -> None:
-        for cls, attr, tool, _ in self.changed:
-            setattr(cls, attr, tool)
-
-    def off(self) -> None:
-        for cls, attr, _, bare in self.changed:
-            setattr(cls, attr, bare)
 
 
 class Adapter:

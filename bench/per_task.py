@@ -43,6 +43,7 @@ import httpx2 as httpx  # noqa: E402  (the openai SDK 3.x transport)
 from celery import Celery  # noqa: E402
 from openai import OpenAI  # noqa: E402
 
+from bench.peers import Patches  # noqa: E402
 from bench.pg import SERVER_URL as PG_SERVER_URL  # noqa: E402
 
 CHAT = {
@@ -135,7 +136,7 @@ class TokenmeterTool(Tool):
 
     def __init__(self, app: Celery) -> None:
         self.app = app
-        self.hooks: list[tuple[Any, str, Any, Any]] = []
+        self.hooks = Patches([])
 
     def on(self) -> None:
         import tokenmeter
@@ -161,22 +162,24 @@ class TokenmeterTool(Tool):
         with tokenmeter.usage_scope("bench", "per-call"):
             yield
 
-    def _hooks(self) -> list[tuple[Any, str, Any, Any]]:
+    @staticmethod
+    def _hooks() -> Patches:
+        """tokenmeter's hooks of the client, each with the SDK's own method it wraps."""
         from openai._base_client import AsyncAPIClient, SyncAPIClient
 
-        return [
-            (cls, name, getattr(cls, name), getattr(cls, name).__tokenmeter_original__)
-            for cls in (SyncAPIClient, AsyncAPIClient)
-            for name in ("request", "_send_request")
-        ]
+        return Patches(
+            [
+                (cls, name, getattr(cls, name), getattr(cls, name).__tokenmeter_original__)
+                for cls in (SyncAPIClient, AsyncAPIClient)
+                for name in ("request", "_send_request")
+            ]
+        )
 
     def calls_on(self) -> None:
-        for cls, name, wrapped, _ in self.hooks:
-            setattr(cls, name, wrapped)
+        self.hooks.on()
 
     def calls_off(self) -> None:
-        for cls, name, _, original in self.hooks:
-            setattr(cls, name, original)
+        self.hooks.off()
 
 
 class OpenTelemetryTool(Tool):
