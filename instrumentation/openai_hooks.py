@@ -95,10 +95,6 @@ def _may_carry_id(options: Any, client: Any) -> bool:
     return custom is None or names_request_id(options.headers, custom)
 
 
-#: key_hint() of the keys seen (a handful per process; bounded all the same)
-_hints: dict[object, str | None] = {}
-
-
 def _is_post(options: Any) -> bool:
     method = getattr(options, "method", None)
     return method == "post" or str(method).lower() == "post"  # the SDK spells it "post"
@@ -131,13 +127,7 @@ def _begin(options: Any, client: Any = None) -> tuple[PendingCall | None, Any]:
         headers = options.headers
         project = headers.get("OpenAI-Project") if isinstance(headers, dict) else None
         pending.project = project or getattr(client, "project", None)
-        key = getattr(client, "api_key", None)
-        try:
-            pending.api_key_hint = _hints[key]
-        except (KeyError, TypeError):  # a key not seen yet (or not hashable)
-            pending.api_key_hint = hint = key_hint(key)
-            if isinstance(key, str) and len(_hints) < 64:  # pragma: no mutate (a bound only)
-                _hints[key] = hint
+        pending.api_key_hint = key_hint(getattr(client, "api_key", None))
         pending.may_carry_id = _may_carry_id(options, client)
     except Exception as exc:
         if is_interrupt(exc):
