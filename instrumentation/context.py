@@ -244,6 +244,7 @@ class UsageScope:
         self._on_close: dict[object, Callable[[], None]] = {}
         self.error: BaseException | None = None
         self.opened_at = _utcnow()
+        self._root: UsageScope = self if parent is None else parent._root
         if parent is None:
             self.execution_id = new_id()
             self._scope_ids = itertools.count(0)
@@ -275,10 +276,8 @@ class UsageScope:
     # -- tree -----------------------------------------------------------------------------
     @property
     def root(self) -> UsageScope:
-        scope = self
-        while scope.parent is not None:
-            scope = scope.parent
-        return scope
+        """The scope this tree was opened with (its task's, usually)."""
+        return self._root
 
     @property
     def path(self) -> tuple[int, ...]:
