@@ -1,7 +1,9 @@
 """A write-ahead log that needs no broker: one append-only file per worker process.
 
 Each captured call (and rollup binding) of a task is appended to the process's own file in
-``$TOKENMETER_DATA_DIR/wal/`` before the call returns to the caller.  The bytes are handed to
+``$TOKENMETER_DATA_DIR/wal/`` before the call returns to the caller: a JSON line, the call as
+its values in the order the file's first line names (files of earlier versions, each call an
+object of named fields, are read too).  The bytes are handed to
 the operating system at once, so they survive the death of the process (SIGKILL, the OOM
 killer); the host's loss needs the Redis log as well.  When the execution is flushed (to the
 database or the spool) a ``done`` line follows.  The file is named by host, pid and the
@@ -26,7 +28,7 @@ from typing import Any
 
 from .context import CallRecord, Rollup, UsageScope, is_interrupt
 from .procs import pid_alive, process_started
-from .sink import DatabaseSink, FlushBatch, call_to_json
+from .sink import CALL_FIELDS, DatabaseSink, FlushBatch, call_to_row
 from .wal import WriteAheadLog
 
 logger = logging.getLogger("tokenmeter.wal")
@@ -35,6 +37,9 @@ _line = json.JSONEncoder(separators=(",", ":")).encode
 
 #: A file with no open execution is emptied once it grows past this.
 COMPACT_BYTES = 1 << 20
+#: The first line of every file: the names of a call line's values (``"t":"c"``, ``"v"``).
+#: Older files have none and carry each call as a JSON object (``"t":"call"``): read alike.
+_FIELDS_LINE = (_line({"t": "fields", "names": list(CALL_FIELDS)}) + "\n").encode()
 
 
 def _execution_of(line: str) -> str | None:
@@ -81,6 +86,8 @@ class FileWriteAheadLog:
             self._path = self.directory / self._name(pid)
             self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             self._pid, self._open, self._done = pid, set(), []
+            if os.fstat(self._fd).st_size == 0:
+                os.write(self._fd, _FIELDS_LINE)
         return self._fd
 
     def _write(self, *entries: dict[str, Any]) -> None:
@@ -115,7 +122,7 @@ class FileWriteAheadLog:
             logger.warning("local write-ahead log unavailable (%s: %s)", type(exc).__name__, exc)
 
     def _on_call(self, scope: UsageScope, call: CallRecord) -> None:
-        self._append(scope, {"t": "call", "path": scope.path, "call": call_to_json(call)})
+        self._append(scope, {"t": "c", "path": scope.path, "v": call_to_row(call)})
 
     def _on_rollup(self, scope: UsageScope, rollup: Rollup) -> None:
         self._append(scope, {"t": "rollup", "path": scope.path, "rollup": rollup.to_json()})
@@ -181,12 +188,13 @@ class FileWriteAheadLog:
                 if _execution_of(line) in keep
             ]
             tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(lines), encoding="utf-8")
+            tmp.write_bytes(_FIELDS_LINE + "".join(lines).encode("utf-8"))
             os.replace(tmp, path)
             os.close(self._fd)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         else:
             os.ftruncate(self._fd, 0)  # O_APPEND: the next write goes to the new end
+            os.write(self._fd, _FIELDS_LINE)
 
     def pending(self) -> int:
         """Executions of this host's live writers that ended and are not yet durable."""
@@ -255,15 +263,33 @@ class FileWriteAheadLog:
         entries: dict[str, list[str]] = {}
         meta: dict[str, dict[str, Any]] = {}
         done: set[str] = set()
+        names: list[str] | None = None  # of the values of a call line, from the file's top
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 entry = json.loads(line)
             except ValueError:
                 continue  # a line cut by the kill: the call before it is whole
+            kind = entry.get("t")
+            if kind == "fields":
+                names = entry.get("names")
+                continue
             eid = entry.get("e")
             if not eid:
                 continue
-            kind = entry.get("t")
+            if kind == "c":  # a call as values, named by the file's first line
+                if names is None:  # never written so; this version's order, said aloud
+                    logger.warning("%s: a call line before the field names", path.name)
+                    names = list(CALL_FIELDS)
+                values = entry.get("v") or ()
+                kind, entry = (
+                    "call",
+                    {
+                        "e": eid,
+                        "t": "call",
+                        "path": entry.get("path"),
+                        "call": dict(zip(names, values, strict=False)),
+                    },
+                )
             if kind == "open":
                 meta[eid] = entry.get("meta") or {}
             elif kind == "done":

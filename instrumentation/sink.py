@@ -92,6 +92,24 @@ def call_to_json(call: CallRecord) -> dict[str, Any]:
     return out
 
 
+#: A call as a row of values in this order (``call_to_row``): the write-ahead file names them
+#: once, at its top, so that a later version with other fields reads them by name.
+CALL_FIELDS: tuple[str, ...] = _CALL_FIELDS
+_COST_AT = _CALL_FIELDS.index("cost_usd")
+_CREATED_AT = _CALL_FIELDS.index("created_at")
+
+
+def call_to_row(call: CallRecord) -> list[Any]:
+    """Every field of ``call`` in :data:`CALL_FIELDS` order, as JSON values (a third less to
+    encode than :func:`call_to_json`'s names, and no test against each default)."""
+    row = list(_CALL_VALUES(call))
+    cost = row[_COST_AT]
+    if cost is not None:
+        row[_COST_AT] = str(cost)
+    row[_CREATED_AT] = row[_CREATED_AT].isoformat()
+    return row
+
+
 def call_from_json(data: dict[str, Any]) -> CallRecord:
     known = {f.name for f in fields(CallRecord)}
     kwargs = {k: v for k, v in data.items() if k in known}

@@ -196,6 +196,43 @@ def test_a_dead_writers_file_is_recovered_once_and_removed(tmp_path, sink, db_ur
     assert post_row.prompt_tokens == 340
 
 
+def test_a_file_an_earlier_version_wrote_is_recovered(tmp_path, sink, db_url, caplog) -> None:
+    """Files without the field names on top, each call a JSON object (before 2026-12-02),
+    beside one of this version's: a worker upgraded in place recovers both, exactly."""
+    from tokenmeter.filewal import FileWriteAheadLog
+    from tokenmeter.sink import call_to_json
+
+    old = call("old-format", 321)
+    old.execution_id, old.seq, old.task_id, old.scope_kind = "e-old", 1, "t-old", "task"
+    old.cost_usd = Decimal("0.0000481500")
+    lines = [
+        {"e": "e-old", "t": "open", "meta": {"task_id": "t-old", "task_name": "demo.old"}},
+        {"e": "e-old", "t": "call", "path": [0], "call": call_to_json(old)},
+    ]
+    directory = tmp_path / "wal"
+    directory.mkdir()
+    log = FileWriteAheadLog(directory)
+    earlier = directory / f"{log.host}-{dead_pid()}-111.jsonl"
+    earlier.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    root, token = open_scope("task", "t-new", task_id="t-new", task_name="demo.new")
+    log.attach(root)
+    call("new-format", 123)
+    _current.reset(token)  # never closed: the process "dies"
+    log.close()
+    [mine] = [p for p in directory.glob("*.jsonl") if p != earlier]
+    assert json.loads(mine.read_text().splitlines()[0])["t"] == "fields"
+    mine.rename(directory / f"{log.host}-{dead_pid()}-222.jsonl")
+    assert log.recover(sink) == 2
+    with session_scope() as s:
+        rows = {r.request_id: r for r in s.scalars(select(OpenAICall))}
+    assert set(rows) == {"req_old-format", "req_new-format"}
+    assert (rows["req_old-format"].input_tokens, rows["req_old-format"].task_id) == (321, "t-old")
+    assert rows["req_old-format"].cost_usd == Decimal("0.0000481500")
+    assert (rows["req_new-format"].input_tokens, rows["req_new-format"].task_id) == (123, "t-new")
+    assert "before the field names" not in caplog.text
+    assert not list(directory.glob("*.jsonl"))
+
+
 def test_a_forget_that_fails_while_redis_is_down_is_retried(
     redis, owner, sink, monkeypatch
 ) -> None:

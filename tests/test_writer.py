@@ -10,6 +10,7 @@ the writer; a forked child never writes its parent's queue.
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 import shutil
 import subprocess
@@ -340,6 +341,7 @@ def test_the_write_ahead_file_compacts_while_an_execution_stays_open(
     assert path.stat().st_size < 8000  # the 60 executions written: over 30 kB
     text = path.read_text()
     assert "req_long-1" in text and "req_short0" not in text
+    assert json.loads(text.splitlines()[0])["t"] == "fields"  # the names stay on top
 
     # the process "dies" with the long task open: its calls are recovered, the others not again
     dead = path.with_name(f"{wal.host}-{dead_pid()}-1.jsonl")
@@ -347,6 +349,8 @@ def test_the_write_ahead_file_compacts_while_an_execution_stays_open(
     assert FileWriteAheadLog(tmp_path / "wal").recover(DatabaseSink(spool=sink.spool)) == 1
     rows = [r.request_id for r in ledger()]
     assert rows.count("req_long-1") == 1 and len(rows) == 61
+    [long_row] = [r for r in ledger() if r.request_id == "req_long-1"]
+    assert (long_row.task_id, long_row.input_tokens) == ("long", 100)
     long_task.run(close_scope, long_root, long_token)
     wal.close()
 
