@@ -93,7 +93,8 @@ def seed() -> None:
                     input_tokens=300,
                     output_tokens=40,
                     cost_usd=Decimal("0.000069"),
-                    created_at=now - timedelta(days=1),
+                    # two days back: never the day of the others (at most 2 h back), at any hour
+                    created_at=now - timedelta(days=2),
                 ),
                 OpenAICall(
                     request_id="r4",
@@ -194,7 +195,7 @@ def test_windows_and_groups(client: TestClient) -> None:
     with session_scope() as s:
         seeded = list(s.scalars(select(OpenAICall.created_at)))
     assert len(seeded) == 4
-    day = (datetime.now(UTC) - timedelta(days=1)).date()
+    day = (datetime.now(UTC) - timedelta(days=2)).date()  # r3's day, and only r3's
     one_day = client.get(
         "/api/usage/summary",
         headers=AUTH,

@@ -239,13 +239,19 @@ def test_the_cli_finds_an_unmetered_day_and_exits_1(db_url, sandbox, monkeypatch
     monkeypatch.setenv("OPENAI_ADMIN_KEY", ADMIN_KEY)
     monkeypatch.setenv("OPENAI_BASE_URL", sandbox.openai_base_url)
     monkeypatch.setenv("COLUMNS", "160")
-    found = CliRunner().invoke(cli, ["audit", "--since", "7d", "--bucket", "1d"])
+    # --settle 0: every bucket that has ended is compared, whatever the hour (the default hour
+    # of settling skips yesterday's bucket in the first hour of a UTC day: 5 buckets, not 6)
+    found = CliRunner().invoke(cli, ["audit", "--since", "7d", "--bucket", "1d", "--settle", "0"])
     assert found.exit_code == 1, found.output
     assert "unmetered" in found.output and "gpt-4o-mini-2024-07-18" in found.output
     assert ADMIN_KEY not in found.output
-    as_json = CliRunner().invoke(cli, ["audit", "--since", "7d", "--format", "json"])
+    as_json = CliRunner().invoke(
+        cli, ["audit", "--since", "7d", "--format", "json", "--settle", "0"]
+    )
     assert as_json.exit_code == 1 and '"kind": "unmetered"' in as_json.output
-    as_csv = CliRunner().invoke(cli, ["audit", "--since", "7d", "--format", "csv", "--no-store"])
+    as_csv = CliRunner().invoke(
+        cli, ["audit", "--since", "7d", "--format", "csv", "--no-store", "--settle", "0"]
+    )
     assert as_csv.exit_code == 1
     day = time.strftime("%Y-%m-%d 00:00", time.gmtime(two_days_ago))
     assert as_csv.output.splitlines() == [
@@ -296,7 +302,8 @@ def test_the_beat_task_audits_keeps_the_run_and_sets_the_gauges(
     handle = tokenmeter.install(app, recovery_interval_s=0, instrument_openai=False)
     try:
         result = app.tasks["tokenmeter.audit"].apply(
-            kwargs={"since_s": 7 * 86400, "base_url": sandbox.openai_base_url}
+            # settle 0: six closed days at any hour (see the CLI's test)
+            kwargs={"since_s": 7 * 86400, "settle_s": 0, "base_url": sandbox.openai_base_url}
         )
     finally:
         handle.uninstall()
@@ -321,7 +328,7 @@ def test_the_beat_task_audits_keeps_the_run_and_sets_the_gauges(
 
     sandbox.openai.ledger.clear()  # now the books agree: the gauges say so
     result = app.tasks["tokenmeter.audit"].apply(
-        kwargs={"since_s": 7 * 86400, "base_url": sandbox.openai_base_url}
+        kwargs={"since_s": 7 * 86400, "settle_s": 0, "base_url": sandbox.openai_base_url}
     )
     assert result.get()["clean"] is True
     assert gauge("tokenmeter_audit_clean") == 1
