@@ -104,7 +104,7 @@ class PendingCall:
         headers = request.headers
         given = headers.get(CLIENT_REQUEST_ID) if self.may_carry_id else None
         if given is None:
-            given = "tm-" + new_id()  # new_client_request_id()
+            given = new_client_request_id()
             headers[CLIENT_REQUEST_ID] = given
         attempt = Attempt(given)
         self.attempts.append(attempt)
@@ -154,12 +154,11 @@ class PendingCall:
     # -- outcomes --------------------------------------------------------------------------------
     def new_call(self, request_id: str | None = None) -> CallRecord:
         """This call's record as answered now (status ``ok``), before its usage is read."""
-        attempts = self.attempts
         call = CallRecord(
             operation=self.operation,
             requested_model=self.requested_model,
             request_id=request_id,
-            client_request_id=attempts[-1].client_request_id if attempts else None,
+            client_request_id=self.client_request_id,
             batch=self.batch,
             stream=self.stream,
             latency_ms=(time.perf_counter() - self.started) * 1000,
@@ -347,14 +346,20 @@ def record_parsed(pending: PendingCall, parsed: Any, request_id: str | None) -> 
     pending.store(call)
 
 
+def contain(exc: Exception, what: str = "record an openai call") -> None:
+    """A metering step raised ``exc`` (call it in the ``except``): an interrupt goes on to the
+    task (a soft time limit must reach it), a bug is logged."""
+    if is_interrupt(exc):
+        raise exc
+    logger.exception("tokenmeter failed to %s", what)
+
+
 def safe(fn: Any, *args: Any, default: Any = None) -> Any:
     """Run a metering step; a bug in it is logged, an interrupt goes on to the task."""
     try:
         return fn(*args)
     except Exception as exc:
-        if is_interrupt(exc):  # a soft time limit must reach the task
-            raise
-        logger.exception("tokenmeter failed to record an openai call")
+        contain(exc)
         return default
 
 
@@ -362,6 +367,4 @@ async def safe_async(fn: Any, *args: Any) -> None:
     try:
         await fn(*args)
     except Exception as exc:
-        if is_interrupt(exc):
-            raise
-        logger.exception("tokenmeter failed to record an openai call")
+        contain(exc)

@@ -93,10 +93,7 @@ class FileWriteAheadLog:
     def _write(self, *entries: dict[str, Any]) -> None:
         """Append ``entries`` in one write(2): in the OS once this returns (it outlives this
         process), with no buffer of Python's in between."""
-        if len(entries) == 1:  # most lines: one call
-            data = (_line(entries[0]) + "\n").encode()
-        else:
-            data = "".join(_line(e) + "\n" for e in entries).encode()
+        data = "".join(_line(e) + "\n" for e in entries).encode()
         with self._lock:
             os.write(self._handle(), data)
 

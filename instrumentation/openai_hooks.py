@@ -169,10 +169,9 @@ def _wrap_sync(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
         if not _is_post(options):
-            if not batches.is_file_content(options):
-                return original(self, cast_to, options, *args, **kwargs)
-            result = original(self, cast_to, options, *args, **kwargs)  # maybe a batch's output
-            safe(batches.record_output, result)  # its lines are calls
+            result = original(self, cast_to, options, *args, **kwargs)
+            if batches.is_file_content(options):  # maybe a batch's output: its lines are calls
+                safe(batches.record_output, result)
             return result
         pending, options = _begin(options, self)
         if pending is None:
@@ -196,10 +195,9 @@ def _wrap_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaita
     @functools.wraps(original)
     async def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
         if not _is_post(options):
-            if not batches.is_file_content(options):
-                return await original(self, cast_to, options, *args, **kwargs)
             result = await original(self, cast_to, options, *args, **kwargs)
-            safe(batches.record_output, result)
+            if batches.is_file_content(options):
+                safe(batches.record_output, result)
             return result
         pending, options = _begin(options, self)
         if pending is None:

@@ -459,7 +459,4 @@ def prices() -> Prices:
 
 def cost_of(call: CallRecord) -> Price:
     """Exact cost of one call with the active prices (see :meth:`Prices.cost_of`)."""
-    last = _last
-    if last is not None and last[0] is _settings.get_settings():
-        return last[1].cost_of(call)
     return prices().cost_of(call)

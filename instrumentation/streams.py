@@ -19,7 +19,6 @@ number of times records once.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import weakref
 from collections import deque
@@ -32,6 +31,7 @@ from .capture import (
     BILLED_UNKNOWN,
     PendingCall,
     attribute,
+    contain,
     get,
     read_usage,
     record_parsed,
@@ -39,12 +39,10 @@ from .capture import (
     safe_async,
     tool_calls,
 )
-from .context import is_interrupt
 
 #: Events read after the caller stopped, looking for the usage of a complete answer.
 MAX_DRAIN_EVENTS = 8
 WATCHED = "_tokenmeter_watched"
-logger = logging.getLogger("tokenmeter.openai")
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
@@ -214,15 +212,6 @@ class StreamWatch:
         self.abandon()
 
 
-def _not_seen(exc: Exception) -> bool:
-    """``StreamWatch.see`` raised ``exc``: an interrupt goes on to the task; a bug is logged
-    and the chunk is the caller's (``safe``, spelled out in the loops that read chunks)."""
-    if is_interrupt(exc):
-        raise exc
-    logger.exception("tokenmeter failed to read a stream chunk")
-    return True
-
-
 def _closer(stream: Any) -> Any:
     """The stream's own ``close``, held without holding the stream.
 
@@ -263,7 +252,8 @@ def watch_sync(pending: PendingCall, stream: Stream[Any]) -> Stream[Any]:
                 try:
                     keep = watch.see(item)
                 except Exception as exc:  # a bug of metering: the caller gets the chunk
-                    keep = _not_seen(exc)
+                    contain(exc, "read a stream chunk")
+                    keep = True
                 if keep:
                     yield item
         except GeneratorExit:  # closed or collected before its end
@@ -307,7 +297,8 @@ def watch_async(pending: PendingCall, stream: AsyncStream[Any]) -> AsyncStream[A
                 try:
                     keep = watch.see(item)
                 except Exception as exc:
-                    keep = _not_seen(exc)
+                    contain(exc, "read a stream chunk")
+                    keep = True
                 if keep:
                     yield item
         except GeneratorExit:
