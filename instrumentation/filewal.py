@@ -26,20 +26,33 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from .context import CallRecord, Rollup, UsageScope, is_interrupt
 from .procs import pid_alive, process_started
 from .sink import CALL_FIELDS, DatabaseSink, FlushBatch, call_to_row
 from .wal import WriteAheadLog
 
 logger = logging.getLogger("tokenmeter.wal")
-#: One encoder for every line (``json.dumps`` with options builds a new one each call).
-_line = json.JSONEncoder(separators=(",", ":")).encode
+#: The fallback encoder (``json.dumps`` with options builds a new one each call).
+_json_line = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _line(entry: dict[str, Any]) -> bytes:
+    """``entry`` as one line of the file: orjson (a tenth of the json module's time, the
+    same compact JSON), or the json module for what orjson refuses (a lone surrogate in a
+    label the user set): a value never makes a call unwritable."""
+    try:
+        return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return (_json_line(entry) + "\n").encode()  # ASCII: non-ASCII is escaped
+
 
 #: A file with no open execution is emptied once it grows past this.
 COMPACT_BYTES = 1 << 20
 #: The first line of every file: the names of a call line's values (``"t":"c"``, ``"v"``).
 #: Older files have none and carry each call as a JSON object (``"t":"call"``): read alike.
-_FIELDS_LINE = (_line({"t": "fields", "names": list(CALL_FIELDS)}) + "\n").encode()
+_FIELDS_LINE = _line({"t": "fields", "names": list(CALL_FIELDS)})
 
 
 def _execution_of(line: str) -> str | None:
@@ -93,7 +106,7 @@ class FileWriteAheadLog:
     def _write(self, *entries: dict[str, Any]) -> None:
         """Append ``entries`` in one write(2): in the OS once this returns (it outlives this
         process), with no buffer of Python's in between."""
-        data = "".join(_line(e) + "\n" for e in entries).encode()
+        data = b"".join(_line(e) for e in entries)
         with self._lock:
             os.write(self._handle(), data)
 
@@ -143,9 +156,9 @@ class FileWriteAheadLog:
         if not eid or eid not in self._open or self._pid != os.getpid():
             return
         try:
-            line = json.dumps({"e": eid, "t": "done"}, separators=(",", ":")) + "\n"
+            line = _line({"e": eid, "t": "done"})
             with self._lock:
-                self._done.append(line.encode())
+                self._done.append(line)
                 self._open.discard(eid)
             if not self.defer_done:
                 self.committed()

@@ -254,3 +254,33 @@ def test_a_forget_that_fails_while_redis_is_down_is_retried(
     owner.renew()  # Redis is back: the next renewal (or recovery pass) forgets it
     assert not redis.hexists(OPEN_KEY, root.execution_id)
     assert not redis.exists(owner.entry_prefix + root.execution_id)
+
+
+def test_a_label_orjson_refuses_is_still_written_ahead(tmp_path) -> None:
+    """The file's lines are orjson's; a lone surrogate in a label (which orjson refuses) takes
+    the json module's path: every line is there, and reads back as the values written."""
+    from tokenmeter.filewal import FileWriteAheadLog
+    from tokenmeter.sink import CALL_FIELDS
+
+    log = FileWriteAheadLog(tmp_path / "wal")
+    name = "demo.caf\u00e9-\ud800"  # non-ASCII, and a surrogate no UTF-8 can carry
+    root, token = open_scope("task", "t-odd", task_id="t-odd", task_name=name)
+    log.attach(root)
+    with usage_scope("scanned_post", "p\u00e9-\udfff"):
+        call("odd", 77)
+    call("plain", 5)
+    _current.reset(token)
+    log.close()
+    [path] = list((tmp_path / "wal").glob("*.jsonl"))
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert log.unavailable == 0
+    assert [entry["t"] for entry in lines] == ["fields", "open", "c", "c"]
+    assert lines[0]["names"] == list(CALL_FIELDS)
+    assert lines[1]["meta"]["task_name"] == name
+    odd, plain = (dict(zip(CALL_FIELDS, entry["v"], strict=True)) for entry in lines[2:])
+    assert (odd["request_id"], odd["input_tokens"], odd["scope_ref"]) == (
+        "req_odd",
+        77,
+        "p\u00e9-\udfff",
+    )
+    assert (plain["request_id"], plain["task_name"]) == ("req_plain", name)
