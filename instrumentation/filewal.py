@@ -324,8 +324,8 @@ class FileWriteAheadLog:
             )
             if sink.persist(batch):  # in the ledger or the spool: never spooled again
                 recovered += 1
-                with path.open("a", encoding="utf-8") as fh:  # the writer is dead: ours to note
-                    fh.write(json.dumps({"e": eid, "t": "done"}, separators=(",", ":")) + "\n")
+                with path.open("ab") as fh:  # the writer is dead: ours to note
+                    fh.write(_line({"e": eid, "t": "done"}))
             else:
                 failed = True  # kept: the next recovery writes it (idempotent)
         if not failed:
