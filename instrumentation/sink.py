@@ -317,22 +317,42 @@ def _copy_row(call: CallRecord, plan: _CopyPlan) -> list[Any]:
     return row
 
 
+#: PostgreSQL's SQLSTATE for a unique violation.
+_UNIQUE_VIOLATION = "23505"
+
+
 def _copy_calls(conn: Connection, calls: list[CallRecord]) -> set[tuple[str, int]]:
-    """Stage ``calls`` with COPY and move the new ones into the ledger; their keys."""
+    """Copy ``calls`` into the ledger; the keys of those that were new to it.
+
+    A commit nearly always holds calls the ledger has never seen: they are copied straight
+    into it, in a savepoint (a fifth less time a commit than staging them first).  When any
+    is already there (a replay, a second recovery, the same batch twice) the unique
+    violation rolls that back, and every call goes through a staging table and one
+    ``INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING``, which adds only the new ones.
+    """
     dialect = conn.dialect
     plan = _copy_plan(dialect)
     names = ", ".join(dialect.identifier_preparer.quote(c.name) for c in _COPY_COLUMNS)
     ledger = dialect.identifier_preparer.format_table(_LEDGER)
+    rows = [_copy_row(call, plan) for call in calls]
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
+        cursor.execute("SAVEPOINT tokenmeter_copy")
+        try:
+            _copy_rows(cursor, ledger, names, rows)
+        except Exception as exc:
+            if getattr(exc, "sqlstate", None) != _UNIQUE_VIOLATION:
+                raise
+            cursor.execute("ROLLBACK TO SAVEPOINT tokenmeter_copy")
+        else:
+            cursor.execute("RELEASE SAVEPOINT tokenmeter_copy")
+            return {(call.execution_id, call.seq) for call in calls}
         # a temporary table of the session, emptied at each commit (and on rollback)
         cursor.execute(
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGE} ON COMMIT DELETE ROWS AS "
             f"SELECT {names} FROM {ledger} WITH NO DATA"
         )
-        with cursor.copy(f"COPY {_STAGE} ({names}) FROM STDIN") as copy:
-            for call in calls:
-                copy.write_row(_copy_row(call, plan))
+        _copy_rows(cursor, _STAGE, names, rows)
         cursor.execute(
             f"INSERT INTO {ledger} ({names}) SELECT {names} FROM {_STAGE} "
             "ON CONFLICT DO NOTHING RETURNING execution_id, seq"
@@ -340,6 +360,12 @@ def _copy_calls(conn: Connection, calls: list[CallRecord]) -> set[tuple[str, int
         return {(eid, seq) for eid, seq in cursor.fetchall()}
     finally:
         cursor.close()
+
+
+def _copy_rows(cursor: Any, table: str, names: str, rows: list[list[Any]]) -> None:
+    with cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 def _bound(

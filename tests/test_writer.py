@@ -457,6 +457,23 @@ def test_the_same_batch_twice_in_one_commit_adds_its_calls_once(db_url, sink) ->
     assert len(ledger()) == 2
 
 
+def test_a_commit_mixing_written_and_new_batches_adds_only_the_new(db_url, sink) -> None:
+    """A replay whose chunk holds a batch the ledger already has and one it has not: the
+    copy straight into the ledger meets the written calls and is undone, the staged insert
+    adds the new batch's calls and applies only its rollup."""
+    with session_scope() as s:
+        s.add_all(AgentScannedPost(post_id=p, subreddit="crafts") for p in ("old", "new"))
+    written, fresh = _scan_batch("old", "e-old"), _scan_batch("new", "e-new")
+    sink.flush_many([FlushBatch.from_json(written.to_json())])
+    sink.flush_many([FlushBatch.from_json(b.to_json()) for b in (written, fresh)])
+    assert sorted(r.execution_id for r in ledger()) == ["e-new", "e-new", "e-old", "e-old"]
+    for post in ("old", "new"):
+        stored = _post(post)
+        assert (stored.prompt_tokens, stored.completion_tokens) == (200, 40)
+        assert stored.total_cost_usd == 2 * COST
+    assert len(sink.spool) == 0
+
+
 def test_a_dead_writers_file_is_spooled_once_while_the_database_is_down(db_url, tmp_path) -> None:
     """Recovery passes during an outage: the first spools the dead process's calls and marks
     them done in its file, the next ones find nothing to spool again."""
