@@ -272,22 +272,16 @@ class UsageScope:
             with self._lock:
                 parent.children.append(self)
         self.scope_id: int = next(self._scope_ids)  # 0 for the root, unique in the execution
+        #: Scope ids from the root down to this scope (every write-ahead line carries it).
+        self.path: tuple[int, ...] = (
+            (self.scope_id,) if parent is None else (*parent.path, self.scope_id)
+        )
 
     # -- tree -----------------------------------------------------------------------------
     @property
     def root(self) -> UsageScope:
         """The scope this tree was opened with (its task's, usually)."""
         return self._root
-
-    @property
-    def path(self) -> tuple[int, ...]:
-        """Scope ids from the root down to this scope."""
-        ids: list[int] = []
-        scope: UsageScope | None = self
-        while scope is not None:
-            ids.append(scope.scope_id)
-            scope = scope.parent
-        return tuple(reversed(ids))
 
     def walk(self) -> Iterator[UsageScope]:
         """This scope and every descendant, depth first."""

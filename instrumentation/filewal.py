@@ -48,6 +48,17 @@ def _line(entry: dict[str, Any]) -> bytes:
         return (_json_line(entry) + "\n").encode()  # ASCII: non-ASCII is escaped
 
 
+#: This process's id, kept by a fork hook (``os.getpid()`` is a system call each time).
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
 #: A file with no open execution is emptied once it grows past this.
 COMPACT_BYTES = 1 << 20
 #: The first line of every file: the names of a call line's values (``"t":"c"``, ``"v"``).
@@ -93,7 +104,7 @@ class FileWriteAheadLog:
         return f"{self.host}-{pid}-{process_started(pid) or 0}.jsonl"
 
     def _handle(self) -> int:
-        pid = os.getpid()
+        pid = _pid
         if self._fd is None or self._pid != pid:  # a forked child opens a file of its own
             self.directory.mkdir(parents=True, exist_ok=True)
             self._path = self.directory / self._name(pid)
@@ -106,7 +117,7 @@ class FileWriteAheadLog:
     def _write(self, *entries: dict[str, Any]) -> None:
         """Append ``entries`` in one write(2): in the OS once this returns (it outlives this
         process), with no buffer of Python's in between."""
-        data = b"".join(_line(e) for e in entries)
+        data = _line(entries[0]) if len(entries) == 1 else b"".join(map(_line, entries))
         with self._lock:
             os.write(self._handle(), data)
 
@@ -114,7 +125,7 @@ class FileWriteAheadLog:
         root = scope.root
         eid = root.execution_id
         try:
-            if eid not in self._open or self._pid != os.getpid():
+            if eid not in self._open or self._pid != _pid:
                 meta = {
                     "task_id": root.task_id,
                     "task_name": root.task_name,
@@ -141,7 +152,7 @@ class FileWriteAheadLog:
         """Writer hook: the task ended and its batch is queued (``tokenmeter flush --wait``
         waits for the ``done`` that follows)."""
         eid = batch.execution_id
-        if not eid or eid not in self._open or self._pid != os.getpid():
+        if not eid or eid not in self._open or self._pid != _pid:
             return
         try:
             self._write({"e": eid, "t": "closed"})
@@ -153,7 +164,7 @@ class FileWriteAheadLog:
     def after_flush(self, batch: FlushBatch, _new_calls: list[CallRecord]) -> None:
         """Sink hook: the execution is durable elsewhere; mark it done (and compact)."""
         eid = batch.execution_id
-        if not eid or eid not in self._open or self._pid != os.getpid():
+        if not eid or eid not in self._open or self._pid != _pid:
             return
         try:
             line = _line({"e": eid, "t": "done"})
@@ -169,7 +180,7 @@ class FileWriteAheadLog:
 
     def committed(self) -> None:
         """Write the done lines held so far (one write), and compact the file if it is big."""
-        if self._pid != os.getpid():
+        if self._pid != _pid:
             return
         try:
             with self._lock:
@@ -236,7 +247,7 @@ class FileWriteAheadLog:
     def close(self) -> None:
         self.committed()
         with self._lock:
-            if self._fd is not None and self._pid == os.getpid():
+            if self._fd is not None and self._pid == _pid:
                 os.close(self._fd)
             self._fd = None
 
