@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
 from openai import APIStatusError
@@ -266,34 +267,62 @@ USAGE_FIELDS = (
 )
 
 
+_CHAT_USAGE = attrgetter(
+    "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"
+)
+_TOKENS_USAGE = attrgetter(
+    "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details"
+)
+_INPUT_DETAILS = attrgetter("cached_tokens", "cache_write_tokens", "image_tokens", "audio_tokens")
+_OUTPUT_DETAILS = attrgetter("reasoning_tokens", "audio_tokens")
+
+
 def read_usage(call: CallRecord, usage: Any) -> None:
     """Set ``call``'s counts from the provider's ``usage`` (every billing dimension it
     reports): the SDK's object, read by attribute, or its JSON as a dict."""
     if usage is None:
         call.usage_reported = False
         return
-    read = get if isinstance(usage, dict) else attribute
-    if call.operation in ("responses", "image"):
-        inp, out = read(usage, "input_tokens"), read(usage, "output_tokens")
-        details = read(usage, "input_tokens_details")
-        out_details = read(usage, "output_tokens_details")
-    else:
-        inp, out = read(usage, "prompt_tokens"), read(usage, "completion_tokens")
-        details = read(usage, "prompt_tokens_details")
-        out_details = read(usage, "completion_tokens_details")
+    by_tokens = call.operation in ("responses", "image")
+    try:  # the SDK's objects: each level read in one step
+        inp, out, details, out_details = (_TOKENS_USAGE if by_tokens else _CHAT_USAGE)(usage)
+        cached, written, images, audio = (
+            (0, 0, 0, 0) if details is None else _INPUT_DETAILS(details)
+        )
+        reasoning, audio_out = (0, 0) if out_details is None else _OUTPUT_DETAILS(out_details)
+    except AttributeError:  # a dict, an older SDK's object without a field: name by name
+        inp, out, details, out_details = _read(
+            usage,
+            ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
+            if by_tokens
+            else (
+                "prompt_tokens",
+                "completion_tokens",
+                "prompt_tokens_details",
+                "completion_tokens_details",
+            ),
+        )
+        cached, written, images, audio = _read(
+            details, ("cached_tokens", "cache_write_tokens", "image_tokens", "audio_tokens")
+        )
+        reasoning, audio_out = _read(out_details, ("reasoning_tokens", "audio_tokens"))
     call.input_tokens = inp or 0
     call.output_tokens = out or 0
     call.usage_reported = inp is not None or out is not None
-    if details is not None:
-        of = get if isinstance(details, dict) else attribute
-        call.cached_input_tokens = of(details, "cached_tokens") or 0
-        call.cache_write_tokens = of(details, "cache_write_tokens") or 0
-        call.input_image_tokens = of(details, "image_tokens") or 0
-        call.input_audio_tokens = of(details, "audio_tokens") or 0
-    if out_details is not None:
-        of = get if isinstance(out_details, dict) else attribute
-        call.reasoning_tokens = of(out_details, "reasoning_tokens") or 0
-        call.output_audio_tokens = of(out_details, "audio_tokens") or 0
+    call.cached_input_tokens = cached or 0
+    call.cache_write_tokens = written or 0
+    call.input_image_tokens = images or 0
+    call.input_audio_tokens = audio or 0
+    call.reasoning_tokens = reasoning or 0
+    call.output_audio_tokens = audio_out or 0
+
+
+def _read(obj: Any, names: tuple[str, ...]) -> list[Any]:
+    """``obj``'s ``names`` (a dict's keys or an object's attributes), None where missing."""
+    if obj is None:
+        return [None] * len(names)
+    read = get if isinstance(obj, dict) else attribute
+    return [read(obj, name) for name in names]
 
 
 def usage_fields(operation: str, usage: Any) -> dict[str, Any]:

@@ -47,7 +47,16 @@ except ImportError as _exc:  # pragma: no cover - an SDK whose layout changed
     _IMPORT_PROBLEM = str(_exc)
 
 from . import batches
-from .capture import PendingCall, get, key_hint, names_request_id, record_parsed, safe, tracked
+from .capture import (
+    PendingCall,
+    contain,
+    get,
+    key_hint,
+    names_request_id,
+    record_parsed,
+    safe,
+    tracked,
+)
 from .context import before_call, current_scope, is_interrupt
 from .settings import get_settings
 from .streams import WATCHED, watch_async, watch_async_response, watch_response, watch_sync
@@ -184,8 +193,14 @@ def _wrap_sync(original: Callable[..., Any]) -> Callable[..., Any]:
             raise
         finally:
             _inflight.reset(token)
-        safe(pending.settle_unanswered, None)
-        return safe(_observe, pending, result, default=result)
+        attempts = pending.attempts
+        if len(attempts) != 1 or attempts[0].error is not None:  # retried, or never answered
+            safe(pending.settle_unanswered, None)
+        try:
+            return _observe(pending, result)
+        except Exception as exc:  # safe(), spelled out: the one step every call takes
+            contain(exc)
+            return result
 
     setattr(request, _ORIGINAL_ATTR, original)
     return request
@@ -210,8 +225,14 @@ def _wrap_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaita
             raise
         finally:
             _inflight.reset(token)
-        safe(pending.settle_unanswered, None)
-        return safe(_observe, pending, result, default=result)
+        attempts = pending.attempts
+        if len(attempts) != 1 or attempts[0].error is not None:  # retried, or never answered
+            safe(pending.settle_unanswered, None)
+        try:
+            return _observe(pending, result)
+        except Exception as exc:  # safe(), spelled out: the one step every call takes
+            contain(exc)
+            return result
 
     setattr(request, _ORIGINAL_ATTR, original)
     return request

@@ -508,6 +508,45 @@ def test_usage_details_become_their_own_categories() -> None:
     assert fields["cache_write_tokens"] == 384 and fields["input_tokens"] == 500
 
 
+def test_the_sdks_usage_objects_read_as_their_json() -> None:
+    """The SDK's own usage types (read a level at a time) give what their JSON gives; an
+    object without one of the fields (an older SDK's) is read name by name, None as 0."""
+    from types import SimpleNamespace
+
+    from openai.types import CompletionUsage
+    from openai.types.responses import ResponseUsage
+
+    from tokenmeter.capture import usage_fields
+
+    chat = {
+        "prompt_tokens": 900,
+        "completion_tokens": 300,
+        "total_tokens": 1200,
+        "prompt_tokens_details": {"cached_tokens": 256, "audio_tokens": 64},
+        "completion_tokens_details": {"reasoning_tokens": 100, "audio_tokens": 50},
+    }
+    responses = {
+        "input_tokens": 500,
+        "output_tokens": 20,
+        "total_tokens": 520,
+        "input_tokens_details": {"cached_tokens": 128, "cache_write_tokens": 64},
+        "output_tokens_details": {"reasoning_tokens": 7},
+    }
+    from_object = usage_fields("chat", CompletionUsage.model_validate(chat))
+    assert from_object == usage_fields("chat", chat)
+    assert (from_object["cached_input_tokens"], from_object["output_audio_tokens"]) == (256, 50)
+    from_object = usage_fields("responses", ResponseUsage.model_validate(responses))
+    assert from_object == usage_fields("responses", responses)
+    assert (from_object["cached_input_tokens"], from_object["reasoning_tokens"]) == (128, 7)
+    old = SimpleNamespace(prompt_tokens=40, completion_tokens=2)  # no details at all
+    assert usage_fields("chat", old) == {
+        **usage_fields("chat", {"prompt_tokens": 40, "completion_tokens": 2}),
+        "input_tokens": 40,
+    }
+    assert usage_fields("chat", old)["output_tokens"] == 2
+    assert usage_fields("chat", SimpleNamespace())["usage_reported"] is False
+
+
 def test_streamed_image_generation_and_edit_count_their_images(openai_client, sandbox) -> None:
     with usage_scope("task", "image-stream") as scope:
         events = list(
