@@ -267,14 +267,21 @@ USAGE_FIELDS = (
 )
 
 
-_CHAT_USAGE = attrgetter(
-    "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"
+#: The names of each level of a ``usage`` (chat and completions; responses and images; the
+#: details of its input and of its output), and their readers of an SDK object.
+_CHAT_NAMES = (
+    "prompt_tokens",
+    "completion_tokens",
+    "prompt_tokens_details",
+    "completion_tokens_details",
 )
-_TOKENS_USAGE = attrgetter(
-    "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details"
-)
-_INPUT_DETAILS = attrgetter("cached_tokens", "cache_write_tokens", "image_tokens", "audio_tokens")
-_OUTPUT_DETAILS = attrgetter("reasoning_tokens", "audio_tokens")
+_TOKENS_NAMES = ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
+_INPUT_NAMES = ("cached_tokens", "cache_write_tokens", "image_tokens", "audio_tokens")
+_OUTPUT_NAMES = ("reasoning_tokens", "audio_tokens")
+_CHAT_USAGE = attrgetter(*_CHAT_NAMES)
+_TOKENS_USAGE = attrgetter(*_TOKENS_NAMES)
+_INPUT_DETAILS = attrgetter(*_INPUT_NAMES)
+_OUTPUT_DETAILS = attrgetter(*_OUTPUT_NAMES)
 
 
 def read_usage(call: CallRecord, usage: Any) -> None:
@@ -291,21 +298,9 @@ def read_usage(call: CallRecord, usage: Any) -> None:
         )
         reasoning, audio_out = (0, 0) if out_details is None else _OUTPUT_DETAILS(out_details)
     except AttributeError:  # a dict, an older SDK's object without a field: name by name
-        inp, out, details, out_details = _read(
-            usage,
-            ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
-            if by_tokens
-            else (
-                "prompt_tokens",
-                "completion_tokens",
-                "prompt_tokens_details",
-                "completion_tokens_details",
-            ),
-        )
-        cached, written, images, audio = _read(
-            details, ("cached_tokens", "cache_write_tokens", "image_tokens", "audio_tokens")
-        )
-        reasoning, audio_out = _read(out_details, ("reasoning_tokens", "audio_tokens"))
+        inp, out, details, out_details = _read(usage, _TOKENS_NAMES if by_tokens else _CHAT_NAMES)
+        cached, written, images, audio = _read(details, _INPUT_NAMES)
+        reasoning, audio_out = _read(out_details, _OUTPUT_NAMES)
     call.input_tokens = inp or 0
     call.output_tokens = out or 0
     call.usage_reported = inp is not None or out is not None

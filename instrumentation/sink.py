@@ -247,8 +247,8 @@ def write_batches(conn: Connection, batches: list[FlushBatch]) -> list[list[Call
 def _insert_calls(conn: Connection, batches: list[FlushBatch]) -> list[list[CallRecord]]:
     """Every call in one statement; per batch, the calls that were new.
 
-    PostgreSQL: ``COPY`` into a per-session staging table, then one ``INSERT ... SELECT ...
-    ON CONFLICT DO NOTHING RETURNING``; a multi-row ``INSERT`` elsewhere (SQLite is local).
+    PostgreSQL: one ``COPY`` (see :func:`_copy_calls`); a multi-row ``INSERT ... ON CONFLICT
+    DO NOTHING RETURNING`` elsewhere (SQLite is local).
     """
     calls = [c for b in batches for c in b.calls]
     inserted: set[tuple[str, int]] = set()

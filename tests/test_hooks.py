@@ -539,10 +539,9 @@ def test_the_sdks_usage_objects_read_as_their_json() -> None:
     assert from_object == usage_fields("responses", responses)
     assert (from_object["cached_input_tokens"], from_object["reasoning_tokens"]) == (128, 7)
     old = SimpleNamespace(prompt_tokens=40, completion_tokens=2)  # no details at all
-    assert usage_fields("chat", old) == {
-        **usage_fields("chat", {"prompt_tokens": 40, "completion_tokens": 2}),
-        "input_tokens": 40,
-    }
+    assert usage_fields("chat", old) == usage_fields(
+        "chat", {"prompt_tokens": 40, "completion_tokens": 2}
+    )
     assert usage_fields("chat", old)["output_tokens"] == 2
     assert usage_fields("chat", SimpleNamespace())["usage_reported"] is False
 
