@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, delete, func, insert, select, update
+from sqlalchemy import Connection, String, Table, delete, func, insert, select, update
 
 from .context import CallRecord, is_interrupt
-from .ledger import PendingRollup
+from .ledger import PendingRollup, fitted
 from .rollups import TableRollup
 
 _PENDING: Table = PendingRollup.__table__  # type: ignore[assignment]
+_LENGTHS = {c.name: c.type.length for c in _PENDING.columns if isinstance(c.type, String)}
 
 Transaction = Callable[[], AbstractContextManager[Connection]]
 
@@ -56,12 +57,12 @@ def defer(
             "created_at": now,
             "updated_at": now,
             "execution_id": execution_id or "",
-            "task_id": task_id,
-            "task_name": task_name,
+            "task_id": fitted(task_id, _LENGTHS["task_id"]),  # labels a user set
+            "task_name": fitted(task_name, _LENGTHS["task_name"]),
             "rollup": json.dumps(rollup, separators=(",", ":")),
             "calls": json.dumps([_call_json(c) for c in calls], separators=(",", ":")),
             "attempts": 1,
-            "last_error": error,
+            "last_error": fitted(error, None),
             "dead": False,
         }
         for rollup, calls, had_calls in rollups
@@ -128,7 +129,7 @@ def retry(
                     .where(_PENDING.c.id == pending_id)
                     .values(
                         attempts=_PENDING.c.attempts + 1,
-                        last_error=f"{type(exc).__name__}: {exc}"[:4000],
+                        last_error=fitted(f"{type(exc).__name__}: {exc}"[:4000], None),
                         updated_at=datetime.now(UTC),
                         dead=_PENDING.c.attempts + 1 >= max_attempts,
                     )

@@ -7,9 +7,11 @@ their models or their migration history.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -43,6 +45,38 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# -- what a text column can hold --------------------------------------------------------------
+def storable(value: str) -> str:
+    """``value`` as any ledger database can keep it: a lone surrogate (which no UTF-8 carries:
+    a name decoded with ``surrogateescape``, a label cut from bytes) backslash-escaped, a NUL
+    (which no PostgreSQL text holds) written ``\\x00``; every other string as it is.  A
+    label a user controls never makes a batch unwritable."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value.replace("\x00", "\\x00") if "\x00" in value else value
+
+
+def fit(value: str, limit: int) -> str:
+    """``value`` if it fits, else its head plus a hash of the whole (distinct values stay
+    distinct): a label never makes a batch unwritable, and the call is never dropped for it."""
+    if len(value) <= limit:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{value[: limit - len(digest) - 1]}~{digest}"
+
+
+def fitted(value: Any, limit: int | None) -> Any:
+    """A text value as its column keeps it (:func:`storable`, then :func:`fit` to ``limit``
+    characters); any other value as it is."""
+    if not isinstance(value, str):
+        return value
+    value = storable(value)
+    return value if limit is None or len(value) <= limit else fit(value, limit)
 
 
 class LedgerBase(DeclarativeBase):

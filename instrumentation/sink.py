@@ -15,7 +15,6 @@ caller's task never sees a metering failure.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from . import deferred
 from .context import CallRecord, UsageScope, UsageTotals, is_interrupt
 from .db import get_engine
 from .ids import new_id
-from .ledger import OpenAICall
+from .ledger import OpenAICall, fit, fitted, storable
 from .rollups import TableRollup
 from .settings import get_settings
 
@@ -49,22 +48,12 @@ logger = logging.getLogger("tokenmeter.sink")
 
 _LEDGER: Table = OpenAICall.__table__  # type: ignore[assignment]
 _LEDGER_COLUMNS = frozenset(c.name for c in _LEDGER.columns) - {"id"}
-#: Bounded text columns of the ledger and their lengths: labels a user controls (scope refs,
-#: task names, model names, a price file's version) are fitted to them at write time.
-_TEXT_LIMITS = {
-    c.name: c.type.length
-    for c in _LEDGER.columns
-    if isinstance(c.type, String) and c.type.length is not None
+#: The ledger's text columns and their lengths (None: unbounded): labels a user controls (scope
+#: refs, task names, model names, a price file's path) are made storable and fitted to them
+#: at write time.
+_TEXT_COLUMNS: dict[str, int | None] = {
+    c.name: c.type.length for c in _LEDGER.columns if isinstance(c.type, String)
 }
-
-
-def fit(value: str, limit: int) -> str:
-    """``value`` if it fits, else its head plus a hash of the whole (distinct values stay
-    distinct): a label never makes a batch unwritable, and the call is never dropped for it."""
-    if len(value) <= limit:
-        return value
-    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"{value[: limit - len(digest) - 1]}~{digest}"
 
 
 # -- (de)serialisation ------------------------------------------------------------------------
@@ -208,16 +197,10 @@ def insert_ignore(conn: Any, table: Table) -> Insert:
     raise NotImplementedError(f"tokenmeter's ledger supports PostgreSQL and SQLite, not {name}")
 
 
-def _fitted(value: Any, limit: int) -> Any:
-    """``value``, fitted to ``limit`` when it is a longer string (see :func:`fit`)."""
-    return fit(value, limit) if isinstance(value, str) and len(value) > limit else value
-
-
 def _column_value(call: CallRecord, name: str) -> Any:
-    """The value of ledger column ``name`` for ``call``, a label fitted to its column."""
+    """The value of ledger column ``name`` for ``call``, a label as its column keeps it."""
     value = getattr(call, name)  # (``model`` is a property: the served model, else the asked)
-    limit = _TEXT_LIMITS.get(name)
-    return value if limit is None else _fitted(value, limit)
+    return fitted(value, _TEXT_COLUMNS[name]) if name in _TEXT_COLUMNS else value
 
 
 def _ledger_row(call: CallRecord) -> dict[str, Any]:
@@ -285,7 +268,7 @@ class _CopyPlan:
     ``attrgetter`` call, then only the columns that need it fitted or processed."""
 
     values: Callable[[CallRecord], tuple[Any, ...]]
-    limits: tuple[tuple[int, int], ...]  # (position, length) of each bounded text column
+    texts: tuple[tuple[int, int | None], ...]  # (position, length or None) of each text column
     processors: tuple[tuple[int, Callable[[Any], Any]], ...]  # (position, bind processor)
 
 
@@ -299,7 +282,7 @@ def _copy_plan(dialect: Any) -> _CopyPlan:
         processors = [c.type.dialect_impl(dialect).bind_processor(dialect) for c in _COPY_COLUMNS]
         plan = _CopyPlan(
             values=attrgetter(*names),
-            limits=tuple((i, _TEXT_LIMITS[n]) for i, n in enumerate(names) if n in _TEXT_LIMITS),
+            texts=tuple((i, _TEXT_COLUMNS[n]) for i, n in enumerate(names) if n in _TEXT_COLUMNS),
             processors=tuple((i, p) for i, p in enumerate(processors) if p is not None),
         )
         _copy_plans[dialect.name] = plan
@@ -310,10 +293,13 @@ def _copy_row(call: CallRecord, plan: _CopyPlan) -> list[Any]:
     """The ledger row of ``call`` in COPY column order (labels fitted, values processed):
     what ``_column_value`` gives for each column, without a lookup per column."""
     row = list(plan.values(call))
-    for i, limit in plan.limits:  # _fitted, inline: ~20 text columns a row
+    for i, limit in plan.texts:  # fitted(), inline: ~20 text columns a row
         value = row[i]
-        if isinstance(value, str) and len(value) > limit:
-            row[i] = fit(value, limit)
+        if isinstance(value, str):
+            if not value.isascii() or "\x00" in value:  # (the common case: two fast tests)
+                value = row[i] = storable(value)
+            if limit is not None and len(value) > limit:
+                row[i] = fit(value, limit)
     for i, process in plan.processors:
         row[i] = process(row[i])
     return row

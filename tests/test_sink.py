@@ -223,6 +223,22 @@ def test_a_rollup_that_cannot_apply_never_takes_its_calls_down(
     )
 
 
+def test_a_kept_rollup_keeps_labels_no_database_can_hold_as_its_columns_can(
+    db_url: str, tmp_path, captured
+) -> None:
+    """The batch's task id and name are kept with a rollup that cannot apply: a name too
+    long for its column, with a lone surrogate, and an id with a NUL still keep it."""
+    batch = commission_attempt(987655, 0, "orphan", captured)
+    batch.task_id, batch.task_name = "id\x00", "demo.\ud800" + "n" * 300
+    sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))
+    assert sink.flush(batch) is True and len(sink.spool) == 0
+    with session_scope() as s:
+        [kept] = s.scalars(select(PendingRollup)).all()
+        assert s.scalar(select(func.count()).select_from(OpenAICall)) == 2
+    assert kept.task_id == "id\\x00" and len(kept.task_name) == 255
+    assert kept.task_name.startswith("demo.\\ud800nnn") and not kept.dead
+
+
 def test_a_spooled_batch_with_a_bad_rollup_lands_and_its_rollup_dies_alone(
     db_url: str, tmp_path, captured, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -317,6 +333,49 @@ def test_long_labels_never_make_a_batch_unwritable(db_url: str, tmp_path) -> Non
     assert all(r.scope_ref.startswith("r" * 200) and len(r.scope_ref) == 255 for r in rows)
     # what priced it is kept whole (an unbounded column), whatever its length
     assert rows[0].price_version == "v" * 71 and rows[0].input_tokens == 10
+
+
+def test_a_label_no_database_can_hold_is_escaped_and_any_other_kept() -> None:
+    from tokenmeter.ledger import fitted, storable
+
+    for plain in ("demo.scan", "caf\u00e9 \u2603", "", "back\\slash"):
+        assert storable(plain) is plain  # the common case: the very same string
+    assert storable("a\ud800b") == "a\\ud800b"  # a lone surrogate: no UTF-8 carries it
+    assert storable("\udcff\u00e9") == "\\udcff\u00e9"  # the rest of the label kept
+    assert storable("post\x00id") == "post\\x00id"  # no PostgreSQL text holds a NUL
+    assert storable("\ud800\x00") == "\\ud800\\x00"
+    for odd in ("a\ud800b", "post\x00id"):
+        storable(odd).encode("utf-8")  # encodes now, and has no NUL left
+        assert "\x00" not in storable(odd)
+    long = fitted("\ud800" * 300, 255)  # escaped first (6 characters each), then fitted
+    assert len(long) == 255 and long.startswith("\\ud800" * 40)
+    assert fitted(None, 255) is None and fitted(7, 255) == 7 and fitted("x", None) == "x"
+
+
+def test_labels_no_database_can_hold_never_make_a_batch_unwritable(db_url: str, tmp_path) -> None:
+    """A task name with a lone surrogate (a name decoded from bytes), a scope ref with a NUL,
+    a price file's path that is not UTF-8: the calls land, through the writer's batched
+    commit and a single flush alike, and a batch spooled with them replays."""
+    sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))
+
+    def odd(rid: str, execution: str) -> FlushBatch:
+        call = chat(10, 2, "0.000003", rid, execution_id=execution, seq=0)
+        call.task_name, call.scope_kind, call.scope_ref = "demo.caf\u00e9-\ud800", "post", "p\x00"
+        call.price_source = "file:/srv/\udcffprices.toml"
+        return FlushBatch(calls=[call], execution_id=execution, task_name=call.task_name)
+
+    sink.flush_many([odd("req_odd_many", "e-odd-1"), _batch("req_plain", "e-plain")])
+    assert sink.flush(odd("req_odd_one", "e-odd-2")) is True
+    sink.spool.push(odd("req_odd_spooled", "e-odd-3").to_json())  # by an earlier version
+    assert sink.replay() == 1
+    assert len(sink.spool) == 0 and sink.spool.dead_letters() == []
+    with session_scope() as s:
+        rows = {r.request_id: r for r in s.scalars(select(OpenAICall))}
+    assert set(rows) == {"req_odd_many", "req_plain", "req_odd_one", "req_odd_spooled"}
+    for rid in ("req_odd_many", "req_odd_one", "req_odd_spooled"):
+        row = rows[rid]
+        assert (row.task_name, row.scope_ref) == ("demo.caf\u00e9-\\ud800", "p\\x00")
+        assert row.price_source == "file:/srv/\\udcffprices.toml" and row.input_tokens == 10
 
 
 def test_a_label_that_fits_is_stored_unchanged() -> None:
@@ -623,6 +682,13 @@ def test_a_copy_row_is_each_column_s_value_fitted_and_processed() -> None:
             execution_id=long,
             usage_reported=False,
             batch=True,
+        ),
+        CallRecord(  # labels no database can hold as they are: the two paths agree too
+            operation="chat",
+            task_name="caf\u00e9-\ud800" * 40,
+            scope_ref="post\x00id",
+            price_source="file:/tmp/\udcff.toml",
+            execution_id="e-odd",
         ),
     ]
     for call in calls:
