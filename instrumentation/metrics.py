@@ -36,6 +36,7 @@ from prometheus_client import (
 )
 
 from .context import CallRecord, UsageScope
+from .ledger import storable
 from .procs import pid_alive
 
 logger = logging.getLogger("tokenmeter.metrics")
@@ -87,7 +88,8 @@ class Metrics:
         )
 
     def observe_call(self, call: CallRecord) -> None:
-        model, task = call.model or "unknown", call.task_name or "none"
+        # labels a user controls: one no UTF-8 carries would break every later scrape
+        model, task = storable(call.model or "unknown"), storable(call.task_name or "none")
         self.calls.labels(model, call.operation, task, call.status).inc()
         for category, field in TOKEN_CATEGORIES.items():
             value = getattr(call, field)

@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from .context import CallRecord, UsageScope
+from .ledger import storable
 
 #: The semantic conventions' operation names for tokenmeter's operations.
 OPERATIONS = {
@@ -80,7 +81,8 @@ class OTelExport:
             "tokenmeter.scope_kind": call.scope_kind,
             "tokenmeter.price_source": call.price_source,
         }
-        attrs.update({k: v for k, v in optional.items() if v is not None})
+        # labels a user controls: one no UTF-8 carries would fail the exporter's whole batch
+        attrs.update({k: storable(v) for k, v in optional.items() if v is not None})
         if call.image_count:
             attrs["tokenmeter.image_count"] = call.image_count
         if call.cost_usd is not None:
@@ -96,7 +98,7 @@ class OTelExport:
         attrs = self.attributes(call)
         end = time.time_ns()
         start = end - int(call.latency_ms * 1_000_000) if call.latency_ms else end
-        model = call.response_model or call.requested_model or call.model or "unknown"
+        model = storable(call.response_model or call.requested_model or "unknown")
         span = self.tracer.start_span(
             f"{attrs['gen_ai.operation.name']} {model}",
             kind=self._trace.SpanKind.CLIENT,

@@ -146,3 +146,27 @@ def test_counters_match_the_recorded_calls_exactly() -> None:
     assert (
         value("tokenmeter_openai_latency_seconds_count", model="dall-e-3", operation="image") == 1
     )
+
+
+def test_a_label_no_utf8_carries_never_breaks_the_scrape() -> None:
+    """A task or model name with a lone surrogate (decoded from bytes that are not UTF-8) is
+    exported as its escape; the scrape, and every other series, still work."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    for task, model in (("demo.\udcff", "gpt-\ud800"), ("scan", "gpt-4o-mini")):
+        metrics.observe_call(
+            CallRecord(operation="chat", response_model=model, task_name=task, input_tokens=7)
+        )
+    port = _free_port()
+    server, thread = serve(port, registry)
+    try:
+        got = scrape(port)
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+    calls = {
+        dict(labels)["task"]: (dict(labels)["model"], value)
+        for (name, labels), value in got.items()
+        if name == "tokenmeter_openai_calls_total"
+    }
+    assert calls == {"demo.\\udcff": ("gpt-\\ud800", 1.0), "scan": ("gpt-4o-mini", 1.0)}
