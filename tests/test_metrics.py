@@ -28,6 +28,19 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+def served_scrape(
+    registry: CollectorRegistry,
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``registry`` served on a free port (tokenmeter's ``serve``) and scraped once."""
+    port = _free_port()
+    server, thread = serve(port, registry)
+    try:
+        return scrape(port)
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+
+
 def test_counters_match_the_recorded_calls_exactly() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
@@ -81,13 +94,7 @@ def test_counters_match_the_recorded_calls_exactly() -> None:
     ]
     for call in calls:
         metrics.observe_call(call)
-    port = _free_port()
-    server, thread = serve(port, registry)
-    try:
-        got = scrape(port)
-    finally:
-        server.shutdown()
-        thread.join(timeout=5)
+    got = served_scrape(registry)
 
     def value(name: str, **labels: str) -> float:
         return got[(name, tuple(sorted(labels.items())))]
@@ -157,13 +164,7 @@ def test_a_label_no_utf8_carries_never_breaks_the_scrape() -> None:
         metrics.observe_call(
             CallRecord(operation="chat", response_model=model, task_name=task, input_tokens=7)
         )
-    port = _free_port()
-    server, thread = serve(port, registry)
-    try:
-        got = scrape(port)
-    finally:
-        server.shutdown()
-        thread.join(timeout=5)
+    got = served_scrape(registry)
     calls = {
         dict(labels)["task"]: (dict(labels)["model"], value)
         for (name, labels), value in got.items()
