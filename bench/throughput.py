@@ -331,12 +331,13 @@ def run(args: argparse.Namespace, db_url: str, broker_db: ClaimedDB, backend_db:
             f"--latency-ms {args.latency_ms}"
         )
         chosen = [k for k, mode in MODE_KEYS.items() if mode in modes]
-        if len(chosen) < len(MODE_KEYS):
+        some = len(chosen) < len(MODE_KEYS)  # a run of some modes: said, a section of its own
+        if some:
             command += f" --modes {','.join(chosen)}"
         body = "\n".join(
             [
                 f"### Worker throughput, sandbox latency {args.latency_ms} ms"
-                + ("" if len(chosen) == len(MODE_KEYS) else f" ({', '.join(chosen)})"),
+                + (f" ({', '.join(chosen)})" if some else ""),
                 "",
                 f"`{command}`: real `celery worker -P {args.pool} -c {args.concurrency}`, Redis "
                 "broker, PostgreSQL ledger; median tasks/s of the rounds, modes interleaved "
@@ -354,9 +355,7 @@ def run(args: argparse.Namespace, db_url: str, broker_db: ClaimedDB, backend_db:
                 *rows,
             ]
         )
-        section = f"throughput-{args.latency_ms}ms"
-        if len(chosen) < len(MODE_KEYS):  # a run of some modes: a section of its own
-            section += "-" + "-".join(chosen)
+        section = f"throughput-{args.latency_ms}ms" + ("-" + "-".join(chosen) if some else "")
         write_section(args.results, section, body)
         print(f"written to {args.results}")
 

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, String, Table, delete, func, insert, select, update
+from sqlalchemy import Connection, Table, delete, func, insert, select, update
 
 from .context import CallRecord, is_interrupt
-from .ledger import PendingRollup, fitted
+from .ledger import PendingRollup, fitted, text_lengths
 from .rollups import TableRollup
 
 _PENDING: Table = PendingRollup.__table__  # type: ignore[assignment]
-_LENGTHS = {c.name: c.type.length for c in _PENDING.columns if isinstance(c.type, String)}
+_LENGTHS = text_lengths(_PENDING)
 
 Transaction = Callable[[], AbstractContextManager[Connection]]
 

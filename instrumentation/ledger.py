@@ -23,6 +23,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -68,6 +69,11 @@ def fit(value: str, limit: int) -> str:
         return value
     digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{value[: limit - len(digest) - 1]}~{digest}"
+
+
+def text_lengths(table: Table) -> dict[str, int | None]:
+    """``table``'s text columns and their lengths (None: unbounded), for :func:`fitted`."""
+    return {c.name: c.type.length for c in table.columns if isinstance(c.type, String)}
 
 
 def fitted(value: Any, limit: int | None) -> Any:

@@ -29,7 +29,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import Connection, Insert, String, Table
+from sqlalchemy import Connection, Insert, Table
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -37,7 +37,7 @@ from . import deferred
 from .context import CallRecord, UsageScope, UsageTotals, is_interrupt
 from .db import get_engine
 from .ids import new_id
-from .ledger import OpenAICall, fit, fitted, storable
+from .ledger import OpenAICall, fit, fitted, storable, text_lengths
 from .rollups import TableRollup
 from .settings import get_settings
 
@@ -51,9 +51,7 @@ _LEDGER_COLUMNS = frozenset(c.name for c in _LEDGER.columns) - {"id"}
 #: The ledger's text columns and their lengths (None: unbounded): labels a user controls (scope
 #: refs, task names, model names, a price file's path) are made storable and fitted to them
 #: at write time.
-_TEXT_COLUMNS: dict[str, int | None] = {
-    c.name: c.type.length for c in _LEDGER.columns if isinstance(c.type, String)
-}
+_TEXT_COLUMNS = text_lengths(_LEDGER)
 
 
 # -- (de)serialisation ------------------------------------------------------------------------
