@@ -355,6 +355,29 @@ def test_the_write_ahead_file_compacts_while_an_execution_stays_open(
     wal.close()
 
 
+def test_compaction_reads_each_lines_execution_as_the_file_holds_it() -> None:
+    """Compaction reads a line's execution from its first characters (no parse a line): the
+    same answer as parsing it, for every kind of line a file holds, whole or cut by a kill."""
+    from tokenmeter.filewal import _execution_of, _line
+    from tokenmeter.ids import new_id
+
+    eid = new_id()
+    lines = [
+        _line({"e": eid, "t": "open", "meta": {"task_id": "t1"}}),
+        _line({"e": eid, "t": "c", "path": [0], "v": ["chat", "gpt-4o-mini", "\udc80"]}),
+        _line({"e": eid, "t": "call", "call": {"operation": "chat"}}),  # an older version's
+        _line({"e": eid, "t": "done"}),
+    ]
+    for raw in lines:
+        line = raw.decode()
+        assert _execution_of(line) == json.loads(line)["e"] == eid
+    assert _execution_of(_line({"t": "fields", "names": ["operation"]}).decode()) is None
+    assert _execution_of('{"t":"c","e":"' + eid + '"}') == eid  # another order: parsed
+    assert _execution_of('{"e":"ab\\"cd","t":"done"}') == 'ab"cd'  # an escape: parsed
+    assert _execution_of('{"e":"' + eid[:5]) is None  # cut inside the id by a kill
+    assert _execution_of("") is None
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
 def test_a_forked_child_never_writes_its_parents_queue(db_url, sink, monkeypatch) -> None:
     writer = BackgroundWriter(sink)
