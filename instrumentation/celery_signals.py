@@ -11,8 +11,9 @@
   flushes it to the database in one transaction (or to the spool).
 - ``worker_process_init`` drops database engines inherited through fork and re-instruments the
   openai client in the child.
-- with task events on (``worker_send_task_events``), a ``task-usage`` event carries the task's
-  totals to monitors; ``reporting/flowerconfig.py`` makes Flower show them.
+- with task events on (``celery worker -E`` or ``worker_send_task_events``), a ``task-usage``
+  event carries the task's totals to monitors; ``reporting/flowerconfig.py`` makes Flower
+  show them.
 - ``worker_ready`` runs recovery once (spool replay, write-ahead orphans) and then every
   ``TOKENMETER_RECOVERY_INTERVAL_S`` seconds in a daemon thread of the main process.
 
@@ -118,6 +119,10 @@ class CeleryMetering:
         self._stop = threading.Event()
         self._wake = threading.Event()  # a child was lost: recover now, not at the next tick
         self._thread: threading.Thread | None = None
+        #: Send ``task-usage`` events?  The worker's own answer (``-E`` or the setting), taken
+        #: at worker_init; else the setting, read at a process's first task (once: Celery's
+        #: configuration lookup costs a task more than the rest of its end does).
+        self._task_events: bool | None = None
 
     @staticmethod
     def _task_filter(
@@ -208,7 +213,10 @@ class CeleryMetering:
         scope.labels["state"] = state or "UNKNOWN"
         retval = kw.get("retval")
         close_scope(scope, token, retval if isinstance(retval, BaseException) else None)
-        if self.app.conf.worker_send_task_events and not task.request.is_eager:
+        events = self._task_events
+        if events is None:
+            events = self._task_events = bool(self.app.conf.worker_send_task_events)
+        if events and not task.request.is_eager:
             self._send_usage_event(task, scope)
 
     @staticmethod
@@ -230,8 +238,12 @@ class CeleryMetering:
         except Exception:
             logger.debug("could not send the task-usage event", exc_info=True)
 
-    def on_worker_init(self, **_: Any) -> None:
-        """In the worker's main process, before the pool starts: the metrics folder."""
+    def on_worker_init(self, sender: Any = None, **_: Any) -> None:
+        """In the worker's main process, before the pool starts: whether it sends task events
+        (``celery worker -E`` turns them on without the setting), and the metrics folder."""
+        events = getattr(sender, "task_events", None)
+        if isinstance(events, bool):
+            self._task_events = events
         if not self.metrics_port:
             return
         from .metrics import prepare_multiprocess
@@ -441,6 +453,7 @@ class CeleryMetering:
             if not self.installed:
                 return
             self._stop.set()
+            self._task_events = None
             if self._thread is not None:
                 self._thread.join(timeout=5)
                 self._thread = None

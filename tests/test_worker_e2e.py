@@ -50,7 +50,9 @@ class Stack:
     workers: list[subprocess.Popen[bytes]]
     log_dir: Path
 
-    def start_worker(self, pool: str = "prefork", concurrency: int = 4) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, pool: str = "prefork", concurrency: int = 4, *options: str, **env: str
+    ) -> subprocess.Popen[bytes]:
         name = f"w{len(self.workers)}-{pool}@%h"
         log = open(self.log_dir / f"worker-{len(self.workers)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
@@ -72,9 +74,10 @@ class Stack:
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
+                *options,
             ],
             cwd=ROOT,
-            env=self.env,
+            env={**self.env, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -403,6 +406,36 @@ def test_flower_shows_each_tasks_usage(stack: Stack) -> None:
     finally:
         flower.terminate()
         flower.wait(timeout=30)
+
+
+def test_task_events_turned_on_by_the_workers_flag_carry_each_tasks_usage(stack: Stack) -> None:
+    """``celery worker -E`` (what Flower's docs say to run), the setting left off: every task
+    still sends its ``task-usage`` event, with the ledger's numbers."""
+    import threading
+
+    usage: dict[str, dict[str, Any]] = {}
+    ready = threading.Event()
+    with stack.app.connection_for_read() as conn:
+        receiver = stack.app.events.Receiver(
+            conn, handlers={"task-usage": lambda event: usage.__setitem__(event["uuid"], event)}
+        )
+        receiver.on_consume_ready = lambda *a, **k: ready.set()  # type: ignore[method-assign]
+        thread = threading.Thread(target=receiver.capture, kwargs={"timeout": 120}, daemon=True)
+        thread.start()
+        try:
+            assert ready.wait(30), "the event receiver did not start"
+            stack.start_worker("prefork", 2, "-E", E2E_TASK_EVENTS="0")
+            results = [stack.app.send_task("e2e.mixed", args=(i,)) for i in (0, 7)]
+            ids = [r.get(timeout=60) and r.id for r in results]
+            truth = stack.assert_ledger_matches_ground_truth()
+            wait_for(lambda: set(ids) <= set(usage), 30, "a task-usage event of each task")
+        finally:
+            receiver.should_stop = True
+            thread.join(timeout=10)
+    rows = stack.ledger_rows().values()
+    assert sum(usage[i]["input_tokens"] for i in ids) == truth["input_tokens"]
+    assert sum(usage[i]["openai_calls"] for i in ids) == len(rows)
+    assert sum(Decimal(usage[i]["cost_usd"]) for i in ids) == sum(r["cost_usd"] for r in rows)
 
 
 @pytest.mark.parametrize(("pool", "concurrency"), [("prefork", 4), ("threads", 4)])

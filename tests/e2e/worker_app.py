@@ -26,7 +26,8 @@ app.conf.update(
     result_serializer="json",
     accept_content=["json"],
     broker_connection_retry_on_startup=True,
-    worker_send_task_events=True,  # task-usage events, for Flower
+    # task-usage events, for Flower (E2E_TASK_EVENTS=0: only ``celery worker -E`` turns them on)
+    worker_send_task_events=os.environ.get("E2E_TASK_EVENTS", "1") == "1",
     task_default_queue=os.environ.get("E2E_QUEUE", "celery"),
 )
 if os.environ.get("E2E_OTEL") == "1":  # the application's own OpenTelemetry setup
