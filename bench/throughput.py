@@ -6,7 +6,8 @@
 Starts the sandbox and a real ``celery worker`` per measurement (Redis broker, PostgreSQL
 ledger in a throwaway database), interleaving the modes over several rounds so drift on a noisy
 machine hits them alike, and prints the median tasks/second of each mode and its ratio to bare
-(the median over rounds of the two in the same round).  A thread polls the ledger every 10 ms
+(the median over rounds of the two in the same round), the pooled ratio (all of a mode's tasks
+over all its time) and the spread of the rounds' ratios.  A thread polls the ledger every 10 ms
 in every mode (bare too; each poll reads only the rows it has not seen, so that its load is the
 same for all) and notes when each task's first row appears: a metered mode's flush latency is
 that moment minus the moment the task's work ended (the task returns it).  The CPU each mode costs
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +92,27 @@ def cpu_by_part(worker_pid: int) -> dict[str, float]:
         if part is not None:
             parts[part] += cpu
     return parts
+
+
+@dataclass(frozen=True)
+class Ratios:
+    """A mode's throughput against bare's over the rounds of one run."""
+
+    median: float  # of the rounds' own ratios (each round's two runs minutes apart at most)
+    pooled: float  # every task of the mode over all its time, against bare's the same way
+    low: float  # the lowest and highest of the rounds' ratios
+    high: float
+
+    @classmethod
+    def of(cls, rates: list[float], bare: list[float]) -> Ratios:
+        """From the tasks/s of each round (the same number of tasks in every run)."""
+        if not rates or len(rates) != len(bare):
+            raise ValueError("one rate of the mode and one of bare for every round")
+        each = [m / b for m, b in zip(rates, bare, strict=True)]
+        # the same tasks in every run: time = tasks / rate, so the pooled ratio is bare's
+        # total time over the mode's
+        pooled = sum(1 / b for b in bare) / sum(1 / m for m in rates)
+        return cls(statistics.median(each), pooled, min(each), max(each))
 
 
 #: Tasks run before the clock starts (each pool process gets some).
@@ -295,17 +318,13 @@ def run(args: argparse.Namespace, db_url: str, broker_db: ClaimedDB, backend_db:
         app.close()
         drop_database(args.pg_url, db_url)
 
-    def ratio(mode: str) -> float:
-        """Median over rounds of the mode's tasks/s over bare's in the same round (the rounds
-        are minutes apart, and the machine's speed moves between them)."""
-        return statistics.median(m / b for m, b in zip(rates[mode], rates["bare"], strict=True))
-
     print(
         f"\n{args.tasks} tasks x {args.calls} calls, pool={args.pool} "
         f"-c {args.concurrency}, sandbox latency {args.latency_ms} ms, "
         f"median of {args.rounds} rounds"
     )
-    header = ["tasks/s", "ratio", "p50 ms", "p99 ms", "max ms", "worker", "postgres", "redis"]
+    header = ["tasks/s", "ratio", "pooled", "spread", "p50 ms", "p99 ms", "max ms"]
+    header += ["worker", "postgres", "redis"]
     print(f"{'mode':<36}" + "".join(f"{h:>10}" for h in header))
     rows = []
     for mode in modes:
@@ -320,8 +339,17 @@ def run(args: argparse.Namespace, db_url: str, broker_db: ClaimedDB, backend_db:
             f"{statistics.median(c[part] for c in cpus[mode]):.2f}"
             for part in ("worker", "postgres", "redis")
         ]
-        print(f"{mode:<36}{median:>10.1f}{ratio(mode):>10.3f}" + "".join(f"{c:>10}" for c in cells))
-        rows.append(f"| {mode} | {median:,.1f} | {ratio(mode):.3f} | " + " | ".join(cells) + " |")
+        r = Ratios.of(rates[mode], rates["bare"])
+        spread = f"{r.low:.2f}-{r.high:.2f}"
+        print(
+            f"{mode:<36}{median:>10.1f}{r.median:>10.3f}{r.pooled:>10.3f}{spread:>10}"
+            + "".join(f"{c:>10}" for c in cells)
+        )
+        rows.append(
+            f"| {mode} | {median:,.1f} | {r.median:.3f} | {r.pooled:.3f} | {spread} | "
+            + " | ".join(cells)
+            + " |"
+        )
     if args.results:
         from bench.results import write_section
 
@@ -342,16 +370,21 @@ def run(args: argparse.Namespace, db_url: str, broker_db: ClaimedDB, backend_db:
                 f"`{command}`: real `celery worker -P {args.pool} -c {args.concurrency}`, Redis "
                 "broker, PostgreSQL ledger; median tasks/s of the rounds, modes interleaved "
                 "(order rotated each round); ratio: the median over rounds of the mode's "
-                "tasks/s over bare's in the same round. Flush latency: task's work ended -> "
+                "tasks/s over bare's in the same round; pooled: all the mode's tasks over all "
+                "its time, against bare's (a round that ran fast or slow for both counts for "
+                "what it took, not as one vote); spread: the lowest and highest of the rounds' "
+                "ratios (where they lie far apart, the machine moved under the run and neither "
+                "figure is sharper than that). Flush latency: task's work ended -> "
                 "its first ledger row visible (a 10 ms poll of the ledger's new rows, which "
                 "runs in every mode, bare included), over every task of the rounds. CPU: "
                 "milliseconds of CPU per task (user + system, from /proc) of the worker's "
                 "processes, of PostgreSQL's and of Redis', from the first task sent until every "
                 "task's rows are in; medians of the rounds.",
                 "",
-                "| mode | tasks/s | ratio to bare | flush p50 (ms) | p99 (ms) | max (ms) "
+                "| mode | tasks/s | ratio to bare | pooled | spread | flush p50 (ms) | p99 (ms) "
+                "| max (ms) "
                 "| worker CPU (ms/task) | PostgreSQL CPU | Redis CPU |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
                 *rows,
             ]
         )

@@ -62,3 +62,24 @@ def test_a_wrk_report_is_read_in_seconds_and_a_failed_run_is_refused() -> None:
         parse_wrk(WRK.replace("Requests/sec", "  Non-2xx or 3xx responses: 3\nRequests/sec"))
     with pytest.raises(SystemExit, match="not a wrk"):
         parse_wrk("Running 5s test\n")
+
+
+def test_throughput_ratios_pool_the_rounds_time_and_show_their_spread() -> None:
+    import pytest
+
+    from bench.throughput import Ratios
+
+    # a round where both ran fast does not count as one vote: it took less time
+    r = Ratios.of([90.0, 300.0, 100.0], [100.0, 250.0, 125.0])
+    assert r.median == pytest.approx(0.9)
+    assert (r.low, r.high) == (pytest.approx(0.8), pytest.approx(1.2))
+    bare_time = 1 / 100 + 1 / 250 + 1 / 125
+    metered_time = 1 / 90 + 1 / 300 + 1 / 100
+    assert r.pooled == pytest.approx(bare_time / metered_time)
+    assert r.pooled < r.median  # the two slow rounds weigh more than the fast one
+
+    assert Ratios.of([50.0], [100.0]) == Ratios(0.5, 0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="every round"):
+        Ratios.of([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="every round"):
+        Ratios.of([], [])
