@@ -65,6 +65,7 @@ check-usage: setup ## Usage of the last 7 days by model (ARGS="--by task --since
 bench: setup wrk ## Per task and call vs OpenTelemetry, peers, throughput, writer, API, reports -> bench/RESULTS.md
 	$(PY) -m pip install --quiet -e ".[dev,bench]" --config-settings editable_mode=strict
 	$(PY) bench/per_task.py --results bench/RESULTS.md
+	$(PY) bench/capture_floor.py --results bench/RESULTS.md
 	$(PY) bench/peers.py --results bench/RESULTS.md
 	$(PY) bench/writer.py --results bench/RESULTS.md
 	$(PY) bench/throughput.py --results bench/RESULTS.md
