@@ -62,7 +62,7 @@ migrate: setup ## Create/upgrade the demo app's database (tokenmeter's ledger + 
 check-usage: setup ## Usage of the last 7 days by model (ARGS="--by task --since 30d")
 	$(VENV)/bin/tokenmeter check-usage $(ARGS)
 
-bench: setup wrk ## Per task and call vs OpenTelemetry, peers, throughput, writer, API, reports -> bench/RESULTS.md
+bench: setup wrk ## Per task and call vs OpenTelemetry and the least capture, peers, throughput, writer, API, reports -> bench/RESULTS.md
 	$(PY) -m pip install --quiet -e ".[dev,bench]" --config-settings editable_mode=strict
 	$(PY) bench/per_task.py --results bench/RESULTS.md
 	$(PY) bench/capture_floor.py --results bench/RESULTS.md

@@ -83,3 +83,29 @@ def test_throughput_ratios_pool_the_rounds_time_and_show_their_spread() -> None:
         Ratios.of([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="every round"):
         Ratios.of([], [])
+
+
+def test_the_least_capture_keeps_each_answers_usage_for_chat_and_stream() -> None:
+    """bench/capture_floor.py's floor must capture what a ledger row needs, or it is no floor:
+    each chat answer's usage, model, tier and request id, and a stream's usage chunk."""
+    from openai._base_client import SyncAPIClient
+
+    from bench.capture_floor import least_capture
+    from bench.per_task import CHAT, chat, client
+
+    kept: list[tuple[object, ...]] = []
+    original = SyncAPIClient.request
+    SyncAPIClient.request = least_capture(original, kept)  # type: ignore[method-assign]
+    try:
+        c = client()
+        chat(c, stream=False)
+        chat(c, stream=True)
+    finally:
+        SyncAPIClient.request = original  # type: ignore[method-assign]
+    assert len(kept) == 2
+    (_, _, answer), (_, _, streamed_usage) = kept
+    usage, model, tier, request_id = answer  # type: ignore[misc]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (1200, 40)
+    assert (model, tier) == (CHAT["model"], "default")
+    assert str(request_id).startswith("req_")
+    assert streamed_usage.prompt_tokens_details.cached_tokens == 1024  # type: ignore[attr-defined]
