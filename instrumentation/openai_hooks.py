@@ -73,6 +73,16 @@ _OPERATIONS = {
     "/completions": "completion",
 }
 _ORIGINAL_ATTR = "__tokenmeter_original__"
+#: Endpoints OpenAI bills whose answers the capture cannot read yet (transcriptions report
+#: tokens or seconds, speech answers with audio bytes only, videos bill by the second): a call
+#: to one is not in the ledger, which is said once per kind and process, never passed over.
+_UNMETERED = {
+    "/audio/transcriptions": "audio transcriptions",
+    "/audio/translations": "audio translations",
+    "/audio/speech": "text to speech",
+    "/videos": "video generation",
+}
+_said_unmetered: set[str] = set()
 
 
 # -- per-call state -------------------------------------------------------------------------------
@@ -115,6 +125,7 @@ def _begin(options: Any, client: Any = None) -> tuple[PendingCall | None, Any]:
         url = options.url
         operation = _OPERATIONS.get(url) or _OPERATIONS.get(str(url).rstrip("/"))
         if operation is None:
+            _say_unmetered(str(url))
             return None, options
         body = options.json_data
         if not isinstance(body, dict):
@@ -145,6 +156,22 @@ def _begin(options: Any, client: Any = None) -> tuple[PendingCall | None, Any]:
         return None, options
     before_call(operation, model)  # BudgetExceeded propagates: it is meant to stop the call
     return pending, options
+
+
+def _say_unmetered(path: str) -> None:
+    """Warn, once per kind, of a call to an endpoint OpenAI bills that is not metered."""
+    what = _UNMETERED.get(path.rstrip("/"))
+    if what is None and path.startswith("/videos/"):
+        what = _UNMETERED["/videos"]  # a remix (/videos/{id}/remix) bills like a new one
+    if what is None or what in _said_unmetered:
+        return
+    _said_unmetered.add(what)
+    logger.warning(
+        "tokenmeter does not meter %s yet (POST %s): OpenAI bills these calls and they are NOT "
+        "in the ledger; this is said once per process",
+        what,
+        path,
+    )
 
 
 def _observe(pending: PendingCall, result: Any) -> Any:

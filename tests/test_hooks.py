@@ -377,6 +377,31 @@ def test_missing_or_null_usage_is_flagged_not_guessed(openai_client) -> None:
     assert scope.totals.cost_usd is None
 
 
+def test_a_billed_endpoint_the_capture_cannot_read_is_said_once_never_passed_over(
+    openai_client: OpenAI, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audio and video calls are billed but not metered yet: one warning per kind says their
+    calls are not in the ledger, and nothing is recorded in their place.  (The sandbox does not
+    serve these endpoints and answers them with an error; the warning comes before the request
+    is sent, and the caller gets the client's own outcome.)"""
+    monkeypatch.setattr(openai_hooks, "_said_unmetered", set())
+    caplog.set_level("WARNING", logger="tokenmeter.openai")
+    with usage_scope("task", "audio") as scope:
+        for _ in range(2):
+            with pytest.raises(openai.APIStatusError):
+                openai_client.audio.speech.create(model="tts-1", voice="alloy", input="hi")
+        with pytest.raises(openai.APIStatusError):
+            openai_client.audio.transcriptions.create(
+                model="gpt-4o-transcribe", file=("hi.wav", b"RIFF0000WAVE", "audio/wav")
+            )
+        openai_client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    said = [r.getMessage() for r in caplog.records if "NOT in the ledger" in r.getMessage()]
+    assert len(said) == 2, said  # once per kind, however many calls
+    assert "text to speech yet (POST /audio/speech)" in said[0]
+    assert "audio transcriptions yet (POST /audio/transcriptions)" in said[1]
+    assert [c.operation for c in scope.all_calls()] == ["chat"]  # nothing made up for them
+
+
 # -- the explicit decorator ------------------------------------------------------------------------
 def test_track_openai_call_records_once(sandbox) -> None:
     client = OpenAI(base_url=sandbox.openai_base_url, api_key="sk", max_retries=0)
