@@ -7,15 +7,18 @@ bench/per_task.py times tokenmeter's per-call overhead against a target in micro
 says how much of it any capture would pay on the same machine.  One process, the openai client
 on bench/per_task.py's ``httpx.MockTransport`` (its canned chat completion and stream), each
 block of calls inside a fresh ``tokenmeter.usage_scope`` (in every mode).  The modes swap the
-two SDK methods tokenmeter wraps (``SyncAPIClient.request`` and ``._send_request``) between
-blocks, the order rotated every round:
+SDK methods that a capture wraps (``SyncAPIClient.request``, ``._send_request`` and
+``._sleep_for_retry``) between blocks, the order rotated every round:
 
 - ``bare``: the SDK's own methods;
-- ``pass-through``: two wrappers that only call them (what wrapping costs);
+- ``pass-through``: a wrapper of ``request`` and one of ``_send_request`` that only call them
+  (what wrapping costs);
 - ``least capture``: the request wrapper keeps what a ledger row needs from the answer (usage,
   model, service tier, request id; a stream's usage chunk, read through a generator) in a list;
-- ``+ attempt ids``: that, plus an ``X-Client-Request-Id`` header on each attempt, which a
-  row of a request sent and never answered is identified by;
+- ``+ attempt ids``: that, plus an ``X-Client-Request-Id`` header on the call's attempt (put in
+  the call's headers, as tokenmeter does; a retry's attempt gets its own from the retry hook,
+  which an answered call never reaches), by which a row of a request sent and never answered
+  is identified;
 - ``tokenmeter``: its own hooks (price, scope, totals, the stream's watch).
 
 Per mode: the median over rounds of its block's time per call, and *adds*, the median of its
@@ -41,7 +44,9 @@ from openai._base_client import SyncAPIClient  # noqa: E402
 
 from bench.per_task import chat, client  # noqa: E402
 
-Methods = tuple[Callable[..., Any], Callable[..., Any]]
+#: The SDK methods a mode sets, by name (those it leaves out are the SDK's own).
+Methods = dict[str, Callable[..., Any]]
+HOOKED = ("request", "_send_request", "_sleep_for_retry")
 
 
 def least_capture(request: Callable[..., Any], kept: list[tuple[Any, ...]]) -> Callable[..., Any]:
@@ -68,13 +73,15 @@ def least_capture(request: Callable[..., Any], kept: list[tuple[Any, ...]]) -> C
     return wrapper
 
 
-def tagging(send: Callable[..., Any]) -> Callable[..., Any]:
-    """A send wrapper that gives each attempt an ``X-Client-Request-Id`` of its own."""
+def tagging(request: Callable[..., Any]) -> Callable[..., Any]:
+    """A request wrapper that gives the call's attempt an ``X-Client-Request-Id``."""
     from tokenmeter.capture import new_client_request_id
 
-    def wrapper(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        request.headers["X-Client-Request-Id"] = new_client_request_id()
-        return send(self, request, *args, **kwargs)
+    def wrapper(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
+        headers = options.headers
+        tag = {"X-Client-Request-Id": new_client_request_id()}
+        options.headers = {**headers, **tag} if headers else tag
+        return request(self, cast_to, options, *args, **kwargs)
 
     return wrapper
 
@@ -90,18 +97,27 @@ def modes(kept: list[tuple[Any, ...]]) -> dict[str, Methods]:
     import tokenmeter
 
     tokenmeter.uninstrument()
-    request, send = SyncAPIClient.request, SyncAPIClient._send_request
+    sdk = {name: getattr(SyncAPIClient, name) for name in HOOKED}
     tokenmeter.instrument()
-    metered = (SyncAPIClient.request, SyncAPIClient._send_request)
+    metered = {name: getattr(SyncAPIClient, name) for name in HOOKED}
     tokenmeter.uninstrument()
-    least = least_capture(request, kept)
+    least = least_capture(sdk["request"], kept)
     return {
-        "bare": (request, send),
-        "pass-through": (passing(request), passing(send)),
-        "least capture": (least, send),
-        "+ attempt ids": (least, tagging(send)),
+        "bare": sdk,
+        "pass-through": {
+            **sdk,
+            "request": passing(sdk["request"]),
+            "_send_request": passing(sdk["_send_request"]),
+        },
+        "least capture": {**sdk, "request": least},
+        "+ attempt ids": {**sdk, "request": tagging(least)},
         "tokenmeter": metered,
     }
+
+
+def use(methods: Methods) -> None:
+    for name, method in methods.items():
+        setattr(SyncAPIClient, name, method)
 
 
 def measure(
@@ -117,14 +133,14 @@ def measure(
         for round_no in range(calls // block):
             turn = round_no % len(names)
             for name in names[turn:] + names[:turn]:
-                SyncAPIClient.request, SyncAPIClient._send_request = by_mode[name]  # type: ignore[method-assign]
+                use(by_mode[name])
                 with tokenmeter.usage_scope("bench", name):
                     started = clock()
                     for _ in range(block):
                         chat(c, stream)
                     timed[name].append((clock() - started) / block)
     finally:
-        SyncAPIClient.request, SyncAPIClient._send_request = by_mode["bare"]  # type: ignore[method-assign]
+        use(by_mode["bare"])
     return timed
 
 
@@ -171,10 +187,11 @@ def report(args: argparse.Namespace, figures: dict[str, dict[str, list[float]]])
             "",
             f"`{command}`: one process, the openai client on bench/per_task.py's "
             "`httpx.MockTransport`, each block of calls in a fresh `tokenmeter.usage_scope`; "
-            "the modes swap the two SDK methods tokenmeter wraps between blocks, in turns. "
+            "the modes swap the SDK methods a capture wraps between blocks, in turns. "
             "*least capture*: a request wrapper that keeps each answer's usage, model, tier "
             "and request id (a stream's usage chunk, through a generator); *+ attempt ids*: "
-            "with an `X-Client-Request-Id` header on each attempt. us per call: median block; "
+            "with an `X-Client-Request-Id` header on the call's attempt. us per call: median "
+            "block; "
             "*adds*: median difference to bare in the same round.",
             "",
             "| mode | chat us / call | adds (us) | stream us / call | adds (us) |",

@@ -194,11 +194,13 @@ class TokenmeterTool(Tool):
         """tokenmeter's hooks of the client, each with the SDK's own method it wraps."""
         from openai._base_client import AsyncAPIClient, SyncAPIClient
 
+        from tokenmeter import openai_hooks
+
         return Patches(
             [
                 (cls, name, getattr(cls, name), getattr(cls, name).__tokenmeter_original__)
                 for cls in (SyncAPIClient, AsyncAPIClient)
-                for name in ("request", "_send_request")
+                for name in openai_hooks.HOOKED
             ]
         )
 

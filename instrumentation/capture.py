@@ -88,9 +88,8 @@ class PendingCall:
     batch: bool = False  # a line of a Batch API output file
     project: str | None = None  # the OpenAI project the client named
     api_key_hint: str | None = None  # key_hint() of the client's key
-    #: False when the request is known to carry no X-Client-Request-Id of the caller's (the
-    #: attempt then sets one without looking: a miss in httpx's headers costs an exception)
-    may_carry_id: bool = True
+    #: True when the attempts carry ids of tokenmeter's (the caller named none)
+    own_ids: bool = False
     #: when the provider processed it, where that was not now (a Batch API output line)
     created_at: datetime | None = None
 
@@ -100,21 +99,20 @@ class PendingCall:
         return self.attempts[-1].client_request_id if self.attempts else None
 
     # -- attempts ------------------------------------------------------------------------------
-    def start_attempt(self, request: Any) -> Attempt:
-        """Tag an outgoing request with its own client request id (unless the caller set one)."""
-        headers = request.headers
-        given = headers.get(CLIENT_REQUEST_ID) if self.may_carry_id else None
-        if given is None:
-            given = new_client_request_id()
-            headers[CLIENT_REQUEST_ID] = given
-        attempt = Attempt(given)
-        self.attempts.append(attempt)
-        return attempt
+    def attempt_failed(self, exc: BaseException | None, response: Any) -> None:
+        """The SDK retries the call: its last attempt raised ``exc`` while sent, or was
+        answered (``response``: an error status, which billed nothing)."""
+        if response is None and exc is not None and self.attempts and may_have_been_billed(exc):
+            self.attempts[-1].error = exc
 
-    @staticmethod
-    def attempt_failed(attempt: Attempt, exc: BaseException) -> None:
-        if may_have_been_billed(exc):
-            attempt.error = exc
+    def next_attempt(self, options: Any) -> None:
+        """The SDK is about to send the call again, from ``options`` (the call's own, which
+        every attempt is built from): the attempt gets an id of its own."""
+        given = self.client_request_id
+        if self.own_ids:
+            given = new_client_request_id()
+            options.headers = {**(options.headers or {}), CLIENT_REQUEST_ID: given}
+        self.attempts.append(Attempt(given))
 
     def settle_unanswered(self, final: BaseException | None) -> bool:
         """Record every attempt that may have been billed without an answer.
@@ -209,24 +207,26 @@ class PendingCall:
 
     def failed(self, exc: BaseException) -> None:
         """The call raised ``exc`` to the caller: record what it billed, or may have."""
+        last = self.attempts[-1] if self.attempts else None
+        if last is not None and last.error is None:
+            sent = raised_while_sending(exc)
+            if sent is not None and may_have_been_billed(sent):
+                last.error = sent
         if not self.settle_unanswered(exc):
             self.error(exc)
 
 
-_LOWER_ID = CLIENT_REQUEST_ID.lower()
-
-
-def names_request_id(*header_sets: object) -> bool:
-    """May any of these header mappings (the call's extra headers, the client's own) set an
-    X-Client-Request-Id?  True when one does, or is not a mapping we can read."""
-    for headers in header_sets:
-        if not headers:
-            continue
-        if not isinstance(headers, dict):
-            return True
-        if any(isinstance(k, str) and k.lower() == _LOWER_ID for k in headers):
-            return True
-    return False
+def raised_while_sending(exc: BaseException) -> BaseException | None:
+    """``exc``, or the error it was raised from (the SDK wraps a transport's), when it was
+    raised while an attempt was being sent or its answer awaited: inside the SDK's
+    ``_send_request``.  None when it was raised anywhere else (before sending, on an answer)."""
+    for candidate in (exc, exc.__cause__):
+        tb = None if candidate is None else candidate.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name == "_send_request":
+                return candidate
+            tb = tb.tb_next
+    return None
 
 
 def key_hint(key: object) -> str | None:

@@ -2,11 +2,12 @@
 
 ``instrument()`` wraps ``SyncAPIClient.request`` and ``AsyncAPIClient.request``, the one door
 every endpoint of every client (module-level, ``OpenAI``, ``AsyncOpenAI``, Azure, created before
-or after) goes through, and ``_send_request``, which each HTTP attempt of a call goes through.
-One logical call is one record, plus one ``billed_unknown`` record (cost NULL) for each attempt
-that was sent but never answered (a read timeout, a connection cut while waiting), since the
-provider may have completed and billed it; every attempt carries its own
-``X-Client-Request-Id`` (see ``capture``).  What is captured, per operation:
+or after) goes through, and ``_sleep_for_retry``, which the SDK calls between two attempts of a
+call (only then: an answered call pays nothing for it).  One logical call is one record, plus
+one ``billed_unknown`` record (cost NULL) for each attempt that was sent but never answered (a
+read timeout, a connection cut while waiting), since the provider may have completed and billed
+it; every attempt carries its own ``X-Client-Request-Id`` (see ``capture``), put in the call's
+headers before the SDK builds the attempt's request.  What is captured, per operation:
 
 - chat completions (plain, JSON mode, ``n``, tools, ``parse``), streaming included: when the
   caller did not ask for usage, ``stream_options.include_usage`` is added to the request, the
@@ -30,6 +31,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -48,11 +50,13 @@ except ImportError as _exc:  # pragma: no cover - an SDK whose layout changed
 
 from . import batches
 from .capture import (
+    CLIENT_REQUEST_ID,
+    Attempt,
     PendingCall,
     contain,
     get,
     key_hint,
-    names_request_id,
+    new_client_request_id,
     record_parsed,
     safe,
     tracked,
@@ -86,7 +90,7 @@ _said_unmetered: set[str] = set()
 
 
 # -- per-call state -------------------------------------------------------------------------------
-#: The call whose HTTP attempts are being sent in this context (read by the send hook).
+#: The call whose HTTP attempts are being sent in this context (read by the retry hook).
 _inflight: contextvars.ContextVar[PendingCall | None] = contextvars.ContextVar(
     "tokenmeter_inflight", default=None
 )
@@ -106,12 +110,38 @@ def _azure_model(client: Any, body: dict[str, Any]) -> str | None:
     return get_settings().tokenmeter_azure_deployments.get(deployment, deployment)
 
 
-def _may_carry_id(options: Any, client: Any) -> bool:
-    """May the request carry an X-Client-Request-Id of the caller's?  The SDK keeps a
-    client's own default headers in ``_custom_headers``; a client without it (no client,
-    another SDK) may: every attempt then looks in the request itself."""
-    custom = getattr(client, "_custom_headers", None)
-    return custom is None or names_request_id(options.headers, custom)
+_LOWER_ID = CLIENT_REQUEST_ID.lower()
+
+
+def callers_request_id(options: Any, client: Any) -> tuple[bool, str | None]:
+    """Does the caller name an X-Client-Request-Id for this call (its own headers first, then
+    its client's defaults, in any spelling), and which: ``(False, None)`` when not, the value
+    ``None`` when it removes the header (``Omit``).  A client without the SDK's
+    ``_custom_headers`` is read through its public ``default_headers``."""
+    client_headers = getattr(client, "_custom_headers", None)
+    if client_headers is None and client is not None:
+        client_headers = getattr(client, "default_headers", None)
+    for headers in (options.headers, client_headers):
+        if not headers or not isinstance(headers, dict):
+            continue
+        for name, value in headers.items():
+            if isinstance(name, str) and name.lower() == _LOWER_ID:
+                return True, value if isinstance(value, str) else None
+    return False, None
+
+
+def _tag_first_attempt(pending: PendingCall, options: Any, client: Any) -> None:
+    """Give the call's first attempt its X-Client-Request-Id in the call's own headers (a new
+    dict: the caller's may be reused), unless the caller names one: every attempt then carries
+    the caller's."""
+    named, given = callers_request_id(options, client)
+    if not named:
+        given = new_client_request_id()
+        headers = options.headers
+        tag = {CLIENT_REQUEST_ID: given}
+        options.headers = {**headers, **tag} if headers else tag
+        pending.own_ids = True
+    pending.attempts.append(Attempt(given, pending.started))  # sent now: the call's clock
 
 
 def _is_post(options: Any) -> bool:
@@ -148,7 +178,7 @@ def _begin(options: Any, client: Any = None) -> tuple[PendingCall | None, Any]:
         project = headers.get("OpenAI-Project") if isinstance(headers, dict) else None
         pending.project = project or getattr(client, "project", None)
         pending.api_key_hint = key_hint(getattr(client, "api_key", None))
-        pending.may_carry_id = _may_carry_id(options, client)
+        _tag_first_attempt(pending, options, client)
     except Exception as exc:
         if is_interrupt(exc):
             raise
@@ -265,42 +295,42 @@ def _wrap_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaita
     return request
 
 
-def _wrap_send_sync(original: Callable[..., Any]) -> Callable[..., Any]:
-    """Each HTTP attempt of a metered call: tagged with its client request id, and remembered
-    when it may have been billed without an answer."""
+def _wrap_retry_sync(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Between two attempts of a metered call: the one that failed is remembered when it may
+    have been billed without an answer, and the next gets an X-Client-Request-Id of its own."""
 
     @functools.wraps(original)
-    def _send_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+    def _sleep_for_retry(self: Any, *args: Any, **kwargs: Any) -> Any:
         pending = _inflight.get()
-        attempt = None if pending is None else safe(pending.start_attempt, request)
-        try:
-            return original(self, request, *args, **kwargs)
-        except BaseException as exc:
-            if attempt is not None:
-                safe(PendingCall.attempt_failed, attempt, exc)
-            raise
+        if pending is not None:  # called in the SDK's ``except``: the attempt's own error
+            safe(pending.attempt_failed, sys.exc_info()[1], kwargs.get("response"))
+        result = original(self, *args, **kwargs)
+        if pending is not None:
+            safe(pending.next_attempt, kwargs.get("options"))
+        return result
 
-    setattr(_send_request, _ORIGINAL_ATTR, original)
-    return _send_request
+    setattr(_sleep_for_retry, _ORIGINAL_ATTR, original)
+    return _sleep_for_retry
 
 
-def _wrap_send_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _wrap_retry_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(original)
-    async def _send_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+    async def _sleep_for_retry(self: Any, *args: Any, **kwargs: Any) -> Any:
         pending = _inflight.get()
-        attempt = None if pending is None else safe(pending.start_attempt, request)
-        try:
-            return await original(self, request, *args, **kwargs)
-        except BaseException as exc:
-            if attempt is not None:
-                safe(PendingCall.attempt_failed, attempt, exc)
-            raise
+        if pending is not None:
+            safe(pending.attempt_failed, sys.exc_info()[1], kwargs.get("response"))
+        result = await original(self, *args, **kwargs)
+        if pending is not None:
+            safe(pending.next_attempt, kwargs.get("options"))
+        return result
 
-    setattr(_send_request, _ORIGINAL_ATTR, original)
-    return _send_request
+    setattr(_sleep_for_retry, _ORIGINAL_ATTR, original)
+    return _sleep_for_retry
 
 
 SUPPORTED = ">=3.0,<4"
+#: The SDK methods ``instrument()`` wraps, on its sync and async clients.
+HOOKED = ("request", "_sleep_for_retry")
 
 
 def sdk_problems() -> list[str]:
@@ -321,6 +351,12 @@ def sdk_problems() -> list[str]:
             send = []
         if send != ["self", "request"]:
             problems.append(f"{cls.__name__}._send_request(self, request, ...) changed")
+        try:
+            retry = inspect.signature(cls._sleep_for_retry).parameters
+        except (AttributeError, TypeError, ValueError):
+            retry = {}  # type: ignore[assignment]
+        if not {"options", "response"} <= set(retry):
+            problems.append(f"{cls.__name__}._sleep_for_retry(self, *, options, response) changed")
     for stream in (Stream, AsyncStream):
         code = getattr(stream.__init__, "__code__", None)
         if code is None or "_iterator" not in code.co_names:
@@ -359,8 +395,8 @@ def instrument() -> bool:
         return False
     SyncAPIClient.request = _wrap_sync(SyncAPIClient.request)  # type: ignore[method-assign]
     AsyncAPIClient.request = _wrap_async(AsyncAPIClient.request)  # type: ignore[method-assign,assignment]
-    SyncAPIClient._send_request = _wrap_send_sync(SyncAPIClient._send_request)  # type: ignore[method-assign]
-    AsyncAPIClient._send_request = _wrap_send_async(AsyncAPIClient._send_request)  # type: ignore[method-assign,assignment]
+    SyncAPIClient._sleep_for_retry = _wrap_retry_sync(SyncAPIClient._sleep_for_retry)  # type: ignore[method-assign]
+    AsyncAPIClient._sleep_for_retry = _wrap_retry_async(AsyncAPIClient._sleep_for_retry)  # type: ignore[method-assign,assignment]
     return True
 
 
@@ -369,7 +405,7 @@ def uninstrument() -> None:
     if _IMPORT_PROBLEM is not None:
         return
     for cls in (SyncAPIClient, AsyncAPIClient):
-        for name in ("request", "_send_request"):
+        for name in HOOKED:
             original = getattr(getattr(cls, name), _ORIGINAL_ATTR, None)
             if original is not None:
                 setattr(cls, name, original)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import socket
 
+import httpx2 as httpx
 import openai
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 from openai import AsyncOpenAI, OpenAI
 
 from tests.helpers import wait_for
@@ -123,20 +125,27 @@ def test_a_client_s_own_default_request_id_and_any_spelling_are_kept(
     assert sandbox.ledger.get(second._request_id).client_request_id == "call-2"
 
 
-def test_an_attempt_looks_for_the_caller_s_id_unless_it_knows_there_is_none() -> None:
-    """Known headers that name no id: the attempt sets its own without looking; a client
-    whose own headers cannot be read (none, another SDK's): it looks."""
+def test_the_caller_s_request_id_is_read_from_the_call_then_its_client_in_any_spelling() -> None:
+    """The call's own headers win over its client's defaults; ``Omit`` removes the header (no
+    id of ours is put in its place); a client without the SDK's ``_custom_headers`` is read
+    through its public ``default_headers``."""
     from types import SimpleNamespace
 
-    from tokenmeter.openai_hooks import _may_carry_id
+    from openai import Omit
+
+    from tokenmeter.openai_hooks import callers_request_id
 
     plain = SimpleNamespace(headers={"OpenAI-Project": "p"})
     named = SimpleNamespace(headers={"x-client-request-id": "mine"})
-    assert not _may_carry_id(plain, SimpleNamespace(_custom_headers={}))
-    assert _may_carry_id(named, SimpleNamespace(_custom_headers={}))
-    assert _may_carry_id(plain, SimpleNamespace(_custom_headers={"X-Client-Request-Id": "c"}))
-    assert _may_carry_id(plain, SimpleNamespace())  # no _custom_headers: unknown, so look
-    assert _may_carry_id(plain, None)
+    omitted = SimpleNamespace(headers={"X-Client-Request-Id": Omit()})
+    client = SimpleNamespace(_custom_headers={"X-CLIENT-REQUEST-ID": "client-wide"})
+    assert callers_request_id(plain, SimpleNamespace(_custom_headers={})) == (False, None)
+    assert callers_request_id(named, client) == (True, "mine")
+    assert callers_request_id(plain, client) == (True, "client-wide")
+    assert callers_request_id(omitted, client) == (True, None)
+    public = SimpleNamespace(default_headers={"X-Client-Request-Id": "public"})
+    assert callers_request_id(plain, public) == (True, "public")
+    assert callers_request_id(SimpleNamespace(headers=None), None) == (False, None)
 
 
 async def test_async_timeout_is_billed_unknown(sandbox) -> None:
@@ -160,3 +169,62 @@ def test_a_lost_stream_is_billed_unknown(openai_client, sandbox) -> None:
     [call] = scope.all_calls()
     assert call.status == "billed_unknown" and call.cost_usd is None and call.stream
     assert billed_under(sandbox, call.client_request_id).stream
+
+
+async def test_async_retried_attempts_each_carry_an_id_of_their_own(sandbox) -> None:
+    client = AsyncOpenAI(base_url=sandbox.openai_base_url, api_key="sk", max_retries=1, timeout=0.3)
+    sandbox.openai.faults.add("slow=800", times=1)
+    async with usage_scope("task", "async-retry") as scope:
+        answer = await client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    await client.close()
+    timed_out, ok = scope.all_calls()
+    assert (timed_out.status, timed_out.error_type) == ("billed_unknown", "ReadTimeout")
+    assert ok.status == "ok" and ok.request_id == answer._request_id
+    assert timed_out.client_request_id != ok.client_request_id
+    billed_under(sandbox, timed_out.client_request_id)
+    assert sandbox.ledger.by_client_request_id(ok.client_request_id).request_id == ok.request_id
+
+
+class _TimeLimitWhileWaiting(httpx.BaseTransport):
+    """Sends the request (the provider gets it and bills it), then the worker's soft time limit
+    fires while the answer is awaited: what billiard raises into the task at that moment."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.inner.handle_request(request).close()
+        raise SoftTimeLimitExceeded()
+
+
+def test_a_time_limit_while_the_answer_is_awaited_leaves_a_billed_unknown_row(sandbox) -> None:
+    """The interrupt goes on to the task; the request it cut off may have been billed, so its
+    row is billed_unknown under the id it carried, never an error at $0."""
+    client = OpenAI(
+        base_url=sandbox.openai_base_url,
+        api_key="sk",
+        max_retries=2,
+        http_client=httpx.Client(transport=_TimeLimitWhileWaiting()),
+    )
+    with usage_scope("task", "time-limit") as scope, pytest.raises(SoftTimeLimitExceeded):
+        client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    [call] = scope.all_calls()  # an interrupt is not retried: one attempt
+    assert (call.status, call.error_type) == ("billed_unknown", "SoftTimeLimitExceeded")
+    assert call.cost_usd is None and scope.totals.cost_usd is None
+    assert billed_under(sandbox, call.client_request_id).cost_usd > 0
+
+
+def test_a_time_limit_before_the_request_is_built_bills_nothing(sandbox) -> None:
+    """Raised before any attempt was sent (here: while the SDK prepares the request), the
+    call reached no provider: an error row at $0, and the interrupt goes on."""
+
+    class Limited(OpenAI):
+        def _prepare_request(self, request: httpx.Request) -> None:
+            raise SoftTimeLimitExceeded()
+
+    client = Limited(base_url=sandbox.openai_base_url, api_key="sk", max_retries=0)
+    with usage_scope("task", "time-limit-early") as scope, pytest.raises(SoftTimeLimitExceeded):
+        client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    [call] = scope.all_calls()
+    assert (call.status, call.error_type, call.cost_usd) == ("error", "SoftTimeLimitExceeded", 0)
+    assert len(sandbox.ledger) == 0
