@@ -27,6 +27,7 @@ meant to stop a call.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -144,6 +145,22 @@ def _tag_first_attempt(pending: PendingCall, options: Any, client: Any) -> None:
     pending.attempts.append(Attempt(given, pending.started))  # sent now: the call's clock
 
 
+_HINT_ATTR = "_tokenmeter_key_hint"
+
+
+def _key_hint_of(client: Any) -> str | None:
+    """``key_hint`` of the client's key, kept on the client beside the key it was made from
+    (no copy of the key: the same string object), and made again when the key changes."""
+    key = getattr(client, "api_key", None)
+    kept = getattr(client, _HINT_ATTR, None)
+    if kept is not None and kept[0] is key:
+        return kept[1]
+    hint = key_hint(key)
+    with contextlib.suppress(AttributeError, TypeError):  # a client with slots, or frozen
+        setattr(client, _HINT_ATTR, (key, hint))
+    return hint
+
+
 def _is_post(options: Any) -> bool:
     method = getattr(options, "method", None)
     return method == "post" or str(method).lower() == "post"  # the SDK spells it "post"
@@ -177,7 +194,7 @@ def _begin(options: Any, client: Any = None) -> tuple[PendingCall | None, Any]:
         headers = options.headers
         project = headers.get("OpenAI-Project") if isinstance(headers, dict) else None
         pending.project = project or getattr(client, "project", None)
-        pending.api_key_hint = key_hint(getattr(client, "api_key", None))
+        pending.api_key_hint = _key_hint_of(client)
         _tag_first_attempt(pending, options, client)
     except Exception as exc:
         if is_interrupt(exc):

@@ -23,6 +23,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
+from operator import attrgetter
 from typing import Any
 
 from openai import AsyncStream, Stream
@@ -44,6 +45,7 @@ from .capture import (
 MAX_DRAIN_EVENTS = 8
 WATCHED = "_tokenmeter_watched"
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_CHUNK_FIELDS = attrgetter("model", "service_tier", "choices", "usage")
 
 
 class StreamWatch:
@@ -63,6 +65,7 @@ class StreamWatch:
         self.terminal = False  # the Responses API said the answer is complete
         self.finished: set[int] = set()  # chat choices that reached their finish_reason
         self.expected = max(1, int(pending.body.get("n") or 1))
+        self.chat = pending.operation not in ("responses", "image")  # chunks of choices
         self.ahead: deque[Any] = deque()  # read while draining, not yet given to the caller
         self.inner: Iterator[Any] | None = None  # a sync stream's own iterator (for draining)
         self._lock = threading.Lock()
@@ -72,25 +75,28 @@ class StreamWatch:
     # -- reading -----------------------------------------------------------------------------
     def see(self, item: Any) -> bool:
         """Look at one item; False if it is the injected usage chunk to hide from the caller."""
-        operation = self.pending.operation
-        if operation == "image":
-            return self._see_image(item)
-        if operation == "responses":
-            response = get(item, "response")
-            if get(item, "type") in _TERMINAL and response is not None:
-                self.terminal = True
-                self.usage, self.model = get(response, "usage"), get(response, "model")
-                self.service_tier = get(response, "service_tier")
-                self.tools = tool_calls(get(response, "output"))
-            return True
-        read = get if isinstance(item, dict) else attribute  # an SDK chunk: attributes
-        self.model = read(item, "model") or self.model
-        self.service_tier = read(item, "service_tier") or self.service_tier
-        choices = read(item, "choices")
-        for choice in choices or ():
-            if get(choice, "finish_reason"):
-                self.finished.add(get(choice, "index") or 0)
-        usage = read(item, "usage")
+        if not self.chat:
+            return (
+                self._see_image(item)
+                if self.pending.operation == "image"
+                else self._see_event(item)
+            )
+        try:  # an SDK chunk: read by attribute, the fewest steps (this runs for every chunk)
+            model, tier, choices, usage = _CHUNK_FIELDS(item)
+            for choice in choices or ():
+                if choice.finish_reason:
+                    self.finished.add(choice.index or 0)
+        except AttributeError:  # a dict (a raw body's event), an older SDK's chunk
+            read = get if isinstance(item, dict) else attribute
+            model, tier = read(item, "model"), read(item, "service_tier")
+            choices, usage = read(item, "choices"), read(item, "usage")
+            for choice in choices or ():
+                if get(choice, "finish_reason"):
+                    self.finished.add(get(choice, "index") or 0)
+        if model:
+            self.model = model
+        if tier:
+            self.service_tier = tier
         if usage is not None:
             self.usage = usage
             if self.pending.injected_usage and not choices:
@@ -99,6 +105,16 @@ class StreamWatch:
             fields_set = getattr(item, "__pydantic_fields_set__", None)
             if isinstance(fields_set, set):
                 fields_set.discard("usage")  # as if the server had never sent the key
+        return True
+
+    def _see_event(self, item: Any) -> bool:
+        """A Responses API event: the terminal one carries the response and its usage."""
+        response = get(item, "response")
+        if get(item, "type") in _TERMINAL and response is not None:
+            self.terminal = True
+            self.usage, self.model = get(response, "usage"), get(response, "model")
+            self.service_tier = get(response, "service_tier")
+            self.tools = tool_calls(get(response, "output"))
         return True
 
     def _see_image(self, item: Any) -> bool:

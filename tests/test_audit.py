@@ -618,6 +618,17 @@ def test_calls_carry_their_project_and_a_key_hint_never_the_key(metered, sandbox
     assert not any(group == "proj_a" for group, _, _ in found)
 
 
+def test_a_client_whose_key_changes_is_hinted_by_its_new_key(metered, sandbox) -> None:
+    """The hint is kept on the client with the key it was made from: a key swapped on the same
+    client (a rotation) gets its own hint, never the old key's."""
+    client = OpenAI(base_url=sandbox.openai_base_url, api_key=KEY_A, max_retries=0)
+    with client, usage_scope("audit", "rotation") as scope:
+        _chat(client, 1)
+        client.api_key = KEY_B
+        _chat(client, 1)
+    assert [c.api_key_hint for c in scope.all_calls()] == ["sk-proj...wxyz", "sk-proj...last"]
+
+
 def test_a_key_hint_gives_nothing_away() -> None:
     from tokenmeter.capture import key_hint
 
