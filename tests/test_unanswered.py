@@ -125,6 +125,16 @@ def test_a_client_s_own_default_request_id_and_any_spelling_are_kept(
     assert sandbox.ledger.get(second._request_id).client_request_id == "call-2"
 
 
+def test_a_request_id_the_caller_removes_is_not_put_back(openai_client, sandbox) -> None:
+    with usage_scope("task", "omitted") as scope:
+        answer = openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, extra_headers={"X-Client-Request-Id": openai.Omit()}
+        )
+    [call] = scope.all_calls()
+    assert call.client_request_id is None and call.request_id == answer._request_id
+    assert sandbox.ledger.get(answer._request_id).client_request_id is None
+
+
 def test_the_caller_s_request_id_is_read_from_the_call_then_its_client_in_any_spelling() -> None:
     """The call's own headers win over its client's defaults; ``Omit`` removes the header (no
     id of ours is put in its place); a client without the SDK's ``_custom_headers`` is read
