@@ -34,7 +34,7 @@ import inspect
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import openai
@@ -123,7 +123,7 @@ def callers_request_id(options: Any, client: Any) -> tuple[bool, str | None]:
     if client_headers is None and client is not None:
         client_headers = getattr(client, "default_headers", None)
     for headers in (options.headers, client_headers):
-        if not headers or not isinstance(headers, dict):
+        if not headers or not isinstance(headers, Mapping):  # (NotGiven is falsy)
             continue
         for name, value in headers.items():
             if isinstance(name, str) and name.lower() == _LOWER_ID:

@@ -156,6 +156,10 @@ def test_the_caller_s_request_id_is_read_from_the_call_then_its_client_in_any_sp
     public = SimpleNamespace(default_headers={"X-Client-Request-Id": "public"})
     assert callers_request_id(plain, public) == (True, "public")
     assert callers_request_id(SimpleNamespace(headers=None), None) == (False, None)
+    from types import MappingProxyType  # any mapping the SDK takes, not only a dict
+
+    frozen = SimpleNamespace(headers=MappingProxyType({"X-Client-Request-Id": "frozen"}))
+    assert callers_request_id(frozen, None) == (True, "frozen")
 
 
 async def test_async_timeout_is_billed_unknown(sandbox) -> None:
