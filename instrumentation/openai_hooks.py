@@ -372,7 +372,8 @@ def sdk_problems() -> list[str]:
             retry = inspect.signature(cls._sleep_for_retry).parameters
         except (AttributeError, TypeError, ValueError):
             retry = {}  # type: ignore[assignment]
-        if not {"options", "response"} <= set(retry):
+        keyword_only = {n for n, p in retry.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        if not {"options", "response"} <= keyword_only:  # the hook reads them by name
             problems.append(f"{cls.__name__}._sleep_for_retry(self, *, options, response) changed")
     for stream in (Stream, AsyncStream):
         code = getattr(stream.__init__, "__code__", None)

@@ -52,3 +52,18 @@ def test_a_stream_without_its_iterator_is_a_problem(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(Stream, "__init__", __init__)
     assert openai_hooks.sdk_problems() == ["Stream no longer keeps its _iterator"]
+
+
+def test_a_retry_hook_that_no_longer_takes_its_options_by_name_is_a_problem(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The retry hook reads the call's options and the failed attempt's answer by name: an SDK
+    that passes them another way would leave retried attempts without ids of their own."""
+
+    def _sleep_for_retry(self, retries_taken, max_retries, options, response):  # positional
+        return None
+
+    monkeypatch.setattr(SyncAPIClient, "_sleep_for_retry", _sleep_for_retry)
+    assert openai_hooks.sdk_problems() == [
+        "SyncAPIClient._sleep_for_retry(self, *, options, response) changed"
+    ]
