@@ -64,6 +64,16 @@ def new_client_request_id() -> str:
     return f"tm-{new_id()}"
 
 
+def tag_request(options: Any) -> str:
+    """Put a new X-Client-Request-Id in a call's ``options`` (the SDK builds each attempt's
+    request from them), in a new headers dict (the caller's may be reused); returns it."""
+    given = new_client_request_id()
+    headers = options.headers
+    tag = {CLIENT_REQUEST_ID: given}
+    options.headers = {**headers, **tag} if headers else tag  # (NotGiven is falsy)
+    return given
+
+
 @dataclass(slots=True)
 class Attempt:
     """One HTTP request the SDK sent for a call."""
@@ -108,10 +118,7 @@ class PendingCall:
     def next_attempt(self, options: Any) -> None:
         """The SDK is about to send the call again, from ``options`` (the call's own, which
         every attempt is built from): the attempt gets an id of its own."""
-        given = self.client_request_id
-        if self.own_ids:
-            given = new_client_request_id()
-            options.headers = {**(options.headers or {}), CLIENT_REQUEST_ID: given}
+        given = tag_request(options) if self.own_ids else self.client_request_id
         self.attempts.append(Attempt(given))
 
     def settle_unanswered(self, final: BaseException | None) -> bool:

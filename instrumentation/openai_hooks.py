@@ -57,9 +57,9 @@ from .capture import (
     contain,
     get,
     key_hint,
-    new_client_request_id,
     record_parsed,
     safe,
+    tag_request,
     tracked,
 )
 from .context import before_call, current_scope, is_interrupt
@@ -137,11 +137,7 @@ def _tag_first_attempt(pending: PendingCall, options: Any, client: Any) -> None:
     the caller's."""
     named, given = callers_request_id(options, client)
     if not named:
-        given = new_client_request_id()
-        headers = options.headers
-        tag = {CLIENT_REQUEST_ID: given}
-        options.headers = {**headers, **tag} if headers else tag
-        pending.own_ids = True
+        given, pending.own_ids = tag_request(options), True
     pending.attempts.append(Attempt(given, pending.started))  # sent now: the call's clock
 
 
