@@ -675,6 +675,9 @@ class Run:
             return self.pending_recovery() == 0 and self.recorded() is not None
 
         self.wait("recovery", settled, 300)
+        # a request whose client gave up (a timeout) is billed when the provider ends it, maybe
+        # after its task ended: the ground truth is read once nothing is left in flight
+        self.wait("the provider's last requests", lambda: self.sandbox.openai.in_flight == 0, 60)
         self.events.append(f"load finished in {time.monotonic() - started:.0f}s")
         self.events.extend(self.outcomes())
         self.events.append("billed: " + coverage(billed.rows()))

@@ -286,12 +286,24 @@ class OpenAISandbox:
         self._cache: dict[str, str] = {}
         self._cache_lock = threading.Lock()
         self.requests_served = 0
+        self._in_flight = 0  # POSTs being handled (a client that gave up does not end one)
+        self._in_flight_lock = threading.Lock()
         self.batches = BatchStore()
         #: Azure OpenAI deployments (``/openai/deployments/{name}/...``) and the model each serves.
         self.deployments: dict[str, str] = dict(DEPLOYMENTS)
         #: How long a billed request takes to show in the Usage and Costs APIs (the provider's
         #: books lag; 0: at once).
         self.usage_lag_s = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        """Requests still being handled: one whose client timed out bills when it ends, so what
+        was billed is final only once this is 0."""
+        return self._in_flight
+
+    def handling(self, delta: int) -> None:
+        with self._in_flight_lock:
+            self._in_flight += delta
 
     def prompt_cache(self, prompt_text: str, prompt_tokens: int, model: str) -> tuple[int, int]:
         """(cached, written) input tokens of a prompt: read from the cache, and newly written
@@ -502,6 +514,13 @@ class OpenAIHandler(JSONHandler):
             self._error(404, f"no route {path}", "invalid_request_error", new_request_id())
 
     def do_POST(self) -> None:
+        self.sandbox.handling(+1)
+        try:
+            self._post()
+        finally:
+            self.sandbox.handling(-1)
+
+    def _post(self) -> None:
         path = self.path_only
         request_id = new_request_id()
         if path == "/_sandbox/reset":
