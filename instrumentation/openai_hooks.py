@@ -28,13 +28,13 @@ meant to stop a call.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import inspect
 import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from types import FrameType
 from typing import Any, TypeVar, cast
 
 import openai
@@ -88,13 +88,6 @@ _UNMETERED = {
     "/videos": "video generation",
 }
 _said_unmetered: set[str] = set()
-
-
-# -- per-call state -------------------------------------------------------------------------------
-#: The call whose HTTP attempts are being sent in this context (read by the retry hook).
-_inflight: contextvars.ContextVar[PendingCall | None] = contextvars.ContextVar(
-    "tokenmeter_inflight", default=None
-)
 
 
 _AZURE = (openai.AzureOpenAI, openai.AsyncAzureOpenAI)
@@ -258,6 +251,10 @@ def _answered(pending: PendingCall, result: Any) -> Any:
 
 
 # -- the wrappers ----------------------------------------------------------------------------------
+def _noop(*_args: Any, **_kwargs: Any) -> Any:
+    return None
+
+
 def _wrap_sync(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def request(self: Any, cast_to: Any, options: Any, *args: Any, **kwargs: Any) -> Any:
@@ -269,14 +266,11 @@ def _wrap_sync(original: Callable[..., Any]) -> Callable[..., Any]:
         pending, options = _begin(options, self)
         if pending is None:
             return original(self, cast_to, options, *args, **kwargs)
-        token = _inflight.set(pending)
-        try:
+        try:  # (a retry reads ``pending`` from this frame: _retried_call)
             result = original(self, cast_to, options, *args, **kwargs)
         except BaseException as exc:
             safe(pending.failed, exc)
             raise
-        finally:
-            _inflight.reset(token)
         return _answered(pending, result)
 
     setattr(request, _ORIGINAL_ATTR, original)
@@ -294,14 +288,11 @@ def _wrap_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaita
         pending, options = _begin(options, self)
         if pending is None:
             return await original(self, cast_to, options, *args, **kwargs)
-        token = _inflight.set(pending)
         try:
             result = await original(self, cast_to, options, *args, **kwargs)
         except BaseException as exc:
             safe(pending.failed, exc)
             raise
-        finally:
-            _inflight.reset(token)
         return _answered(pending, result)
 
     setattr(request, _ORIGINAL_ATTR, original)
@@ -314,7 +305,7 @@ def _wrap_retry_sync(original: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(original)
     def _sleep_for_retry(self: Any, *args: Any, **kwargs: Any) -> Any:
-        pending = _inflight.get()
+        pending = _retried_call()
         if pending is not None:  # called in the SDK's ``except``: the attempt's own error
             safe(pending.attempt_failed, sys.exc_info()[1], kwargs.get("response"))
         result = original(self, *args, **kwargs)
@@ -329,7 +320,7 @@ def _wrap_retry_sync(original: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_retry_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(original)
     async def _sleep_for_retry(self: Any, *args: Any, **kwargs: Any) -> Any:
-        pending = _inflight.get()
+        pending = _retried_call()
         if pending is not None:
             safe(pending.attempt_failed, sys.exc_info()[1], kwargs.get("response"))
         result = await original(self, *args, **kwargs)
@@ -339,6 +330,32 @@ def _wrap_retry_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., 
 
     setattr(_sleep_for_retry, _ORIGINAL_ATTR, original)
     return _sleep_for_retry
+
+
+#: The code of the two request wrappers: the frame of a call's wrapper holds its ``pending``.
+_REQUEST_CODES = frozenset((_wrap_sync(_noop).__code__, _wrap_async(_noop).__code__))
+#: How far up the stack a retry looks for its call's wrapper (the SDK's ``request`` calls the
+#: retry hook directly; room is left for a few wrappers of other tools in between).
+_RETRY_FRAMES = 12
+
+
+def _retried_call() -> PendingCall | None:
+    """The call whose attempt the SDK is about to retry (None: not a metered call).
+
+    The retry hook runs inside the SDK's ``request``, itself inside tokenmeter's wrapper of it
+    (the same thread, or the awaiting chain of coroutines), whose frame holds the call's
+    ``pending``: found by walking up the stack.  Only a retry pays for the walk; a context
+    variable set around every call instead cost each call 4-10 us in place.
+    """
+    frame: FrameType | None = sys._getframe(2)  # the hook's caller: the SDK's request
+    for _ in range(_RETRY_FRAMES):
+        if frame is None:
+            return None
+        if frame.f_code in _REQUEST_CODES:
+            found = frame.f_locals.get("pending")
+            return found if isinstance(found, PendingCall) else None
+        frame = frame.f_back
+    return None
 
 
 SUPPORTED = ">=3.0,<4"
