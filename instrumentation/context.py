@@ -329,13 +329,13 @@ class UsageScope:
 
     def on_close(self, key: object, callback: Callable[[], None]) -> None:
         """Run ``callback`` when this scope closes, before it is flushed (an open stream
-        records itself there); ``discard_on_close(key)`` takes it back."""
-        with self._lock:
-            self._on_close[key] = callback
+        records itself there); ``discard_on_close(key)`` takes it back.  Both without the
+        lock (every stream calls them): a dict's item set or popped is atomic, and the
+        closing step takes its snapshot of them under the lock."""
+        self._on_close[key] = callback
 
     def discard_on_close(self, key: object) -> None:
-        with self._lock:
-            self._on_close.pop(key, None)
+        self._on_close.pop(key, None)
 
     def _run_on_close(self) -> None:
         with self._lock:

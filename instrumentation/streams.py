@@ -19,7 +19,6 @@ number of times records once.
 from __future__ import annotations
 
 import json
-import threading
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -51,24 +50,48 @@ _CHUNK_FIELDS = attrgetter("model", "service_tier", "choices", "usage")
 class StreamWatch:
     """Reads usage from a stream's items; records the call once."""
 
+    __slots__ = (
+        "_unclaimed",
+        "ahead",
+        "chat",
+        "done",
+        "expected",
+        "finished",
+        "image_quality",
+        "image_size",
+        "images",
+        "inner",
+        "model",
+        "pending",
+        "request_id",
+        "service_tier",
+        "terminal",
+        "tools",
+        "usage",
+    )
+
     def __init__(self, pending: PendingCall, request_id: str | None) -> None:
         self.pending = pending
         self.request_id = request_id
         self.usage: Any = None
         self.model: str | None = None
         self.service_tier: str | None = None
-        self.tools: dict[str, int] = {}
+        self.tools: dict[str, int] | None = None  # Responses API: billed tool calls
         self.images = 0  # streamed image generation: images completed so far
         self.image_size: str | None = None
         self.image_quality: str | None = None
         self.done = False
         self.terminal = False  # the Responses API said the answer is complete
-        self.finished: set[int] = set()  # chat choices that reached their finish_reason
-        self.expected = max(1, int(pending.body.get("n") or 1))
+        #: chat choices that reached their finish_reason (made at the first one)
+        self.finished: set[int] | None = None
+        n = pending.body.get("n")
+        self.expected = max(1, int(n)) if n else 1
         self.chat = pending.operation not in ("responses", "image")  # chunks of choices
-        self.ahead: deque[Any] = deque()  # read while draining, not yet given to the caller
+        #: read while draining, not yet given to the caller (made by the first drain)
+        self.ahead: deque[Any] | None = None
         self.inner: Iterator[Any] | None = None  # a sync stream's own iterator (for draining)
-        self._lock = threading.Lock()
+        #: taken by the one step that records the call (``list.pop`` is atomic: no lock)
+        self._unclaimed = [True]
         if pending.scope is not None:
             pending.scope.on_close(self, self.at_scope_end)
 
@@ -85,14 +108,14 @@ class StreamWatch:
             model, tier, choices, usage = _CHUNK_FIELDS(item)
             for choice in choices or ():
                 if choice.finish_reason:
-                    self.finished.add(choice.index or 0)
+                    self._finish_choice(choice.index)
         except AttributeError:  # a dict (a raw body's event), an older SDK's chunk
             read = get if isinstance(item, dict) else attribute
             model, tier = read(item, "model"), read(item, "service_tier")
             choices, usage = read(item, "choices"), read(item, "usage")
             for choice in choices or ():
                 if get(choice, "finish_reason"):
-                    self.finished.add(get(choice, "index") or 0)
+                    self._finish_choice(get(choice, "index"))
         if model:
             self.model = model
         if tier:
@@ -106,6 +129,11 @@ class StreamWatch:
             if isinstance(fields_set, set):
                 fields_set.discard("usage")  # as if the server had never sent the key
         return True
+
+    def _finish_choice(self, index: int | None) -> None:
+        if self.finished is None:
+            self.finished = set()
+        self.finished.add(index or 0)
 
     def _see_event(self, item: Any) -> bool:
         """A Responses API event: the terminal one carries the response and its usage."""
@@ -140,7 +168,7 @@ class StreamWatch:
     def answer_complete(self) -> bool:
         if self.pending.operation in ("responses", "image"):
             return self.terminal
-        return len(self.finished) >= self.expected
+        return len(self.finished or ()) >= self.expected
 
     def _wants_drain(self) -> bool:
         return not self.done and self.usage is None and self.answer_complete
@@ -155,9 +183,14 @@ class StreamWatch:
             except StopIteration:
                 return
             if self.see(item):
-                self.ahead.append(item)
+                self._hold(item)
             if self.usage is not None:
                 return
+
+    def _hold(self, item: Any) -> None:
+        if self.ahead is None:
+            self.ahead = deque()
+        self.ahead.append(item)
 
     async def adrain(self, inner: AsyncIterator[Any]) -> None:
         if not self._wants_drain():
@@ -168,16 +201,17 @@ class StreamWatch:
             except StopAsyncIteration:
                 return
             if self.see(item):
-                self.ahead.append(item)
+                self._hold(item)
             if self.usage is not None:
                 return
 
     # -- recording (once) --------------------------------------------------------------------
     def _claim(self) -> bool:
-        with self._lock:
-            if self.done:
-                return False
-            self.done = True
+        try:
+            self._unclaimed.pop()
+        except IndexError:
+            return False
+        self.done = True
         if self.pending.scope is not None:
             self.pending.scope.discard_on_close(self)
         return True
@@ -188,7 +222,7 @@ class StreamWatch:
             call = pending.new_call(self.request_id)
             read_usage(call, self.usage)
             call.response_model, call.service_tier = self.model, self.service_tier
-            for name, count in self.tools.items():
+            for name, count in (self.tools or {}).items():
                 setattr(call, name, count)
             if pending.operation == "image":
                 call.image_count = self.images
@@ -256,22 +290,20 @@ def watch_sync(pending: PendingCall, stream: Stream[Any]) -> Stream[Any]:
     inner = watch.inner = stream._iterator
 
     def iterate() -> Iterator[Any]:
+        see = watch.see
         try:
-            while True:
-                if watch.ahead:
-                    yield watch.ahead.popleft()
-                    continue
+            while watch.ahead:  # drained before the first read (closed, or its scope ended)
+                yield watch.ahead.popleft()
+            for item in inner:
                 try:
-                    item = next(inner)
-                except StopIteration:
-                    break
-                try:
-                    keep = watch.see(item)
+                    keep = see(item)
                 except Exception as exc:  # a bug of metering: the caller gets the chunk
                     contain(exc, "read a stream chunk")
                     keep = True
                 if keep:
                     yield item
+                while watch.ahead:  # drained while the caller held the stream: theirs first
+                    yield watch.ahead.popleft()
         except GeneratorExit:  # closed or collected before its end
             safe(watch.drain)
             safe(watch.abandon)
