@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from . import maintained
 from . import settings as _settings
 from .context import CallRecord
-from .money import MONEY_QUANTUM
+from .money import MONEY_QUANTUM, MONEY_SCALE
 
 logger = logging.getLogger("tokenmeter.pricing")
 
@@ -186,7 +186,7 @@ class Price:
 
 
 #: What prices a plain call: (source, row version, its linear rates).
-_PlainTerms = tuple[str, str, "maintained.Rates"]
+_PlainTerms = tuple[str, str, "maintained.Rates", "tuple[int, int, int, int] | None"]
 UNKNOWN = Price(None)
 UNANSWERED = frozenset({"billed_unknown"})
 NOTHING = Price(Decimal(0))  # a failed or refused request bills nothing
@@ -271,9 +271,18 @@ class Prices:
                 self._plain[key] = terms
         if terms is None:
             return None
-        source, version, rates = terms
-        cached = min(call.cached_input_tokens, call.input_tokens)
-        cost = maintained.linear_cost(rates, call.input_tokens, cached, call.output_tokens)
+        source, version, rates, units = terms
+        tokens = call.input_tokens
+        cached = call.cached_input_tokens
+        if cached > tokens:
+            cached = tokens
+        if units is not None:  # rates in whole money units: the exact sum is an integer
+            base, per_input, per_cached, per_output = units
+            total = (
+                base + per_input * tokens + per_cached * cached + per_output * call.output_tokens
+            )
+            return Price(Decimal(total).scaleb(-MONEY_SCALE), source, version)
+        cost = maintained.linear_cost(rates, tokens, cached, call.output_tokens)
         return Price(_exact(cost), source, version)
 
     def _plain_terms(self, call: CallRecord) -> _PlainTerms | None:
@@ -291,7 +300,7 @@ class Prices:
             _, version, found, _, rates = terms
             if found is None or rates is None:
                 return None
-            return maintained.source(), version, rates
+            return maintained.source(), version, rates, in_units(rates)
         return None
 
     def _table_layer(self, name: str) -> tuple[PriceTable, str] | None:
@@ -378,6 +387,20 @@ def _moment(at: datetime | date) -> datetime:
     if isinstance(at, datetime):
         return at if at.tzinfo else at.replace(tzinfo=UTC)
     return datetime(at.year, at.month, at.day, tzinfo=UTC)
+
+
+def in_units(rates: maintained.Rates) -> tuple[int, int, int, int] | None:
+    """``rates`` as whole numbers of the money quantum (1e-10 USD) a token, when every one is
+    one (most are: $0.15 / MTok is 1,500 units a token), else None.  A cost is then summed
+    in integers, exactly the value the Decimal sum rounds to (there is nothing to round), in
+    a fraction of its time."""
+    units = []
+    for rate in rates:
+        scaled = rate.scaleb(MONEY_SCALE)
+        if scaled != scaled.to_integral_value():
+            return None
+        units.append(int(scaled))
+    return units[0], units[1], units[2], units[3]
 
 
 def _exact(cost: Decimal) -> Decimal:

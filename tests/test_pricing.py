@@ -680,6 +680,57 @@ def test_a_call_priced_the_fast_way_and_the_package_s_way_cost_the_same(
     assert cost(prices, plain) == fast  # through calc_price
 
 
+def test_a_plain_call_summed_in_money_units_costs_what_the_decimal_sum_rounds_to() -> None:
+    """Rates that are whole units of 1e-10 USD a token (every flat OpenAI price of the data
+    today) are summed as integers: the same Decimal, digit and exponent, as the rounded
+    Decimal sum; a rate that is not a whole unit is summed in Decimal."""
+    import random
+
+    from tokenmeter.pricing import _exact, in_units
+
+    rng = random.Random(5)
+    whole = 0
+    for model in maintained.openai_models():
+        for tier in ("default", "flex", "priority"):
+            terms = maintained.terms(model, tier, False, NOW)
+            rates = None if terms is None else terms[4]
+            if rates is None:
+                continue
+            units = in_units(rates)
+            whole += units is not None
+            if units is None:
+                continue
+            for _ in range(5):
+                n_in, n_out = rng.choice([0, 1, 999, 1_999_999]), rng.choice([0, 7, 65_536])
+                cached = rng.randint(0, n_in)
+                summed = units[0] + units[1] * n_in + units[2] * cached + units[3] * n_out
+                got = Decimal(summed).scaleb(-10)
+                expected = _exact(maintained.linear_cost(rates, n_in, cached, n_out))
+                assert (str(got), got) == (str(expected), expected), (model, tier)
+    assert whole > 50
+    assert in_units((Decimal(0), Decimal("1.5E-7"), Decimal("-1.35E-7"), Decimal("6E-7"))) == (
+        0,
+        1500,
+        -1350,
+        6000,
+    )
+    assert in_units((Decimal(0), Decimal("1E-11"), Decimal(0), Decimal(0))) is None
+
+
+def test_a_plain_call_with_a_rate_finer_than_the_money_unit_is_rounded_as_before(
+    prices, monkeypatch
+) -> None:
+    from tokenmeter import pricing
+
+    call = chat("gpt-5-mini-2025-08-07", 3, 1)
+    in_units = cost(prices, call)
+    assert prices._plain[("gpt-5-mini-2025-08-07", None, None, False, NOW.date())][3] is not None
+    monkeypatch.setattr(pricing, "in_units", lambda _rates: None)
+    in_decimal = Prices.load()
+    assert cost(in_decimal, call) == in_units == (3 * Decimal("0.25") + Decimal(2)) / M
+    assert in_decimal._plain[("gpt-5-mini-2025-08-07", None, None, False, NOW.date())][3] is None
+
+
 def test_only_prices_that_change_at_midnight_are_kept_by_day() -> None:
     from genai_prices.types import StartDateConstraint
 
