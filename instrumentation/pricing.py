@@ -27,12 +27,11 @@ import re
 import threading
 import tomllib
 from bisect import bisect_right
-from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -176,9 +175,9 @@ class PriceTable:
         return self._at((model, tier, batch), _moment(at))
 
 
-@dataclass(frozen=True)
-class Price:
-    """The cost of one call (None: unknown) and what priced it."""
+class Price(NamedTuple):
+    """The cost of one call (None: unknown) and what priced it (a tuple: one is made for every
+    call, in half the time of a frozen dataclass)."""
 
     cost: Decimal | None
     source: str | None = None  # "genai-prices 0.2.3", "tokenmeter", "file:/path/to/prices.toml"

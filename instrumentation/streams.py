@@ -222,8 +222,9 @@ class StreamWatch:
             call = pending.new_call(self.request_id)
             read_usage(call, self.usage)
             call.response_model, call.service_tier = self.model, self.service_tier
-            for name, count in (self.tools or {}).items():
-                setattr(call, name, count)
+            if self.tools:
+                for name, count in self.tools.items():
+                    setattr(call, name, count)
             if pending.operation == "image":
                 call.image_count = self.images
                 call.image_size, call.image_quality = self.image_size, self.image_quality
