@@ -21,7 +21,9 @@ Modes rotate within every round, so drift on a noisy machine hits them alike; th
 median over rounds of each block's time per task, and "adds" is that minus bare's in the same
 round.  The per-call figures are single chat and streamed calls, each in its mode's context (a
 tokenmeter scope, an OpenTelemetry span), the modes taking turns call by call (each tool's
-patches put in and taken out around its own calls): medians per round of every call's time.
+patches put in and taken out around its own calls, and every patched attribute set again before
+each call of every mode, so that all start from the same emptied method caches): medians per
+round of every call's time.
 Targets: tokenmeter adds <= 0.5 ms per task and less than OpenTelemetry; <= 30 us per call.
 """
 
@@ -132,6 +134,10 @@ class Tool:
     def calls_off(self) -> None:
         """... and taken out (the next call is another mode's), its context left open."""
 
+    def patched(self) -> list[tuple[Any, str]]:
+        """(class, attribute) of each patch ``calls_on`` and ``calls_off`` set."""
+        return []
+
 
 class TokenmeterTool(Tool):
     """Installed once, as a worker is: between its blocks, its task signal handlers and its
@@ -210,6 +216,9 @@ class TokenmeterTool(Tool):
     def calls_off(self) -> None:
         self.hooks.off()
 
+    def patched(self) -> list[tuple[Any, str]]:
+        return [(cls, name) for cls, name, _, _ in self.hooks.changed]
+
 
 class OpenTelemetryTool(Tool):
     name = "opentelemetry"
@@ -262,6 +271,9 @@ class OpenTelemetryTool(Tool):
 
     def calls_off(self) -> None:
         self.toggle.off()
+
+    def patched(self) -> list[tuple[Any, str]]:
+        return [(cls, name) for cls, name, _, _ in self.toggle.changed]
 
 
 class NaiveTool(Tool):
@@ -340,7 +352,14 @@ def time_calls(c: OpenAI, n: int, tools: list[Tool], stream: bool) -> dict[str, 
     context: a tokenmeter scope, an OpenTelemetry span): seconds per call, by mode.
 
     Interleaving puts every mode's calls in the same moments of a noisy machine, and each call
-    runs with the others' code in between, as calls do in an application."""
+    runs with the others' code in between, as calls do in an application.
+
+    Putting a tool's patches in and out sets attributes of the SDK's classes, which empties
+    the interpreter's caches of those classes' methods; the next call then pays to fill them
+    again (about 6 us a call here), which an application, patched once, never pays.  So every
+    mode's call starts from the same state: each attribute any tool patches is set again (to
+    what it is) just before every timed call, whichever the mode.  Otherwise a tool whose
+    patches are on the client's classes would pay it on every call and bare on none."""
     timed: dict[str, list[float]] = {t.name: [] for t in tools}
     clock = time.perf_counter
     with ExitStack() as contexts:
@@ -348,10 +367,13 @@ def time_calls(c: OpenAI, n: int, tools: list[Tool], stream: bool) -> dict[str, 
             tool.on()
             tool.calls_off()
             contexts.enter_context(tool.call_scope())
+        patched = {(cls, name) for tool in tools for cls, name in tool.patched()}
         for i in range(n):
             turn = i % len(tools)
             for tool in tools[turn:] + tools[:turn]:
                 tool.calls_on()
+                for cls, name in patched:  # the same emptied caches for every mode
+                    setattr(cls, name, cls.__dict__[name])
                 started = clock()
                 chat(c, stream)
                 elapsed = clock() - started
@@ -493,8 +515,10 @@ def report(
             "PostgreSQL ledger; blocks include the tool's background work (tokenmeter's "
             "writer, OpenTelemetry's batch exporter). Per task: medians over rounds of each "
             "mode's median block. Per call: single calls in the mode's context (a scope, a "
-            "span), the modes taking turns call by call; medians over rounds of each mode's "
-            "median call. *adds* = the mode minus bare in the same round; *last wait*: the "
+            "span), the modes taking turns call by call, every patched attribute of the SDK's "
+            "classes set again before each call of every mode (the same emptied method caches "
+            "for all); medians over rounds of each mode's median call. *adds* = the mode "
+            "minus bare in the same round; *last wait*: the "
             "part of a block's time per task spent after its last task, waiting for the "
             "tool's background work (tokenmeter: the writer's one commit of the block's "
             "calls, at the default 0.2 s flush interval; OpenTelemetry: the exporter's "
