@@ -25,7 +25,7 @@ from openai import APIStatusError
 
 from .context import CallRecord, UsageScope, hand_to_sink, is_interrupt
 from .ids import new_id
-from .pricing import cost_of
+from .pricing import prices
 
 logger = logging.getLogger("tokenmeter.openai")
 
@@ -186,7 +186,7 @@ class PendingCall:
         """Price ``call`` and record it in the scope the call began in."""
         if call.operation == "image":
             image_details(call, self.body)
-        price = cost_of(call)
+        price = prices().cost_of(call)
         call.cost_usd, call.price_source, call.price_version = (
             price.cost,
             price.source,
@@ -356,8 +356,23 @@ def image_details(call: CallRecord, body: dict[str, Any]) -> None:
     call.image_quality = None if quality == "auto" else quality
 
 
+#: What a chat completion's record reads of it, in one step (the SDK's object).
+_CHAT_ANSWER = attrgetter("_request_id", "usage", "model", "service_tier")
+
+
 def record_parsed(pending: PendingCall, parsed: Any, request_id: str | None) -> None:
     """Record a complete (non-streamed) answer, an SDK object or its JSON as a dict."""
+    if pending.operation == "chat":  # most calls: the SDK's ChatCompletion, read in one step
+        try:
+            given_id, usage, model, tier = _CHAT_ANSWER(parsed)
+        except AttributeError:  # a dict, an object of another shape: name by name
+            pass
+        else:
+            call = pending.new_call(request_id or given_id)
+            read_usage(call, usage)
+            call.response_model, call.service_tier = model, tier
+            pending.store(call)
+            return
     read = get if isinstance(parsed, dict) else attribute
     call = pending.new_call(request_id or read(parsed, "_request_id"))
     read_usage(call, read(parsed, "usage"))

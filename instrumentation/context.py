@@ -303,11 +303,14 @@ class UsageScope:
         caller then records the call in a flush of its own.
         """
         with self._lock:
-            if self.root.closed:
+            if self._root.closed:
                 return None
             call.seq = next(self._seq)
             call.execution_id = self.execution_id
-            self._attribute(call)
+            # _attribute(), spelled out (every call takes this step)
+            call.task_id, call.task_name = self.task_id, self.task_name
+            call.attempt, call.hostname = self.attempt, self.hostname
+            call.scope_kind, call.scope_ref = self.kind, self.ref
             self.calls.append(call)
             scope: UsageScope | None = self
             while scope is not None:
