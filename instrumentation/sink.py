@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from operator import attrgetter
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Connection, Insert, Table
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import types as sa_types
 from sqlalchemy.dialects import postgresql, sqlite
 
 from . import deferred
@@ -268,6 +269,8 @@ class _CopyPlan:
     values: Callable[[CallRecord], tuple[Any, ...]]
     texts: tuple[tuple[int, int | None], ...]  # (position, length or None) of each text column
     processors: tuple[tuple[int, Callable[[Any], Any]], ...]  # (position, bind processor)
+    #: PostgreSQL's name of each column's type, for a binary COPY (None: copied as text)
+    types: tuple[str, ...] | None = None
 
 
 _copy_plans: dict[str, _CopyPlan] = {}
@@ -277,14 +280,61 @@ def _copy_plan(dialect: Any) -> _CopyPlan:
     plan = _copy_plans.get(dialect.name)
     if plan is None:
         names = [c.name for c in _COPY_COLUMNS]
-        processors = [c.type.dialect_impl(dialect).bind_processor(dialect) for c in _COPY_COLUMNS]
+        processors: list[Callable[[Any], Any] | None] = [
+            c.type.dialect_impl(dialect).bind_processor(dialect) for c in _COPY_COLUMNS
+        ]
+        types = _binary_types(dialect)
+        for i, pg_type in enumerate(types or ()):
+            if pg_type == "timestamptz" and processors[i] is None:
+                processors[i] = _aware
         plan = _CopyPlan(
             values=attrgetter(*names),
             texts=tuple((i, _TEXT_COLUMNS[n]) for i, n in enumerate(names) if n in _TEXT_COLUMNS),
             processors=tuple((i, p) for i, p in enumerate(processors) if p is not None),
+            types=types,
         )
         _copy_plans[dialect.name] = plan
     return plan
+
+
+#: PostgreSQL's binary type of each kind of column the ledger has (most specific first).
+_PG_TYPES: tuple[tuple[type[Any], str], ...] = (
+    (sa_types.Boolean, "bool"),
+    (sa_types.BigInteger, "int8"),
+    (sa_types.Integer, "int4"),
+    (sa_types.Float, "float8"),
+    (sa_types.Numeric, "numeric"),
+    (sa_types.Text, "text"),
+    (sa_types.String, "varchar"),
+)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """A moment for a binary ``timestamptz``: one without a zone is UTC (every moment
+    tokenmeter makes is UTC; psycopg's binary dumper refuses one without a zone)."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+def _binary_types(dialect: Any) -> tuple[str, ...] | None:
+    """Each COPY column's PostgreSQL type, for a binary COPY (psycopg's dumpers, in C; no
+    text for the server to parse), or None (not PostgreSQL, or a column of another type)."""
+    if dialect.name != "postgresql":
+        return None
+    found = []
+    for column in _COPY_COLUMNS:
+        impl = column.type
+        if isinstance(impl, sa_types.TypeDecorator):  # Money: NUMERIC on PostgreSQL
+            impl = impl.load_dialect_impl(dialect)
+        if isinstance(impl, sa_types.DateTime):
+            found.append("timestamptz" if impl.timezone else "timestamp")
+            continue
+        name = next((pg for kind, pg in _PG_TYPES if isinstance(impl, kind)), None)
+        if name is None:
+            return None
+        found.append(name)
+    return tuple(found)
 
 
 def _copy_row(call: CallRecord, plan: _CopyPlan) -> list[Any]:
@@ -325,7 +375,7 @@ def _copy_calls(conn: Connection, calls: list[CallRecord]) -> set[tuple[str, int
     try:
         cursor.execute("SAVEPOINT tokenmeter_copy")
         try:
-            _copy_rows(cursor, ledger, names, rows)
+            _copy_rows(cursor, ledger, names, rows, plan.types)
         except Exception as exc:
             if getattr(exc, "sqlstate", None) != _UNIQUE_VIOLATION:
                 raise
@@ -338,7 +388,7 @@ def _copy_calls(conn: Connection, calls: list[CallRecord]) -> set[tuple[str, int
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGE} ON COMMIT DELETE ROWS AS "
             f"SELECT {names} FROM {ledger} WITH NO DATA"
         )
-        _copy_rows(cursor, _STAGE, names, rows)
+        _copy_rows(cursor, _STAGE, names, rows, plan.types)
         cursor.execute(
             f"INSERT INTO {ledger} ({names}) SELECT {names} FROM {_STAGE} "
             "ON CONFLICT DO NOTHING RETURNING execution_id, seq"
@@ -348,8 +398,13 @@ def _copy_calls(conn: Connection, calls: list[CallRecord]) -> set[tuple[str, int
         cursor.close()
 
 
-def _copy_rows(cursor: Any, table: str, names: str, rows: list[list[Any]]) -> None:
-    with cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+def _copy_rows(
+    cursor: Any, table: str, names: str, rows: list[list[Any]], types: tuple[str, ...] | None
+) -> None:
+    binary = " (FORMAT BINARY)" if types is not None else ""
+    with cursor.copy(f"COPY {table} ({names}) FROM STDIN{binary}") as copy:
+        if types is not None:
+            copy.set_types(types)
         for row in rows:
             copy.write_row(row)
 

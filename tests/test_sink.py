@@ -974,3 +974,88 @@ def test_a_calls_json_leaves_out_what_holds_its_default_and_round_trips() -> Non
     zeros = CallRecord(operation="chat", usage_reported=False, cost_usd=Decimal(0))
     assert call_from_json(call_to_json(zeros)) == zeros
     assert call_to_json(zeros)["usage_reported"] is False and call_to_json(zeros)["cost_usd"] == "0"
+
+
+def test_every_value_of_a_call_reads_back_as_it_was_written(db_url: str, tmp_path) -> None:
+    """Every column of the ledger, filled (PostgreSQL copies them in binary, each column with
+    its own type; SQLite inserts them), through the writer's batched commit: each reads back
+    as written, money to the last digit, and a moment without a zone as UTC."""
+    from datetime import UTC, datetime
+
+    from tokenmeter.sink import _COPY_COLUMNS
+
+    sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))
+    full = CallRecord(
+        operation="responses",
+        requested_model="gpt-5-mini",
+        response_model="gpt-5-mini-2025-08-07",
+        request_id="req_full",
+        client_request_id="tm-full",
+        service_tier="flex",
+        batch=True,
+        input_tokens=2_000_000_000,  # near the column's limit
+        cached_input_tokens=1_024,
+        cache_write_tokens=5,
+        input_image_tokens=6,
+        input_audio_tokens=7,
+        output_tokens=1_234,
+        reasoning_tokens=800,
+        output_audio_tokens=9,
+        image_count=2,
+        image_size="1024x1536",
+        image_quality="high",
+        web_search_calls=3,
+        file_search_calls=4,
+        usage_reported=False,
+        stream=True,
+        cost_usd=Decimal("12345678.0123456789"),
+        price_source="genai-prices 0.2.5",
+        price_version="gpt-5-mini@listed flex",
+        latency_ms=123.456,
+        status="incomplete",
+        error_type="StreamClosedEarly",
+        http_status=200,
+        created_at=datetime(2026, 1, 2, 3, 4, 5, 678_901),  # no zone: UTC
+        task_id="t-1",
+        task_name="demo.full",
+        attempt=2,
+        execution_id="e-full",
+        seq=7,
+        scope_kind="pipeline_run",
+        scope_ref="42",
+        hostname="host-1",
+        project="proj_1",
+        api_key_hint="sk-proj...abcd",
+    )
+    priced_nothing = chat(0, 0, "0", "req_zero", execution_id="e-full", seq=8)
+    unknown = chat(3, 0, None, "req_unknown", execution_id="e-full", seq=9)
+    sink.flush_many([FlushBatch(calls=[full, priced_nothing, unknown], execution_id="e-full")])
+    assert len(sink.spool) == 0
+    with session_scope() as s:
+        rows = {r.request_id: r for r in s.scalars(select(OpenAICall))}
+    row = rows["req_full"]
+    for column in _COPY_COLUMNS:
+        expected = getattr(full, column.name)
+        if column.name == "created_at":
+            expected = expected.replace(tzinfo=UTC)
+            got = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+            assert got == expected
+            continue
+        assert getattr(row, column.name) == expected, column.name
+    assert str(row.cost_usd) == "12345678.0123456789"
+    assert rows["req_zero"].cost_usd == 0 and rows["req_unknown"].cost_usd is None
+
+
+@pytest.mark.postgres
+def test_postgresql_copies_every_column_in_binary() -> None:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    from tokenmeter.sink import _COPY_COLUMNS, _binary_types
+
+    types = _binary_types(postgresql.psycopg.dialect())  # type: ignore[attr-defined]
+    assert types is not None and len(types) == len(_COPY_COLUMNS)
+    by_name = dict(zip((c.name for c in _COPY_COLUMNS), types, strict=True))
+    assert by_name["created_at"] == "timestamptz" and by_name["cost_usd"] == "numeric"
+    assert by_name["input_tokens"] == "int4" and by_name["stream"] == "bool"
+    assert by_name["price_version"] == "text" and by_name["latency_ms"] == "float8"
+    assert _binary_types(sqlite.dialect()) is None
