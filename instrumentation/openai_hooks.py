@@ -64,7 +64,15 @@ from .capture import (
 )
 from .context import before_call, current_scope, is_interrupt
 from .settings import get_settings
-from .streams import WATCHED, watch_async, watch_async_response, watch_response, watch_sync
+from .streams import (
+    WATCHED,
+    hook_close,
+    unhook_close,
+    watch_async,
+    watch_async_response,
+    watch_response,
+    watch_sync,
+)
 
 logger = logging.getLogger("tokenmeter.openai")
 
@@ -428,6 +436,7 @@ def instrument() -> bool:
     AsyncAPIClient.request = _wrap_async(AsyncAPIClient.request)  # type: ignore[method-assign,assignment]
     SyncAPIClient._sleep_for_retry = _wrap_retry_sync(SyncAPIClient._sleep_for_retry)  # type: ignore[method-assign]
     AsyncAPIClient._sleep_for_retry = _wrap_retry_async(AsyncAPIClient._sleep_for_retry)  # type: ignore[method-assign,assignment]
+    hook_close()
     return True
 
 
@@ -440,6 +449,7 @@ def uninstrument() -> None:
             original = getattr(getattr(cls, name), _ORIGINAL_ATTR, None)
             if original is not None:
                 setattr(cls, name, original)
+    unhook_close()
 
 
 # -- the explicit decorator --------------------------------------------------------------------

@@ -19,7 +19,6 @@ number of times records once.
 from __future__ import annotations
 
 import json
-import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from operator import attrgetter
@@ -53,6 +52,7 @@ class StreamWatch:
     __slots__ = (
         "_unclaimed",
         "ahead",
+        "ainner",
         "chat",
         "done",
         "expected",
@@ -90,6 +90,7 @@ class StreamWatch:
         #: read while draining, not yet given to the caller (made by the first drain)
         self.ahead: deque[Any] | None = None
         self.inner: Iterator[Any] | None = None  # a sync stream's own iterator (for draining)
+        self.ainner: AsyncIterator[Any] | None = None  # an async stream's own
         #: taken by the one step that records the call (``list.pop`` is atomic: no lock)
         self._unclaimed = [True]
         if pending.scope is not None:
@@ -192,8 +193,8 @@ class StreamWatch:
             self.ahead = deque()
         self.ahead.append(item)
 
-    async def adrain(self, inner: AsyncIterator[Any]) -> None:
-        if not self._wants_drain():
+    async def adrain(self, inner: AsyncIterator[Any] | None) -> None:
+        if inner is None or not self._wants_drain():
             return
         for _ in range(MAX_DRAIN_EVENTS):
             try:
@@ -263,30 +264,58 @@ class StreamWatch:
         self.abandon()
 
 
-def _closer(stream: Any) -> Any:
-    """The stream's own ``close``, held without holding the stream.
+_ORIGINAL = "__tokenmeter_original__"
 
-    ``stream.close = wrapper`` with a bound method inside the wrapper would make a reference
-    cycle (stream -> wrapper -> bound method -> stream): every stream, its response and its
-    chunks would then wait for the cyclic garbage collector instead of going when the caller
-    drops them, which costs a busy caller tens of microseconds a stream.  The class's
-    ``close`` with a weak reference does the same without the cycle (a ``close`` set on the
-    instance by someone else is kept as it is, cycle and all).
-    """
-    if "close" in vars(stream):
-        return stream.close
-    ref, close = weakref.ref(stream), type(stream).close
 
-    def original() -> Any:
-        target = ref()
-        return None if target is None else close(target)
+def _close_sync(original: Any) -> Any:
+    def close(self: Any) -> Any:
+        watch = self.__dict__.get(WATCHED)
+        if isinstance(watch, StreamWatch):  # a watched stream: its usage first, if complete
+            safe(watch.drain)
+            safe(watch.abandon)
+        return original(self)
 
-    return original
+    close.__doc__ = original.__doc__
+    setattr(close, _ORIGINAL, original)
+    return close
+
+
+def _close_async(original: Any) -> Any:
+    async def close(self: Any) -> Any:
+        watch = self.__dict__.get(WATCHED)
+        if isinstance(watch, StreamWatch):
+            await safe_async(watch.adrain, watch.ainner)
+            safe(watch.abandon)
+        return await original(self)
+
+    close.__doc__ = original.__doc__
+    setattr(close, _ORIGINAL, original)
+    return close
+
+
+def hook_close() -> None:
+    """``Stream.close`` and ``AsyncStream.close``, once per process: a watched stream's
+    close reads the usage still on the wire (an answer complete) and records the stream
+    before it closes.  One patch of each class, where a ``close`` set on every stream
+    cost each stream a closure and a weak reference."""
+    if not hasattr(Stream.close, _ORIGINAL):
+        Stream.close = _close_sync(Stream.close)  # type: ignore[method-assign]
+    if not hasattr(AsyncStream.close, _ORIGINAL):
+        AsyncStream.close = _close_async(AsyncStream.close)  # type: ignore[method-assign]
+
+
+def unhook_close() -> None:
+    for cls in (Stream, AsyncStream):
+        original = getattr(cls.close, _ORIGINAL, None)
+        if original is not None:
+            cls.close = original  # type: ignore[method-assign]
 
 
 def watch_sync(pending: PendingCall, stream: Stream[Any]) -> Stream[Any]:
     if getattr(stream, WATCHED, False):  # parse() again, or a decorated function's result
         return stream
+    if not hasattr(Stream.close, _ORIGINAL):  # (the decorator, without instrument())
+        hook_close()
     watch = StreamWatch(pending, stream.response.headers.get("x-request-id"))
     inner = watch.inner = stream._iterator
 
@@ -314,24 +343,18 @@ def watch_sync(pending: PendingCall, stream: Stream[Any]) -> Stream[Any]:
             raise
         safe(watch.finish)
 
-    original_close = _closer(stream)
-
-    def close() -> None:
-        safe(watch.drain)
-        safe(watch.abandon)
-        original_close()
-
     stream._iterator = iterate()
-    stream.close = close  # type: ignore[method-assign]
-    setattr(stream, WATCHED, True)
+    setattr(stream, WATCHED, watch)  # (what the hooked close records)
     return stream
 
 
 def watch_async(pending: PendingCall, stream: AsyncStream[Any]) -> AsyncStream[Any]:
     if getattr(stream, WATCHED, False):
         return stream
+    if not hasattr(AsyncStream.close, _ORIGINAL):
+        hook_close()
     watch = StreamWatch(pending, stream.response.headers.get("x-request-id"))
-    inner = stream._iterator
+    inner = watch.ainner = stream._iterator
 
     async def iterate() -> AsyncIterator[Any]:
         try:
@@ -358,18 +381,8 @@ def watch_async(pending: PendingCall, stream: AsyncStream[Any]) -> AsyncStream[A
             raise
         safe(watch.finish)
 
-    original_close = _closer(stream)
-
-    async def close() -> None:
-        await safe_async(watch.adrain, inner)
-        safe(watch.abandon)
-        closing = original_close()
-        if closing is not None:
-            await closing
-
     stream._iterator = iterate()
-    stream.close = close  # type: ignore[method-assign]
-    setattr(stream, WATCHED, True)
+    setattr(stream, WATCHED, watch)
     return stream
 
 

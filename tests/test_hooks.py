@@ -315,14 +315,18 @@ def test_nested_scopes_roll_up_and_unscoped_calls_are_recorded(
 
 
 def test_uninstrument_restores_the_client(openai_client: OpenAI, hooks: CollectingSink) -> None:
+    from openai import AsyncStream, Stream
     from openai._base_client import AsyncAPIClient, SyncAPIClient
 
     openai_hooks.instrument()  # idempotent: still one layer
     wrapped = SyncAPIClient.request
     assert wrapped.__tokenmeter_original__.__qualname__ == "SyncAPIClient.request"
+    assert Stream.close.__tokenmeter_original__.__qualname__ == "Stream.close"
     openai_hooks.uninstrument()
     assert not hasattr(SyncAPIClient.request, "__tokenmeter_original__")
     assert not hasattr(AsyncAPIClient.request, "__tokenmeter_original__")
+    assert Stream.close.__qualname__ == "Stream.close"
+    assert AsyncStream.close.__qualname__ == "AsyncStream.close"
     with usage_scope("task", "bare") as scope:
         openai_client.chat.completions.create(model="gpt-4o-mini", messages=HI)
     assert scope.totals.calls == 0 and hooks.unscoped == []

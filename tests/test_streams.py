@@ -188,6 +188,38 @@ def test_a_decorated_stream_without_the_hooks_is_recorded_when_read(sandbox) -> 
     assert_exact(call, sandbox)
 
 
+def test_a_decorated_stream_without_the_hooks_left_at_its_finish_keeps_its_usage(
+    sandbox,
+) -> None:
+    """Without ``instrument()``, a watched stream's close still reads the usage still on the
+    wire: the first stream watched hooks ``Stream.close`` (once); ``uninstrument()`` takes it
+    out again, the SDK's own close restored."""
+    from openai import AsyncStream, Stream
+
+    openai_hooks.uninstrument()
+    assert not hasattr(Stream.close, "__tokenmeter_original__")
+    assert not hasattr(AsyncStream.close, "__tokenmeter_original__")
+    client = OpenAI(base_url=sandbox.openai_base_url, api_key="sk", max_retries=0)
+
+    @track_openai_call(model="gpt-4o-mini")
+    def ideas():
+        return client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, stream=True, stream_options={"include_usage": True}
+        )
+
+    with usage_scope("task", "explicit-close") as scope:
+        stream = ideas()
+        for chunk in stream:
+            if any(c.finish_reason for c in chunk.choices):
+                break
+        stream.close()
+        [call] = scope.all_calls()  # recorded by the close, with the usage it drained
+    assert_exact(call, sandbox)
+    assert Stream.close.__tokenmeter_original__.__qualname__ == "Stream.close"
+    openai_hooks.uninstrument()
+    assert Stream.close.__qualname__ == "Stream.close"
+
+
 class _nothing:
     def __enter__(self) -> None:
         return None
