@@ -23,6 +23,8 @@ import logging
 import os
 import socket
 import threading
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +32,34 @@ import orjson
 
 from .context import CallRecord, Rollup, UsageScope, is_interrupt
 from .procs import pid_alive, process_started
-from .sink import CALL_FIELDS, DatabaseSink, FlushBatch, call_to_row
+from .sink import CALL_FIELDS, DatabaseSink, FlushBatch, call_values
 from .wal import WriteAheadLog
 
 logger = logging.getLogger("tokenmeter.wal")
+
+
+def _text(value: Any) -> str:
+    """A call's value JSON has no type for, as its text: a ``Decimal`` (money) as ``str``
+    gives it, a moment as ``isoformat`` does (orjson writes a ``datetime`` so itself)."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 #: The fallback encoder (``json.dumps`` with options builds a new one each call).
-_json_line = json.JSONEncoder(separators=(",", ":")).encode
+_json_line = json.JSONEncoder(separators=(",", ":"), default=_text).encode
 
 
 def _line(entry: dict[str, Any]) -> bytes:
     """``entry`` as one line of the file: orjson (a tenth of the json module's time, the
     same compact JSON), or the json module for what orjson refuses (a lone surrogate in a
-    label the user set): a value never makes a call unwritable."""
+    label the user set): a value never makes a call unwritable.  A call's money and moment
+    are written as their text (:func:`_text`), byte for byte what ``sink.call_to_row``
+    makes of them."""
     try:
-        return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
+        return orjson.dumps(entry, default=_text, option=orjson.OPT_APPEND_NEWLINE)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         return (_json_line(entry) + "\n").encode()  # ASCII: non-ASCII is escaped
 
@@ -153,7 +169,8 @@ class FileWriteAheadLog:
             logger.warning("local write-ahead log unavailable (%s: %s)", type(exc).__name__, exc)
 
     def _on_call(self, scope: UsageScope, call: CallRecord) -> None:
-        self._append(scope, {"t": "c", "path": scope.path, "v": call_to_row(call)})
+        # the values as they are: their text is the encoder's (a third of call_to_row's time)
+        self._append(scope, {"t": "c", "path": scope.path, "v": list(call_values(call))})
 
     def _on_rollup(self, scope: UsageScope, rollup: Rollup) -> None:
         self._append(scope, {"t": "rollup", "path": scope.path, "rollup": rollup.to_json()})

@@ -355,6 +355,36 @@ def test_the_write_ahead_file_compacts_while_an_execution_stays_open(
     wal.close()
 
 
+def test_a_call_s_line_holds_its_money_and_moment_as_their_text() -> None:
+    """A call's line is written from its values as they are (the encoder makes their text):
+    byte for byte the line of ``call_to_row``'s JSON values, money and moments of every
+    shape, through orjson and through the json module's fallback (a lone surrogate)."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from tokenmeter.context import CallRecord
+    from tokenmeter.filewal import _line
+    from tokenmeter.sink import call_to_row, call_values
+
+    moments = [
+        datetime(2026, 1, 1, tzinfo=UTC),
+        datetime(2026, 1, 1, 1, 2, 3, 4, tzinfo=UTC),
+        datetime(2026, 1, 1, 1, 2, 3),  # no zone
+        datetime(2026, 6, 1, 1, 2, 3, 500_000, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+    ]
+    costs = [None, Decimal(0), Decimal("0E-10"), Decimal("1.500E-7"), Decimal("12.3456789012")]
+    for label in ("demo.scan", "caf\u00e9-\udc80"):
+        for at in moments:
+            for cost in costs:
+                call = CallRecord("chat", task_name=label, cost_usd=cost, latency_ms=1.25)
+                call.created_at = at
+                line = _line({"e": "x", "t": "c", "path": (0, 2), "v": list(call_values(call))})
+                assert line == _line({"e": "x", "t": "c", "path": (0, 2), "v": call_to_row(call)})
+                values = json.loads(line)["v"]
+                assert at.isoformat() in values and (cost is None or str(cost) in values)
+    with pytest.raises(TypeError):
+        _line({"v": [object()]})
+
+
 def test_compaction_reads_each_lines_execution_as_the_file_holds_it() -> None:
     """Compaction reads a line's execution from its first characters (no parse a line): the
     same answer as parsing it, for every kind of line a file holds, whole or cut by a kill."""
