@@ -171,7 +171,8 @@ def test_parse_twice_and_a_decorated_stream_count_once(openai_client, sandbox) -
         assert_exact(call, sandbox)
 
 
-def test_a_decorated_stream_without_the_hooks_is_recorded_when_read(sandbox) -> None:
+def _decorated_stream_without_the_hooks(sandbox):
+    """A ``@track_openai_call`` function returning a stream, ``instrument()`` undone."""
     openai_hooks.uninstrument()
     client = OpenAI(base_url=sandbox.openai_base_url, api_key="sk", max_retries=0)
 
@@ -181,6 +182,11 @@ def test_a_decorated_stream_without_the_hooks_is_recorded_when_read(sandbox) -> 
             model="gpt-4o-mini", messages=HI, stream=True, stream_options={"include_usage": True}
         )
 
+    return ideas
+
+
+def test_a_decorated_stream_without_the_hooks_is_recorded_when_read(sandbox) -> None:
+    ideas = _decorated_stream_without_the_hooks(sandbox)
     with usage_scope("task", "explicit") as scope:
         for _ in ideas():
             pass
@@ -196,17 +202,9 @@ def test_a_decorated_stream_without_the_hooks_left_at_its_finish_keeps_its_usage
     out again, the SDK's own close restored."""
     from openai import AsyncStream, Stream
 
-    openai_hooks.uninstrument()
+    ideas = _decorated_stream_without_the_hooks(sandbox)
     assert not hasattr(Stream.close, "__tokenmeter_original__")
     assert not hasattr(AsyncStream.close, "__tokenmeter_original__")
-    client = OpenAI(base_url=sandbox.openai_base_url, api_key="sk", max_retries=0)
-
-    @track_openai_call(model="gpt-4o-mini")
-    def ideas():
-        return client.chat.completions.create(
-            model="gpt-4o-mini", messages=HI, stream=True, stream_options={"include_usage": True}
-        )
-
     with usage_scope("task", "explicit-close") as scope:
         stream = ideas()
         for chunk in stream:
