@@ -308,8 +308,9 @@ _PG_TYPES: tuple[tuple[type[Any], str], ...] = (
     (sa_types.Integer, "int4"),
     (sa_types.Float, "float8"),
     (sa_types.Numeric, "numeric"),
-    (sa_types.Text, "text"),
-    (sa_types.String, "varchar"),
+    # VARCHAR(n) too: the two share one binary form (and the server still checks n); psycopg
+    # 3.1 has no binary dumper for varchar
+    (sa_types.String, "text"),
 )
 
 
@@ -338,7 +339,23 @@ def _binary_types(dialect: Any) -> tuple[str, ...] | None:
         if name is None:
             return None
         found.append(name)
-    return tuple(found)
+    return tuple(found) if _dumps_in_binary(found) else None
+
+
+def _dumps_in_binary(names: list[str]) -> bool:
+    """Has the installed psycopg a binary dumper for each of these types (else: text)?"""
+    try:
+        import psycopg
+        from psycopg.pq import Format
+
+        for name in set(names):
+            info = psycopg.adapters.types.get(name)
+            if info is None:
+                return False
+            psycopg.adapters.get_dumper_by_oid(info.oid, Format.BINARY)
+    except Exception:  # no psycopg 3, or one without such a dumper: COPY as text
+        return False
+    return True
 
 
 def _copy_row(call: CallRecord, plan: _CopyPlan) -> list[Any]:

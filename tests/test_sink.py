@@ -1058,4 +1058,31 @@ def test_postgresql_copies_every_column_in_binary() -> None:
     assert by_name["created_at"] == "timestamptz" and by_name["cost_usd"] == "numeric"
     assert by_name["input_tokens"] == "int4" and by_name["stream"] == "bool"
     assert by_name["price_version"] == "text" and by_name["latency_ms"] == "float8"
+    assert by_name["scope_ref"] == "text"  # VARCHAR(255): one binary form with text
     assert _binary_types(sqlite.dialect()) is None
+
+
+@pytest.mark.postgres
+def test_a_psycopg_without_a_binary_dumper_for_a_column_copies_in_text(
+    db_url: str, tmp_path, monkeypatch
+) -> None:
+    from psycopg import ProgrammingError, adapters
+    from sqlalchemy.dialects import postgresql
+
+    from tokenmeter import sink as sink_module
+
+    real = adapters.get_dumper_by_oid
+
+    def no_binary_numeric(oid, format):
+        if oid == adapters.types["numeric"].oid:
+            raise ProgrammingError("cannot find a dumper for type numeric format BINARY")
+        return real(oid, format)
+
+    monkeypatch.setattr(adapters, "get_dumper_by_oid", no_binary_numeric)
+    monkeypatch.setattr(sink_module, "_copy_plans", {})
+    assert sink_module._copy_plan(postgresql.psycopg.dialect()).types is None  # type: ignore[attr-defined]
+    sink = DatabaseSink(spool=FileSpool(tmp_path / "spool"))
+    sink.flush_many([_batch("req_text_copy", "e-text")])
+    assert len(sink.spool) == 0
+    with session_scope() as s:
+        assert s.scalar(select(OpenAICall.cost_usd)) == Decimal("0.000003")
