@@ -356,26 +356,20 @@ def image_details(call: CallRecord, body: dict[str, Any]) -> None:
     call.image_quality = None if quality == "auto" else quality
 
 
-#: What a chat completion's record reads of it, in one step (the SDK's object).
-_CHAT_ANSWER = attrgetter("_request_id", "usage", "model", "service_tier")
+#: What every answer's record reads of it: in one step from the SDK's object.
+_ANSWER_NAMES = ("_request_id", "usage", "model", "service_tier")
+_ANSWER = attrgetter(*_ANSWER_NAMES)
 
 
 def record_parsed(pending: PendingCall, parsed: Any, request_id: str | None) -> None:
     """Record a complete (non-streamed) answer, an SDK object or its JSON as a dict."""
-    if pending.operation == "chat":  # most calls: the SDK's ChatCompletion, read in one step
-        try:
-            given_id, usage, model, tier = _CHAT_ANSWER(parsed)
-        except AttributeError:  # a dict, an object of another shape: name by name
-            pass
-        else:
-            call = pending.new_call(request_id or given_id)
-            read_usage(call, usage)
-            call.response_model, call.service_tier = model, tier
-            pending.store(call)
-            return
     read = get if isinstance(parsed, dict) else attribute
-    call = pending.new_call(request_id or read(parsed, "_request_id"))
-    read_usage(call, read(parsed, "usage"))
+    try:  # most calls: an SDK object with all four (a chat completion, a response)
+        given_id, usage, model, tier = _ANSWER(parsed)
+    except AttributeError:  # a dict, an answer without one of them: name by name
+        given_id, usage, model, tier = (read(parsed, name) for name in _ANSWER_NAMES)
+    call = pending.new_call(request_id or given_id)
+    read_usage(call, usage)
     operation = call.operation
     if operation == "image":
         call.image_count = len(read(parsed, "data") or [])
@@ -384,11 +378,11 @@ def record_parsed(pending: PendingCall, parsed: Any, request_id: str | None) -> 
         if not call.usage_reported and not (pending.requested_model or "").startswith("gpt-image"):
             call.usage_reported = True  # dall-e has no token usage by design
     else:
-        call.response_model = read(parsed, "model")
+        call.response_model = model
         if operation == "responses":
             for name, count in tool_calls(read(parsed, "output")).items():
                 setattr(call, name, count)
-    call.service_tier = read(parsed, "service_tier")
+    call.service_tier = tier
     pending.store(call)
 
 

@@ -307,10 +307,7 @@ class UsageScope:
                 return None
             call.seq = next(self._seq)
             call.execution_id = self.execution_id
-            # _attribute(), spelled out (every call takes this step)
-            call.task_id, call.task_name = self.task_id, self.task_name
-            call.attempt, call.hostname = self.attempt, self.hostname
-            call.scope_kind, call.scope_ref = self.kind, self.ref
+            self._attribute(call)
             self.calls.append(call)
             scope: UsageScope | None = self
             while scope is not None:
