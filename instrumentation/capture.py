@@ -29,6 +29,9 @@ from .pricing import prices
 
 logger = logging.getLogger("tokenmeter.openai")
 
+#: Where a method tokenmeter wraps (the SDK's request, retry hook, a stream's close) keeps
+#: the one it wraps, for ``uninstrument()`` to put back.
+ORIGINAL_ATTR = "__tokenmeter_original__"
 #: OpenAI's header for the caller's own id of a request (ASCII, at most 512 characters).
 CLIENT_REQUEST_ID = "X-Client-Request-Id"
 BILLED_UNKNOWN = "billed_unknown"

@@ -52,6 +52,7 @@ except ImportError as _exc:  # pragma: no cover - an SDK whose layout changed
 from . import batches
 from .capture import (
     CLIENT_REQUEST_ID,
+    ORIGINAL_ATTR,
     Attempt,
     PendingCall,
     contain,
@@ -85,7 +86,6 @@ _OPERATIONS = {
     "/images/variations": "image",
     "/completions": "completion",
 }
-_ORIGINAL_ATTR = "__tokenmeter_original__"
 #: Endpoints OpenAI bills whose answers the capture cannot read yet (transcriptions report
 #: tokens or seconds, speech answers with audio bytes only, videos bill by the second): a call
 #: to one is not in the ledger, which is said once per kind and process, never passed over.
@@ -281,7 +281,7 @@ def _wrap_sync(original: Callable[..., Any]) -> Callable[..., Any]:
             raise
         return _answered(pending, result)
 
-    setattr(request, _ORIGINAL_ATTR, original)
+    setattr(request, ORIGINAL_ATTR, original)
     return request
 
 
@@ -303,7 +303,7 @@ def _wrap_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaita
             raise
         return _answered(pending, result)
 
-    setattr(request, _ORIGINAL_ATTR, original)
+    setattr(request, ORIGINAL_ATTR, original)
     return request
 
 
@@ -321,7 +321,7 @@ def _wrap_retry_sync(original: Callable[..., Any]) -> Callable[..., Any]:
             safe(pending.next_attempt, kwargs.get("options"))
         return result
 
-    setattr(_sleep_for_retry, _ORIGINAL_ATTR, original)
+    setattr(_sleep_for_retry, ORIGINAL_ATTR, original)
     return _sleep_for_retry
 
 
@@ -336,7 +336,7 @@ def _wrap_retry_async(original: Callable[..., Awaitable[Any]]) -> Callable[..., 
             safe(pending.next_attempt, kwargs.get("options"))
         return result
 
-    setattr(_sleep_for_retry, _ORIGINAL_ATTR, original)
+    setattr(_sleep_for_retry, ORIGINAL_ATTR, original)
     return _sleep_for_retry
 
 
@@ -411,7 +411,7 @@ def sdk_problems() -> list[str]:
 
 
 def is_instrumented() -> bool:
-    return _IMPORT_PROBLEM is None and hasattr(SyncAPIClient.request, _ORIGINAL_ATTR)
+    return _IMPORT_PROBLEM is None and hasattr(SyncAPIClient.request, ORIGINAL_ATTR)
 
 
 def instrument() -> bool:
@@ -446,7 +446,7 @@ def uninstrument() -> None:
         return
     for cls in (SyncAPIClient, AsyncAPIClient):
         for name in HOOKED:
-            original = getattr(getattr(cls, name), _ORIGINAL_ATTR, None)
+            original = getattr(getattr(cls, name), ORIGINAL_ATTR, None)
             if original is not None:
                 setattr(cls, name, original)
     unhook_close()

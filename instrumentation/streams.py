@@ -28,6 +28,7 @@ from openai import AsyncStream, Stream
 
 from .capture import (
     BILLED_UNKNOWN,
+    ORIGINAL_ATTR,
     PendingCall,
     attribute,
     contain,
@@ -264,9 +265,6 @@ class StreamWatch:
         self.abandon()
 
 
-_ORIGINAL = "__tokenmeter_original__"
-
-
 def _close_sync(original: Any) -> Any:
     def close(self: Any) -> Any:
         watch = self.__dict__.get(WATCHED)
@@ -276,7 +274,7 @@ def _close_sync(original: Any) -> Any:
         return original(self)
 
     close.__doc__ = original.__doc__
-    setattr(close, _ORIGINAL, original)
+    setattr(close, ORIGINAL_ATTR, original)
     return close
 
 
@@ -289,7 +287,7 @@ def _close_async(original: Any) -> Any:
         return await original(self)
 
     close.__doc__ = original.__doc__
-    setattr(close, _ORIGINAL, original)
+    setattr(close, ORIGINAL_ATTR, original)
     return close
 
 
@@ -298,15 +296,15 @@ def hook_close() -> None:
     close reads the usage still on the wire (an answer complete) and records the stream
     before it closes.  One patch of each class, where a ``close`` set on every stream
     cost each stream a closure and a weak reference."""
-    if not hasattr(Stream.close, _ORIGINAL):
+    if not hasattr(Stream.close, ORIGINAL_ATTR):
         Stream.close = _close_sync(Stream.close)  # type: ignore[method-assign]
-    if not hasattr(AsyncStream.close, _ORIGINAL):
+    if not hasattr(AsyncStream.close, ORIGINAL_ATTR):
         AsyncStream.close = _close_async(AsyncStream.close)  # type: ignore[method-assign]
 
 
 def unhook_close() -> None:
     for cls in (Stream, AsyncStream):
-        original = getattr(cls.close, _ORIGINAL, None)
+        original = getattr(cls.close, ORIGINAL_ATTR, None)
         if original is not None:
             cls.close = original  # type: ignore[method-assign]
 
@@ -314,7 +312,7 @@ def unhook_close() -> None:
 def watch_sync(pending: PendingCall, stream: Stream[Any]) -> Stream[Any]:
     if getattr(stream, WATCHED, False):  # parse() again, or a decorated function's result
         return stream
-    if not hasattr(Stream.close, _ORIGINAL):  # (the decorator, without instrument())
+    if not hasattr(Stream.close, ORIGINAL_ATTR):  # (the decorator, without instrument())
         hook_close()
     watch = StreamWatch(pending, stream.response.headers.get("x-request-id"))
     inner = watch.inner = stream._iterator
@@ -351,7 +349,7 @@ def watch_sync(pending: PendingCall, stream: Stream[Any]) -> Stream[Any]:
 def watch_async(pending: PendingCall, stream: AsyncStream[Any]) -> AsyncStream[Any]:
     if getattr(stream, WATCHED, False):
         return stream
-    if not hasattr(AsyncStream.close, _ORIGINAL):
+    if not hasattr(AsyncStream.close, ORIGINAL_ATTR):
         hook_close()
     watch = StreamWatch(pending, stream.response.headers.get("x-request-id"))
     inner = watch.ainner = stream._iterator
