@@ -56,8 +56,8 @@ def _line(entry: dict[str, Any]) -> bytes:
     """``entry`` as one line of the file: orjson (a tenth of the json module's time, the
     same compact JSON), or the json module for what orjson refuses (a lone surrogate in a
     label the user set): a value never makes a call unwritable.  A call's money and moment
-    are written as their text (:func:`_text`), byte for byte what ``sink.call_to_row``
-    makes of them."""
+    are written as their text (:func:`_text`): ``str`` and ``isoformat``, as the reader
+    (``sink.call_from_json``) takes them."""
     try:
         return orjson.dumps(entry, default=_text, option=orjson.OPT_APPEND_NEWLINE)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
@@ -169,7 +169,8 @@ class FileWriteAheadLog:
             logger.warning("local write-ahead log unavailable (%s: %s)", type(exc).__name__, exc)
 
     def _on_call(self, scope: UsageScope, call: CallRecord) -> None:
-        # the values as they are: their text is the encoder's (a third of call_to_row's time)
+        # the values as they are: the encoder makes their text (a third of the time of making
+        # it first)
         self._append(scope, {"t": "c", "path": scope.path, "v": list(call_values(call))})
 
     def _on_rollup(self, scope: UsageScope, rollup: Rollup) -> None:

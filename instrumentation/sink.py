@@ -80,26 +80,12 @@ def call_to_json(call: CallRecord) -> dict[str, Any]:
     return out
 
 
-#: A call as a row of values in this order (``call_to_row``): the write-ahead file names them
-#: once, at its top, so that a later version with other fields reads them by name.
+#: The names of a call's values in a write-ahead line (:func:`call_values`' order): the file
+#: names them once, at its top, so that a later version with other fields reads them by name.
 CALL_FIELDS: tuple[str, ...] = _CALL_FIELDS
-_COST_AT = _CALL_FIELDS.index("cost_usd")
-_CREATED_AT = _CALL_FIELDS.index("created_at")
-
-
-#: A call's values in :data:`CALL_FIELDS` order, as they are (``call_to_row`` makes JSON of them).
+#: A call's values in :data:`CALL_FIELDS` order, as they are (the write-ahead file's encoder
+#: writes the money and the moment as text, as :func:`call_to_json` does).
 call_values: Callable[[CallRecord], tuple[Any, ...]] = _CALL_VALUES
-
-
-def call_to_row(call: CallRecord) -> list[Any]:
-    """Every field of ``call`` in :data:`CALL_FIELDS` order, as JSON values (a third less to
-    encode than :func:`call_to_json`'s names, and no test against each default)."""
-    row = list(_CALL_VALUES(call))
-    cost = row[_COST_AT]
-    if cost is not None:
-        row[_COST_AT] = str(cost)
-    row[_CREATED_AT] = row[_CREATED_AT].isoformat()
-    return row
 
 
 def call_from_json(data: dict[str, Any]) -> CallRecord:

@@ -357,13 +357,22 @@ def test_the_write_ahead_file_compacts_while_an_execution_stays_open(
 
 def test_a_call_s_line_holds_its_money_and_moment_as_their_text() -> None:
     """A call's line is written from its values as they are (the encoder makes their text):
-    byte for byte the line of ``call_to_row``'s JSON values, money and moments of every
-    shape, through orjson and through the json module's fallback (a lone surrogate)."""
+    byte for byte the line of its JSON values (the money as ``str``, the moment as
+    ``isoformat``, which the reader takes), money and moments of every shape, through orjson
+    and through the json module's fallback (a lone surrogate)."""
     from datetime import UTC, datetime, timedelta, timezone
 
     from tokenmeter.context import CallRecord
     from tokenmeter.filewal import _line
-    from tokenmeter.sink import call_to_row, call_values
+    from tokenmeter.sink import CALL_FIELDS, call_values
+
+    def json_values(call: CallRecord) -> list[object]:
+        row = list(call_values(call))
+        cost_at, created_at = CALL_FIELDS.index("cost_usd"), CALL_FIELDS.index("created_at")
+        if row[cost_at] is not None:
+            row[cost_at] = str(row[cost_at])
+        row[created_at] = row[created_at].isoformat()
+        return row
 
     moments = [
         datetime(2026, 1, 1, tzinfo=UTC),
@@ -378,7 +387,7 @@ def test_a_call_s_line_holds_its_money_and_moment_as_their_text() -> None:
                 call = CallRecord("chat", task_name=label, cost_usd=cost, latency_ms=1.25)
                 call.created_at = at
                 line = _line({"e": "x", "t": "c", "path": (0, 2), "v": list(call_values(call))})
-                assert line == _line({"e": "x", "t": "c", "path": (0, 2), "v": call_to_row(call)})
+                assert line == _line({"e": "x", "t": "c", "path": (0, 2), "v": json_values(call)})
                 values = json.loads(line)["v"]
                 assert at.isoformat() in values and (cost is None or str(cost) in values)
     with pytest.raises(TypeError):
