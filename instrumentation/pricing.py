@@ -184,7 +184,8 @@ class Price(NamedTuple):
     version: str | None = None  # the row: "gpt-5-mini@listed flex", "dall-e-3@2023-11-06"
 
 
-#: What prices a plain call: (source, row version, its linear rates).
+#: What prices a plain call: (source, row version, its linear rates, those in money units
+#: when each is a whole number of them (:func:`in_units`), else None).
 _PlainTerms = tuple[str, str, "maintained.Rates", "tuple[int, int, int, int] | None"]
 UNKNOWN = Price(None)
 UNANSWERED = frozenset({"billed_unknown"})
