@@ -23,9 +23,8 @@ from typing import Any
 
 from openai import APIStatusError
 
-from .context import CallRecord, UsageScope, hand_to_sink, is_interrupt
+from .context import CallRecord, UsageScope, hand_to_sink, is_interrupt, price_call
 from .ids import new_id
-from .pricing import prices
 
 logger = logging.getLogger("tokenmeter.openai")
 
@@ -186,17 +185,14 @@ class PendingCall:
         self.store(call)
 
     def store(self, call: CallRecord) -> None:
-        """Price ``call`` and record it in the scope the call began in."""
+        """Record ``call`` in the scope the call began in (which prices it when it settles),
+        or, priced now, on its own."""
         if call.operation == "image":
             image_details(call, self.body)
-        price = prices().cost_of(call)
-        call.cost_usd, call.price_source, call.price_version = (
-            price.cost,
-            price.source,
-            price.version,
-        )
         scope = self.scope
+        call.unpriced = True
         if scope is None or scope.record(call) is None:
+            price_call(call)
             hand_to_sink(call, scope)
         counter = tracked.get()
         if counter is not None:

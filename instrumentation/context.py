@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .ids import new_id
 
@@ -102,6 +102,8 @@ class CallRecord:
     hostname: str | None = None
     project: str | None = None  # the OpenAI project the client named (OpenAI-Project)
     api_key_hint: str | None = None  # which key called, as OpenAI shows it: never the key
+    #: True from its capture until it is priced (off the task's path: see UsageScope.settle)
+    unpriced: bool = False
 
     @property
     def model(self) -> str | None:
@@ -217,6 +219,42 @@ RollupListener = Callable[["UsageScope", Rollup], None]
 CallGuard = Callable[["UsageScope | None", str, "str | None"], None]
 
 
+#: Set (to True) on a call listener that takes a call before it is priced (a write-ahead
+#: log: what recovers its lines prices them); a scope with any other listener prices each
+#: call as it is recorded, for that listener.
+TAKES_UNPRICED = "tokenmeter_takes_unpriced"
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def takes_unpriced(listener: F) -> F:
+    """Mark a call listener as one that takes calls before they are priced (see
+    :data:`TAKES_UNPRICED`)."""
+    setattr(listener, TAKES_UNPRICED, True)
+    return listener
+
+
+def price_call(call: CallRecord) -> None:
+    """Set ``call``'s cost and what priced it, from the process's prices."""
+    from .pricing import prices  # (pricing imports this module)
+
+    price = prices().cost_of(call)
+    call.cost_usd, call.price_source, call.price_version = price
+    call.unpriced = False
+
+
+def price_unpriced(calls: list[CallRecord]) -> None:
+    """Price each of ``calls`` captured and not priced yet."""
+    for call in calls:
+        if call.unpriced:
+            price_call(call)
+
+
+def _by_seq(call: CallRecord) -> int:
+    return call.seq
+
+
 class UsageScope:
     """A unit of work whose OpenAI calls are counted together.  Open one with `usage_scope`."""
 
@@ -237,8 +275,8 @@ class UsageScope:
         self.parent = parent
         self.labels: dict[str, str] = dict(labels or {})
         self.children: list[UsageScope] = []
-        self.calls: list[CallRecord] = []  # recorded directly in this scope
-        self.totals = UsageTotals()  # this scope and all its descendants
+        self._calls: list[CallRecord] = []  # recorded directly in this scope
+        self._totals = UsageTotals()  # this scope and all its descendants (settled ones)
         self.rollups: list[Rollup] = []
         self.closed = False
         self._on_close: dict[object, Callable[[], None]] = {}
@@ -258,6 +296,9 @@ class UsageScope:
             self._seq = itertools.count(1)
             self.listeners: list[CallListener] = []
             self.rollup_listeners: list[RollupListener] = []
+            #: Calls recorded and not yet priced nor counted in the totals, with their scope
+            #: (see :meth:`settle`): the whole tree's, kept by its root.
+            self._unsettled: list[tuple[UsageScope, CallRecord]] = []
         else:
             self.execution_id = parent.root.execution_id
             self._scope_ids = parent.root._scope_ids
@@ -290,30 +331,51 @@ class UsageScope:
             yield from child.walk()
 
     def all_calls(self) -> list[CallRecord]:
-        """Every call of this scope and its descendants, in the order they were recorded."""
+        """Every call of this scope and its descendants, in the order they were recorded
+        (priced: see :meth:`settle`)."""
+        self._root.settle()
+        return self.recorded_calls()
+
+    def recorded_calls(self) -> list[CallRecord]:
+        """:meth:`all_calls` as recorded: a call not settled yet has no price (the ledger's
+        writer prices it; see :meth:`settle`)."""
         with self._lock:
-            calls = [c for s in self.walk() for c in s.calls]
-        return sorted(calls, key=lambda c: c.seq)
+            calls = [c for s in self.walk() for c in s._calls]
+        return sorted(calls, key=_by_seq)
+
+    @property
+    def calls(self) -> list[CallRecord]:
+        """The calls recorded directly in this scope (priced: see :meth:`settle`)."""
+        self._root.settle()
+        return self._calls
+
+    @property
+    def totals(self) -> UsageTotals:
+        """The sums over this scope and all its descendants (every call settled first)."""
+        self._root.settle()
+        return self._totals
 
     # -- recording --------------------------------------------------------------------------
     def record(self, call: CallRecord) -> CallRecord | None:
-        """Attribute ``call`` to this scope and roll its numbers up to every ancestor.
+        """Attribute ``call`` to this scope; its price and its numbers in the totals of this
+        scope and every ancestor follow when the tree is settled (:meth:`settle`).
 
         None when the root has already been flushed (a thread that outlived its task): the
         caller then records the call in a flush of its own.
         """
+        root = self._root
         with self._lock:
-            if self._root.closed:
+            if root.closed:
                 return None
             call.seq = next(self._seq)
             call.execution_id = self.execution_id
             self._attribute(call)
-            self.calls.append(call)
-            scope: UsageScope | None = self
-            while scope is not None:
-                scope.totals.add(call)
-                scope = scope.parent
-        for listener in self.listeners:
+            self._calls.append(call)
+            root._unsettled.append((self, call))
+        listeners = self.listeners
+        if listeners and not all(getattr(f, TAKES_UNPRICED, False) for f in listeners):
+            root.settle()  # a listener wants the call's price (a budget, the metrics): now
+        for listener in listeners:
             try:
                 listener(self, call)
             except Exception as exc:  # a metering add-on must never break the caller
@@ -321,6 +383,30 @@ class UsageScope:
                     raise
                 logger.exception("usage listener failed")
         return call
+
+    def settle(self) -> None:
+        """Price every call of this scope's tree captured and not priced yet, and add each
+        recorded since the last settling to the totals of its scope and every ancestor.
+
+        A call is recorded as the provider's answer reached the caller, and priced and
+        counted here: when the totals or the calls are read, when a listener needs the
+        price, and for the ledger by its writer (``sink.write_batches`` prices what it
+        writes), off the task's path.  Pricing is a function of the call alone (its model,
+        tier and day), so when and where it runs changes nothing; a call the writer priced
+        first is only counted here.
+        """
+        root = self._root
+        if not root._unsettled:
+            return
+        with self._lock:
+            unsettled, root._unsettled = root._unsettled, []
+            for scope, call in unsettled:
+                if call.unpriced:
+                    price_call(call)
+                node: UsageScope | None = scope
+                while node is not None:
+                    node._totals.add(call)
+                    node = node.parent
 
     def _attribute(self, call: CallRecord) -> None:
         call.task_id, call.task_name = self.task_id, self.task_name

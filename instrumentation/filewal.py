@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from .context import CallRecord, Rollup, UsageScope, is_interrupt
+from .context import CallRecord, Rollup, UsageScope, is_interrupt, takes_unpriced
 from .procs import pid_alive, process_started
 from .sink import CALL_FIELDS, DatabaseSink, FlushBatch, call_values
 from .wal import WriteAheadLog
@@ -168,6 +168,7 @@ class FileWriteAheadLog:
             self.unavailable += 1
             logger.warning("local write-ahead log unavailable (%s: %s)", type(exc).__name__, exc)
 
+    @takes_unpriced  # recovery prices the calls of its lines as it writes them
     def _on_call(self, scope: UsageScope, call: CallRecord) -> None:
         # the values as they are: the encoder makes their text (a third of the time of making
         # it first)

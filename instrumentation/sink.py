@@ -35,7 +35,7 @@ from sqlalchemy import types as sa_types
 from sqlalchemy.dialects import postgresql, sqlite
 
 from . import deferred
-from .context import CallRecord, UsageScope, UsageTotals, is_interrupt
+from .context import CallRecord, UsageScope, UsageTotals, is_interrupt, price_unpriced
 from .db import get_engine
 from .ids import new_id
 from .ledger import OpenAICall, fit, fitted, storable, text_lengths
@@ -123,9 +123,9 @@ class FlushBatch:
     @classmethod
     def from_scope(cls, scope: UsageScope, state: str | None = None) -> FlushBatch:
         root = scope.root
-        calls = root.all_calls()
+        calls = root.recorded_calls()  # priced by the writer (write_batches), off the task
         rollups = [
-            BoundRollup(r.to_json(), [c.seq for c in s.all_calls()])
+            BoundRollup(r.to_json(), [c.seq for c in s.recorded_calls()])
             for s in root.walk()
             for r in s.rollups
         ]
@@ -209,6 +209,8 @@ def write_batches(conn: Connection, batches: list[FlushBatch]) -> list[list[Call
 
     Returns, per batch, its calls that were new to the ledger.
     """
+    for batch in batches:  # a call recorded in a scope is priced here, off the task's path
+        price_unpriced(batch.calls)
     new_per_batch = _insert_calls(conn, batches)
     for batch, new_calls in zip(batches, new_per_batch, strict=True):  # pragma: no mutate
         for rollup, subtree, _ in _bound(batch, new_calls):
@@ -865,6 +867,7 @@ class DatabaseSink:
 
     def _push_to_spool(self, batch: FlushBatch, exc: BaseException) -> bool:
         try:
+            price_unpriced(batch.calls)  # replayed priced, as written
             self.spool.push(batch.to_json())
             logger.warning(
                 "flush failed (%s: %s); spooled %d calls of task %s for replay",

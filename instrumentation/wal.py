@@ -33,7 +33,7 @@ import threading
 import time
 from typing import Any
 
-from .context import CallRecord, Rollup, UsageScope, is_interrupt
+from .context import CallRecord, Rollup, UsageScope, is_interrupt, takes_unpriced
 from .procs import pid_alive, process_started
 from .sink import BoundRollup, DatabaseSink, FlushBatch, call_from_json, call_to_json
 
@@ -124,6 +124,7 @@ class WriteAheadLog:
                 pipe.rpush(key, json.dumps(entry, separators=(",", ":")))
         pipe.execute()
 
+    @takes_unpriced  # recovery prices the calls of its lines as it writes them
     def _on_call(self, scope: UsageScope, call: CallRecord) -> None:
         self._try_push(scope, {"t": "call", "path": scope.path, "call": call_to_json(call)})
 

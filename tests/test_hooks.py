@@ -314,6 +314,47 @@ def test_nested_scopes_roll_up_and_unscoped_calls_are_recorded(
     assert unscoped.request_id == outside._request_id and unscoped.scope_kind is None
 
 
+def test_a_call_is_priced_after_it_returns_and_read_priced(openai_client: OpenAI, sandbox) -> None:
+    """A call's price costs its caller nothing: it is recorded unpriced and priced when its
+    tree settles (its totals or calls read, a listener that needs the price, the ledger's
+    writer), at the price the provider billed, and counted once in every scope above it."""
+    with usage_scope("task", "priced-later") as task:
+        with usage_scope("scanned_post", "p1") as post:
+            first = openai_client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+            [captured] = task.recorded_calls()
+            assert captured.unpriced and captured.cost_usd is None and captured.price_source is None
+            billed = sandbox.ledger.get(first._request_id).cost_usd
+            assert billed > 0
+            assert post.totals.priced_cost_usd == billed  # reading settles the whole tree
+            assert not captured.unpriced and captured.cost_usd == billed
+            assert captured.price_source is not None
+        second = openai_client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+        again = sandbox.ledger.get(second._request_id).cost_usd
+        assert [c.cost_usd for c in task.calls] == [again]  # the task's own call, priced
+    assert (task.totals.calls, task.totals.cost_usd) == (2, billed + again)
+    assert (post.totals.calls, post.totals.cost_usd) == (1, billed)
+
+
+def test_a_listener_sees_a_call_priced_unless_it_takes_it_unpriced(
+    openai_client: OpenAI, sandbox
+) -> None:
+    from tokenmeter.context import takes_unpriced
+
+    priced: list[tuple[bool, Decimal | None]] = []
+    raw: list[tuple[bool, Decimal | None]] = []
+    with usage_scope("task", "listened") as task:
+        task.listeners.append(takes_unpriced(lambda _, c: raw.append((c.unpriced, c.cost_usd))))
+        answer = openai_client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    assert raw == [(True, None)]  # a write-ahead log: its recovery prices the line
+    with usage_scope("task", "budgeted") as task:
+        task.listeners.append(lambda _, c: priced.append((c.unpriced, c.cost_usd)))
+        task.listeners.append(takes_unpriced(lambda _, c: raw.append((c.unpriced, c.cost_usd))))
+        second = openai_client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    billed = sandbox.ledger.get(second._request_id).cost_usd
+    assert priced == [(False, billed)] and raw[1:] == [(False, billed)]
+    assert sandbox.ledger.get(answer._request_id).cost_usd > 0
+
+
 def test_uninstrument_restores_the_client(openai_client: OpenAI, hooks: CollectingSink) -> None:
     from openai import AsyncStream, Stream
     from openai._base_client import AsyncAPIClient, SyncAPIClient

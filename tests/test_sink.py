@@ -480,6 +480,34 @@ def test_after_flush_hooks_run_only_once_the_batch_is_durable(tmp_path) -> None:
     assert ran == [0]  # not durable anywhere: the hook must not run
 
 
+def test_a_call_captured_unpriced_is_priced_as_it_is_written_or_spooled(
+    db_url: str, tmp_path
+) -> None:
+    """The capture leaves pricing to the writer: a batch's unpriced calls are priced when
+    they are written, and before a spool keeps them."""
+
+    def captured(rid: str) -> CallRecord:
+        call = chat(1000, 200, None, rid=rid, cached_input_tokens=512)
+        call.unpriced, call.execution_id = True, f"e-{rid}"
+        return call
+
+    # gpt-4o-mini per million tokens: $0.15 input, $0.075 cached input, $0.60 output
+    expected = (488 * Decimal("0.15") + 512 * Decimal("0.075") + 200 * Decimal("0.60")) / 10**6
+    spool = FileSpool(tmp_path / "spool")
+    down = DatabaseSink(database_url=UNREACHABLE_PG, spool=spool)
+    spooled = FlushBatch(calls=[captured("req_spooled")], execution_id="e-req_spooled")
+    assert down.flush(spooled) is False
+    [kept] = FlushBatch.from_json(spool.peek_many(1)[0]).calls
+    assert (kept.cost_usd, kept.unpriced) == (expected, False) and kept.price_source
+
+    up = DatabaseSink(spool=spool)
+    assert up.flush(FlushBatch(calls=[captured("req_written")], execution_id="e-req_written"))
+    assert up.replay() == 1
+    with session_scope() as s:
+        rows = {r.request_id: r.cost_usd for r in s.scalars(select(OpenAICall))}
+    assert rows == {"req_spooled": expected, "req_written": expected}
+
+
 def test_redis_spool_lists_every_dead_letter() -> None:
     import fakeredis
 
