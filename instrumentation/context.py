@@ -2,7 +2,10 @@
 
 A scope is opened around a unit of work (a Celery task, a pipeline run, one scanned post, a
 script) with :func:`usage_scope`.  Scopes nest; a call is recorded in its innermost scope and
-its numbers roll up to every ancestor.  When a *root* scope closes, the whole tree is handed to
+its numbers roll up to every ancestor.  A call is recorded unpriced, so that pricing costs its
+caller nothing: the tree is *settled* (each call priced and added up) when its totals or calls
+are read, when a listener needs the price, and by the ledger's writer
+(:meth:`UsageScope.settle`).  When a *root* scope closes, the whole tree is handed to
 the configured :class:`Sink` (the database sink in a worker).  A call made outside any scope is
 handed to the sink on its own (``scope_kind`` None): recorded, never dropped.
 
