@@ -241,6 +241,7 @@ class StreamWatch:
             self.pending.record(
                 request_id=self.request_id,
                 response_model=self.model,
+                service_tier=self.served_tier(),
                 status=BILLED_UNKNOWN,
                 error_type=type(exc).__name__,
                 http_status=200,
@@ -254,10 +255,16 @@ class StreamWatch:
             self.pending.record(
                 request_id=self.request_id,
                 response_model=self.model,
+                service_tier=self.served_tier(),
                 status="incomplete",
                 error_type="StreamClosedEarly",
                 usage_reported=False,
             )
+
+    def served_tier(self) -> str | None:
+        """The tier the stream's items named, else the one its request asked for when that
+        is served as asked or refused (a cut stream's row is counted there, as billed)."""
+        return self.service_tier or self.pending.asked_tier()
 
     def at_scope_end(self) -> None:
         """Its scope closes: record the stream now, in that scope."""

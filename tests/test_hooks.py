@@ -410,6 +410,26 @@ def test_dropped_stream_is_recorded_as_billed_unknown_and_the_client_error_propa
     assert call.request_id and call.client_request_id
 
 
+@pytest.mark.parametrize("tier", ["priority", "flex"])
+def test_a_stream_cut_half_way_keeps_the_tier_it_was_served_on(openai_client, tier) -> None:
+    """A stream cut after its first chunks may have been billed, on the tier that served it
+    (the provider's Usage API counts it there, and an audit by tier looks for it there): its
+    row says the tier the chunks named, not none."""
+    served = []
+    with usage_scope("task", "cut") as scope, pytest.raises(STREAM_DROPPED):
+        for chunk in openai_client.chat.completions.create(
+            model="gpt-5-mini",
+            messages=HI,
+            stream=True,
+            service_tier=tier,
+            extra_headers={"X-Sandbox-Fault": "drop"},
+        ):
+            served.append(chunk.service_tier)
+    [call] = scope.all_calls()
+    assert call.status == "billed_unknown" and served and set(served) == {tier}
+    assert call.service_tier == tier
+
+
 def test_missing_or_null_usage_is_flagged_not_guessed(openai_client) -> None:
     with usage_scope("task", "nousage") as scope:
         for fault in ("no-usage", "null-usage"):
