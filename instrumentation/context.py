@@ -239,11 +239,19 @@ def takes_unpriced(listener: F) -> F:
 
 
 def price_call(call: CallRecord) -> None:
-    """Set ``call``'s cost and what priced it, from the process's prices."""
+    """Set ``call``'s cost and what priced it, from the process's prices.  A bug in pricing
+    leaves the cost unknown (NULL, never $0) and is logged: the call is written all the same."""
     from .pricing import prices  # (pricing imports this module)
 
-    price = prices().cost_of(call)
-    call.cost_usd, call.price_source, call.price_version = price
+    try:
+        call.cost_usd, call.price_source, call.price_version = prices().cost_of(call)
+    except Exception as exc:
+        if is_interrupt(exc):
+            raise
+        logger.exception(
+            "could not price a %s call to %s: its cost is unknown", call.operation, call.model
+        )
+        call.cost_usd = call.price_source = call.price_version = None
     call.unpriced = False
 
 

@@ -508,6 +508,28 @@ def test_a_call_captured_unpriced_is_priced_as_it_is_written_or_spooled(
     assert rows == {"req_spooled": expected, "req_written": expected}
 
 
+def test_a_bug_in_pricing_leaves_the_cost_unknown_and_the_call_written(
+    db_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer prices what it writes: a pricing failure must not take the batch down."""
+    from tokenmeter import pricing
+
+    class Broken:
+        def cost_of(self, call: CallRecord) -> None:
+            raise RuntimeError("a bug in a price table")
+
+    monkeypatch.setattr(pricing, "prices", lambda: Broken())
+    call = chat(1000, 200, None, rid="req_unpriceable")
+    call.unpriced, call.execution_id = True, "e-unpriceable"
+    assert DatabaseSink(spool=FileSpool(tmp_path)).flush(
+        FlushBatch(calls=[call], execution_id="e-unpriceable")
+    )
+    with session_scope() as s:
+        row = s.scalars(select(OpenAICall)).one()
+    assert (row.request_id, row.cost_usd, row.price_source) == ("req_unpriceable", None, None)
+    assert "could not price a chat call to gpt-4o-mini-2024-07-18" in caplog.text
+
+
 def test_redis_spool_lists_every_dead_letter() -> None:
     import fakeredis
 
