@@ -47,9 +47,12 @@ MODES = {
     "metered (defaults)": {},
     "metered, write-ahead to Redis too": {"TOKENMETER_WRITE_AHEAD": "redis"},
     "metered, inline flush": {"TOKENMETER_FLUSH": "inline"},
+    # the general tool, for comparison: OpenTelemetry's celery + openai instrumentations, a
+    # batch span processor, an exporter that keeps nothing (bench/worker_app.py)
+    "opentelemetry (no metering)": {"TOKENMETER_DISABLED": "1", "BENCH_OTEL": "1"},
 }
 #: ``--modes`` names them so (bare always runs: the others are measured against it).
-MODE_KEYS = dict(zip(("bare", "defaults", "redis", "inline"), MODES, strict=True))
+MODE_KEYS = dict(zip(("bare", "defaults", "redis", "inline", "otel"), MODES, strict=True))
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -1,8 +1,9 @@
 """The Celery app the throughput benchmark runs: one task making K chat calls.
 
 Metering is on unless ``TOKENMETER_DISABLED=1``; the write-ahead log follows
-``TOKENMETER_WRITE_AHEAD``.  ``BENCH_LATENCY_MS`` asks the sandbox to answer that slowly,
-to model a real provider's latency.
+``TOKENMETER_WRITE_AHEAD``.  ``BENCH_OTEL=1`` traces the tasks and calls with OpenTelemetry
+instead (the comparison the benchmark makes).  ``BENCH_LATENCY_MS`` asks the sandbox to
+answer that slowly, to model a real provider's latency.
 """
 
 from __future__ import annotations
@@ -26,6 +27,32 @@ if os.environ.get("TOKENMETER_DISABLED") != "1":
     import tokenmeter
 
     tokenmeter.install(app)
+
+if os.environ.get("BENCH_OTEL") == "1":  # the general tool, for comparison (tokenmeter off)
+    from celery.signals import worker_process_init
+
+    @worker_process_init.connect(weak=False)
+    def _trace(**_: object) -> None:
+        """OpenTelemetry's celery and openai instrumentations in each pool process (after the
+        fork, as their documentation asks), spans batched to an exporter that keeps nothing."""
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor
+        from opentelemetry.instrumentation.openai import OpenAIInstrumentor
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+
+        class Discard(SpanExporter):
+            def export(self, spans: object) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(Discard()))
+        CeleryInstrumentor().instrument(tracer_provider=provider)
+        OpenAIInstrumentor().instrument(tracer_provider=provider)
+
 
 _client: OpenAI | None = None
 _latency = int(os.environ.get("BENCH_LATENCY_MS", "0"))
