@@ -226,19 +226,10 @@ class OpenTelemetryTool(Tool):
     def __init__(self) -> None:
         from opentelemetry.instrumentation.celery import CeleryInstrumentor
         from opentelemetry.instrumentation.openai import OpenAIInstrumentor
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import (
-            BatchSpanProcessor,
-            SpanExporter,
-            SpanExportResult,
-        )
 
-        class Discard(SpanExporter):
-            def export(self, spans: Any) -> SpanExportResult:
-                return SpanExportResult.SUCCESS
+        from bench.otel_discard import discarding_provider
 
-        self.provider = TracerProvider()
-        self.provider.add_span_processor(BatchSpanProcessor(Discard()))
+        self.provider = discarding_provider()
         self.celery = CeleryInstrumentor()
         # the openai instrumentor cannot be undone and redone cleanly (its wrappers stay):
         # toggled by swapping the patched attributes, as bench/peers.py does

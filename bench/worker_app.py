@@ -37,19 +37,10 @@ if os.environ.get("BENCH_OTEL") == "1":  # the general tool, for comparison (tok
         fork, as their documentation asks), spans batched to an exporter that keeps nothing."""
         from opentelemetry.instrumentation.celery import CeleryInstrumentor
         from opentelemetry.instrumentation.openai import OpenAIInstrumentor
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import (
-            BatchSpanProcessor,
-            SpanExporter,
-            SpanExportResult,
-        )
 
-        class Discard(SpanExporter):
-            def export(self, spans: object) -> SpanExportResult:
-                return SpanExportResult.SUCCESS
+        from bench.otel_discard import discarding_provider
 
-        provider = TracerProvider()
-        provider.add_span_processor(BatchSpanProcessor(Discard()))
+        provider = discarding_provider()
         CeleryInstrumentor().instrument(tracer_provider=provider)
         OpenAIInstrumentor().instrument(tracer_provider=provider)
 
