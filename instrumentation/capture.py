@@ -154,9 +154,12 @@ class PendingCall:
 
     def asked_tier(self) -> str | None:
         """The tier the request asked for, for a call that was never answered (no response
-        says which served it): ``flex`` and ``priority`` are served as asked or refused;
+        says which served it): ``flex`` and ``priority`` are served as asked or refused, and
+        ``fast`` (Fast mode) is served as ``priority``, which its answer would have said;
         ``auto`` and ``default`` leave it to the provider (None: the default)."""
         tier = self.body.get("service_tier") if isinstance(self.body, dict) else None
+        if tier == "fast":
+            return "priority"
         return tier if tier in ("flex", "priority") else None
 
     # -- outcomes --------------------------------------------------------------------------------

@@ -71,6 +71,21 @@ def test_each_retried_attempt_that_got_no_answer_is_its_own_row(sandbox) -> None
     assert scope.totals.calls == 3 and scope.totals.cost_usd is None
 
 
+@pytest.mark.parametrize(("asked", "served"), [("fast", "priority"), ("priority", "priority")])
+def test_an_unanswered_call_is_booked_on_the_tier_it_is_served_on(sandbox, asked, served) -> None:
+    """OpenAI serves (and bills) a request for ``fast`` on ``priority`` and says so in the
+    answer; an attempt that got no answer must be booked there too, where the provider's
+    Usage API counts it (a faulted reconcile's audit by tier found one under no tier)."""
+    client = OpenAI(base_url=sandbox.openai_base_url, api_key="sk", max_retries=1)
+    sandbox.openai.faults.add("lost")  # completed and billed, answer never sent
+    with usage_scope("task", "fast") as scope:
+        answer = client.chat.completions.create(model="gpt-5", messages=HI, service_tier=asked)
+    lost, ok = scope.all_calls()
+    assert (lost.status, ok.status, answer.service_tier) == ("billed_unknown", "ok", served)
+    assert billed_under(sandbox, lost.client_request_id).service_tier == served
+    assert lost.service_tier == ok.service_tier == served
+
+
 def test_a_timed_out_attempt_then_an_answer(sandbox) -> None:
     client = OpenAI(base_url=sandbox.openai_base_url, api_key="sk", max_retries=1, timeout=0.3)
     sandbox.openai.faults.add("slow=800", times=1)
