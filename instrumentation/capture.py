@@ -25,6 +25,7 @@ from openai import APIStatusError
 
 from .context import CallRecord, UsageScope, hand_to_sink, is_interrupt, price_call
 from .ids import new_id
+from .pricing import served_tier
 
 logger = logging.getLogger("tokenmeter.openai")
 
@@ -157,9 +158,8 @@ class PendingCall:
         says which served it): ``flex`` and ``priority`` are served as asked or refused, and
         ``fast`` (Fast mode) is served as ``priority``, which its answer would have said;
         ``auto`` and ``default`` leave it to the provider (None: the default)."""
-        tier = self.body.get("service_tier") if isinstance(self.body, dict) else None
-        if tier == "fast":
-            return "priority"
+        asked = self.body.get("service_tier") if isinstance(self.body, dict) else None
+        tier = served_tier(asked) if isinstance(asked, str) else None  # (pricing's names)
         return tier if tier in ("flex", "priority") else None
 
     # -- outcomes --------------------------------------------------------------------------------
