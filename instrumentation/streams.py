@@ -11,6 +11,10 @@ was opened in closes, whichever comes first, always in the scope it was opened i
 - closed earlier, or never iterated: ``incomplete``, usage unknown (cost NULL, never $0);
 - cut by a transport error: ``billed_unknown`` (the provider bills what it generated).
 
+A chat stream of one choice whose caller asked for the usage chunk (nothing to hide) is looked
+at in two places, its first chunk and the last one the caller was given when it ends, so its
+cost does not grow with the answer; every other stream is looked at chunk by chunk.
+
 ``with_streaming_response`` bodies are tapped as the caller reads them (``iter_bytes``,
 ``iter_text``, ``iter_lines``, ``read``) and recorded when the response closes; ``parse()`` any
 number of times records once.
@@ -62,6 +66,8 @@ class StreamWatch:
         "image_size",
         "images",
         "inner",
+        "last",
+        "lazy",
         "model",
         "pending",
         "request_id",
@@ -90,6 +96,15 @@ class StreamWatch:
         self.chat = pending.operation not in ("responses", "image")  # chunks of choices
         #: read while draining, not yet given to the caller (made by the first drain)
         self.ahead: deque[Any] | None = None
+        #: Look at the first chunk and then only at the last one given to the caller (kept
+        #: in ``last`` and read when the stream ends, fails, is left or its scope ends): a chat
+        #: stream of one choice whose caller asked for the usage chunk itself.  Its usage
+        #: chunk ends the stream and its finish_reason is the last chunk before it, and every
+        #: chunk names the model and tier, so one look at the end reads what a look at every
+        #: chunk would, at a cost that does not grow with the answer's length.  Otherwise
+        #: (an injected usage chunk to hide, several choices, events) every item is seen.
+        self.lazy = self.chat and self.expected == 1 and not pending.injected_usage
+        self.last: Any = None  # (lazy) the last item given to the caller, not yet seen
         self.inner: Iterator[Any] | None = None  # a sync stream's own iterator (for draining)
         self.ainner: AsyncIterator[Any] | None = None  # an async stream's own
         #: taken by the one step that records the call (``list.pop`` is atomic: no lock)
@@ -131,6 +146,13 @@ class StreamWatch:
             if isinstance(fields_set, set):
                 fields_set.discard("usage")  # as if the server had never sent the key
         return True
+
+    def catch_up(self) -> None:
+        """(lazy) See the last item the caller was given, if it was not seen yet."""
+        last = self.last
+        if last is not None:
+            self.last = None
+            self.see(last)
 
     def _finish_choice(self, index: int | None) -> None:
         if self.finished is None:
@@ -177,6 +199,7 @@ class StreamWatch:
 
     def drain(self) -> None:
         """The caller stopped after a complete answer: read the usage still on the wire."""
+        self.catch_up()
         if self.inner is None or not self._wants_drain():
             return
         for _ in range(MAX_DRAIN_EVENTS):
@@ -195,6 +218,7 @@ class StreamWatch:
         self.ahead.append(item)
 
     async def adrain(self, inner: AsyncIterator[Any] | None) -> None:
+        self.catch_up()
         if inner is None or not self._wants_drain():
             return
         for _ in range(MAX_DRAIN_EVENTS):
@@ -219,6 +243,7 @@ class StreamWatch:
         return True
 
     def finish(self) -> None:
+        self.catch_up()
         if self._claim():
             pending = self.pending
             call = pending.new_call(self.request_id)
@@ -235,6 +260,7 @@ class StreamWatch:
             pending.store(call)
 
     def fail(self, exc: BaseException) -> None:
+        self.catch_up()
         if self.usage is not None:  # the usage arrived before the failure: keep it
             self.finish()
         elif self._claim():
@@ -249,6 +275,7 @@ class StreamWatch:
             )
 
     def abandon(self) -> None:
+        self.catch_up()
         if self.usage is not None:  # everything billable was received
             self.finish()
         elif self._claim():
@@ -339,6 +366,13 @@ def watch_sync(pending: PendingCall, stream: Stream[Any]) -> Stream[Any]:
                     yield item
                 while watch.ahead:  # drained while the caller held the stream: theirs first
                     yield watch.ahead.popleft()
+                if watch.lazy:
+                    break  # the first chunk is seen; from here only the last one is
+            for item in inner:  # (lazy; an eager watch's loop above has emptied ``inner``)
+                watch.last = item
+                yield item
+                while watch.ahead:
+                    yield watch.ahead.popleft()
         except GeneratorExit:  # closed or collected before its end
             safe(watch.drain)
             safe(watch.abandon)
@@ -362,6 +396,7 @@ def watch_async(pending: PendingCall, stream: AsyncStream[Any]) -> AsyncStream[A
     inner = watch.ainner = stream._iterator
 
     async def iterate() -> AsyncIterator[Any]:
+        seen_first = False
         try:
             while True:
                 if watch.ahead:
@@ -371,6 +406,11 @@ def watch_async(pending: PendingCall, stream: AsyncStream[Any]) -> AsyncStream[A
                     item = await inner.__anext__()
                 except StopAsyncIteration:
                     break
+                if watch.lazy and seen_first:
+                    watch.last = item  # (lazy: seen when the stream ends, fails or is left)
+                    yield item
+                    continue
+                seen_first = True
                 try:
                     keep = watch.see(item)
                 except Exception as exc:

@@ -14,7 +14,7 @@ import json
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.helpers import wait_for
+from tests.helpers import STREAM_DROPPED, wait_for
 from tokenmeter import openai_hooks
 from tokenmeter.context import close_scope, open_scope, usage_scope
 from tokenmeter.openai_hooks import track_openai_call
@@ -318,3 +318,104 @@ def test_a_bug_reading_a_chunk_is_logged_and_the_caller_gets_every_chunk(
     monkeypatch.setattr(StreamWatch, "see", interrupted)
     with usage_scope("task", "interrupt"), pytest.raises(SoftTimeLimitExceeded):
         chunks()
+
+
+ASKED = {"include_usage": True}  # the caller asked for the usage chunk: nothing to hide
+
+
+@pytest.mark.parametrize("ending", ["read", "close at finish", "scope end at finish", "mid"])
+def test_a_stream_whose_caller_asked_for_its_usage_is_read_at_its_ends(
+    openai_client, sandbox, ending
+) -> None:
+    """A one-choice chat stream whose caller asked for the usage chunk is looked at twice,
+    its first chunk and the last one given to the caller, however long the answer: what it
+    records is what a look at every chunk recorded, however the caller leaves it."""
+    with usage_scope("task", "asked") as scope:
+        stream = openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, stream=True, stream_options=ASKED
+        )
+        given = []
+        for chunk in stream:
+            given.append(chunk)
+            if ending == "mid" and len(given) == 2:
+                break
+            if ending != "read" and chunk.choices and chunk.choices[0].finish_reason:
+                break
+        if ending in ("close at finish", "mid"):
+            stream.close()
+    [call] = scope.all_calls()
+    if ending == "mid":
+        assert call.status == "incomplete" and call.cost_usd is None
+        assert billed(sandbox, call.request_id).output_tokens > 0
+        return
+    assert_exact(call, sandbox)
+    if ending == "read":
+        assert given[-1].usage is not None and given[-1].choices == []  # the caller's own
+
+
+@pytest.mark.parametrize("tier", ["priority", "flex"])
+def test_a_stream_that_asked_for_its_usage_and_was_cut_keeps_its_tier(openai_client, tier) -> None:
+    with usage_scope("task", "asked-cut") as scope, pytest.raises(STREAM_DROPPED):
+        for _ in openai_client.chat.completions.create(
+            model="gpt-5-mini",
+            messages=HI,
+            stream=True,
+            stream_options=ASKED,
+            service_tier=tier,
+            extra_headers={"X-Sandbox-Fault": "drop"},
+        ):
+            pass
+    [call] = scope.all_calls()
+    assert (call.status, call.service_tier, call.response_model) == (
+        "billed_unknown",
+        tier,
+        "gpt-5-mini-2025-08-07",
+    )
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_how_many_chunks_of_a_stream_are_looked_at(
+    openai_client, sandbox, monkeypatch, asked
+) -> None:
+    """Reading a chunk costs the caller's thread for every chunk of an answer: a stream whose
+    caller asked for the usage chunk is looked at twice, however long; one whose usage chunk
+    was injected (hidden from the caller) is looked at chunk by chunk."""
+    from tokenmeter.streams import StreamWatch
+
+    looked = []
+    see = StreamWatch.see
+    monkeypatch.setattr(StreamWatch, "see", lambda self, item: looked.append(1) or see(self, item))
+    with usage_scope("task", "chunks") as scope:
+        chunks = list(
+            openai_client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=HI,
+                stream=True,
+                **({"stream_options": ASKED} if asked else {}),
+            )
+        )
+    [call] = scope.all_calls()
+    assert_exact(call, sandbox)
+    assert len(chunks) > 3  # a role chunk, content, the finish_reason (and the usage)
+    assert len(looked) == (2 if asked else len(chunks) + 1)  # (+1: the hidden usage chunk)
+
+
+async def test_an_async_stream_that_asked_for_its_usage_is_read_at_its_ends(
+    async_openai_client: AsyncOpenAI, sandbox
+) -> None:
+    async with usage_scope("task", "asked-async") as scope:
+        read = await async_openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, stream=True, stream_options=ASKED
+        )
+        given = [chunk async for chunk in read]
+        left = await async_openai_client.chat.completions.create(
+            model="gpt-4o-mini", messages=HI, stream=True, stream_options=ASKED
+        )
+        async for chunk in left:
+            if chunk.choices and chunk.choices[0].finish_reason:
+                break
+        await left.close()
+    first, second = scope.all_calls()
+    assert given[-1].usage is not None
+    assert_exact(first, sandbox)
+    assert_exact(second, sandbox)
