@@ -11,9 +11,9 @@ was opened in closes, whichever comes first, always in the scope it was opened i
 - closed earlier, or never iterated: ``incomplete``, usage unknown (cost NULL, never $0);
 - cut by a transport error: ``billed_unknown`` (the provider bills what it generated).
 
-A chat stream of one choice whose caller asked for the usage chunk (nothing to hide) is looked
-at in two places, its first chunk and the last one the caller was given when it ends, so its
-cost does not grow with the answer; every other stream is looked at chunk by chunk.
+A chat stream of one choice is read in two places, its first chunk and the last one the caller
+was given when it ends (with a glance at each chunk for the usage chunk to hide when it was
+injected), so its cost hardly grows with the answer; other streams are read chunk by chunk.
 
 ``with_streaming_response`` bodies are tapped as the caller reads them (``iter_bytes``,
 ``iter_text``, ``iter_lines``, ``read``) and recorded when the response closes; ``parse()`` any
@@ -96,14 +96,14 @@ class StreamWatch:
         self.chat = pending.operation not in ("responses", "image")  # chunks of choices
         #: read while draining, not yet given to the caller (made by the first drain)
         self.ahead: deque[Any] | None = None
-        #: Look at the first chunk and then only at the last one given to the caller (kept
-        #: in ``last`` and read when the stream ends, fails, is left or its scope ends): a chat
-        #: stream of one choice whose caller asked for the usage chunk itself.  Its usage
-        #: chunk ends the stream and its finish_reason is the last chunk before it, and every
-        #: chunk names the model and tier, so one look at the end reads what a look at every
-        #: chunk would, at a cost that does not grow with the answer's length.  Otherwise
-        #: (an injected usage chunk to hide, several choices, events) every item is seen.
-        self.lazy = self.chat and self.expected == 1 and not pending.injected_usage
+        #: A chat stream of one choice: its first chunk is seen, then only the last one
+        #: given to the caller (kept in ``last``, seen when the stream ends, fails, is left or
+        #: its scope ends).  The usage chunk ends the stream, its finish_reason is the chunk
+        #: before it and every chunk names the model and tier, so a look at the end reads what
+        #: a look at every chunk would, at a cost that does not grow with the answer.  When the
+        #: usage chunk was injected, each chunk gets a glance for it (to hide it; see
+        #: :meth:`glance`).  Several choices and Responses events: every item is seen.
+        self.lazy = self.chat and self.expected == 1
         self.last: Any = None  # (lazy) the last item given to the caller, not yet seen
         self.inner: Iterator[Any] | None = None  # a sync stream's own iterator (for draining)
         self.ainner: AsyncIterator[Any] | None = None  # an async stream's own
@@ -145,6 +145,18 @@ class StreamWatch:
             fields_set = getattr(item, "__pydantic_fields_set__", None)
             if isinstance(fields_set, set):
                 fields_set.discard("usage")  # as if the server had never sent the key
+        return True
+
+    def glance(self, item: Any) -> bool:
+        """(lazy, usage injected) A chat chunk: the usage chunk is seen (and hidden from the
+        caller: False); any other is kept as the last, its ``usage`` key unset as if the
+        server had never sent it (see :meth:`see`)."""
+        if getattr(item, "usage", None) is not None:
+            return self.see(item)
+        self.last = item
+        fields_set = getattr(item, "__pydantic_fields_set__", None)
+        if isinstance(fields_set, set):
+            fields_set.discard("usage")
         return True
 
     def catch_up(self) -> None:
@@ -356,7 +368,7 @@ def watch_sync(pending: PendingCall, stream: Stream[Any]) -> Stream[Any]:
         try:
             while watch.ahead:  # drained before the first read (closed, or its scope ended)
                 yield watch.ahead.popleft()
-            for item in inner:
+            for item in inner:  # every item seen (a lazy watch's first)
                 try:
                     keep = see(item)
                 except Exception as exc:  # a bug of metering: the caller gets the chunk
@@ -367,8 +379,20 @@ def watch_sync(pending: PendingCall, stream: Stream[Any]) -> Stream[Any]:
                 while watch.ahead:  # drained while the caller held the stream: theirs first
                     yield watch.ahead.popleft()
                 if watch.lazy:
-                    break  # the first chunk is seen; from here only the last one is
-            for item in inner:  # (lazy; an eager watch's loop above has emptied ``inner``)
+                    break
+            if watch.pending.injected_usage:  # (lazy) a glance at each for the chunk to hide
+                glance = watch.glance
+                for item in inner:
+                    try:
+                        keep = glance(item)
+                    except Exception as exc:
+                        contain(exc, "read a stream chunk")
+                        keep = True
+                    if keep:
+                        yield item
+                    while watch.ahead:
+                        yield watch.ahead.popleft()
+            for item in inner:  # (lazy) only the last one kept, seen when it is needed
                 watch.last = item
                 yield item
                 while watch.ahead:
@@ -406,13 +430,14 @@ def watch_async(pending: PendingCall, stream: AsyncStream[Any]) -> AsyncStream[A
                     item = await inner.__anext__()
                 except StopAsyncIteration:
                     break
-                if watch.lazy and seen_first:
+                if watch.lazy and seen_first and not watch.pending.injected_usage:
                     watch.last = item  # (lazy: seen when the stream ends, fails or is left)
                     yield item
                     continue
+                look = watch.glance if watch.lazy and seen_first else watch.see
                 seen_first = True
                 try:
-                    keep = watch.see(item)
+                    keep = look(item)
                 except Exception as exc:
                     contain(exc, "read a stream chunk")
                     keep = True

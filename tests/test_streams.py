@@ -323,16 +323,18 @@ def test_a_bug_reading_a_chunk_is_logged_and_the_caller_gets_every_chunk(
 ASKED = {"include_usage": True}  # the caller asked for the usage chunk: nothing to hide
 
 
+@pytest.mark.parametrize("asked", [True, False], ids=["asked", "injected"])
 @pytest.mark.parametrize("ending", ["read", "close at finish", "scope end at finish", "mid"])
-def test_a_stream_whose_caller_asked_for_its_usage_is_read_at_its_ends(
-    openai_client, sandbox, ending
-) -> None:
-    """A one-choice chat stream whose caller asked for the usage chunk is looked at twice,
-    its first chunk and the last one given to the caller, however long the answer: what it
-    records is what a look at every chunk recorded, however the caller leaves it."""
+def test_a_one_choice_stream_is_read_at_its_ends(openai_client, sandbox, ending, asked) -> None:
+    """A one-choice chat stream is read in full at its first chunk and at the last one given
+    to the caller, however long the answer: what it records is what a look at every chunk
+    recorded, however the caller leaves it, and an injected usage chunk stays hidden."""
     with usage_scope("task", "asked") as scope:
         stream = openai_client.chat.completions.create(
-            model="gpt-4o-mini", messages=HI, stream=True, stream_options=ASKED
+            model="gpt-4o-mini",
+            messages=HI,
+            stream=True,
+            **({"stream_options": ASKED} if asked else {}),
         )
         given = []
         for chunk in stream:
@@ -349,8 +351,10 @@ def test_a_stream_whose_caller_asked_for_its_usage_is_read_at_its_ends(
         assert billed(sandbox, call.request_id).output_tokens > 0
         return
     assert_exact(call, sandbox)
-    if ending == "read":
+    if ending == "read" and asked:
         assert given[-1].usage is not None and given[-1].choices == []  # the caller's own
+    if not asked:
+        assert all(chunk.usage is None for chunk in given)
 
 
 @pytest.mark.parametrize("tier", ["priority", "flex"])
@@ -377,9 +381,9 @@ def test_a_stream_that_asked_for_its_usage_and_was_cut_keeps_its_tier(openai_cli
 def test_how_many_chunks_of_a_stream_are_looked_at(
     openai_client, sandbox, monkeypatch, asked
 ) -> None:
-    """Reading a chunk costs the caller's thread for every chunk of an answer: a stream whose
-    caller asked for the usage chunk is looked at twice, however long; one whose usage chunk
-    was injected (hidden from the caller) is looked at chunk by chunk."""
+    """Reading a chunk costs the caller's thread for every chunk of an answer: a one-choice
+    chat stream is read in full twice however long it is, its first chunk and its last (and,
+    when its usage chunk was injected, that one too, to hide it)."""
     from tokenmeter.streams import StreamWatch
 
     looked = []
@@ -397,7 +401,8 @@ def test_how_many_chunks_of_a_stream_are_looked_at(
     [call] = scope.all_calls()
     assert_exact(call, sandbox)
     assert len(chunks) > 3  # a role chunk, content, the finish_reason (and the usage)
-    assert len(looked) == (2 if asked else len(chunks) + 1)  # (+1: the hidden usage chunk)
+    assert len(looked) == (2 if asked else 3)  # (3: and the hidden usage chunk)
+    assert all(c.usage is None for c in chunks) if not asked else chunks[-1].usage is not None
 
 
 async def test_an_async_stream_that_asked_for_its_usage_is_read_at_its_ends(
