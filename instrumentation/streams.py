@@ -392,8 +392,10 @@ def watch_sync(pending: PendingCall, stream: Stream[Any]) -> Stream[Any]:
                         yield item
                     while watch.ahead:
                         yield watch.ahead.popleft()
-            for item in inner:  # (lazy) only the last one kept, seen when it is needed
+            for item in inner:  # (lazy) only the last one kept, seen when it is needed,
                 watch.last = item
+                if getattr(item, "usage", None) is not None:
+                    safe(watch.catch_up)  # or at once when it carries a usage (never lost)
                 yield item
                 while watch.ahead:
                     yield watch.ahead.popleft()
@@ -431,7 +433,9 @@ def watch_async(pending: PendingCall, stream: AsyncStream[Any]) -> AsyncStream[A
                 except StopAsyncIteration:
                     break
                 if watch.lazy and seen_first and not watch.pending.injected_usage:
-                    watch.last = item  # (lazy: seen when the stream ends, fails or is left)
+                    watch.last = item  # (lazy: seen when the stream ends, fails or is left,
+                    if getattr(item, "usage", None) is not None:
+                        safe(watch.catch_up)  # or at once when it carries a usage)
                     yield item
                     continue
                 look = watch.glance if watch.lazy and seen_first else watch.see

@@ -158,7 +158,7 @@ TINY_PNG = base64.b64encode(
 ).decode()
 DEPLOYMENTS = {"prod-dalle3": "dall-e-3", "prod-chat": "gpt-4o-mini"}
 WEB_SEARCH_TOOLS = ("web_search", "web_search_preview")
-FAULTS = ("429", "500", "drop", "lost", "no-usage", "null-usage", "bad-json")
+FAULTS = ("429", "500", "drop", "lost", "no-usage", "null-usage", "bad-json", "trailing-chunk")
 #: OpenAI's header for a caller's own id of a request (ASCII, at most 512 characters; another
 #: value is refused with a 400): logged with the request, so a call whose answer never arrived
 #: can still be traced to what was billed.
@@ -908,6 +908,8 @@ class OpenAIHandler(JSONHandler):
             if include_usage:
                 shown = _usage_json(usage, fault)
                 self.send_sse({**base, "choices": [], "usage": shown})
+            if fault == "trailing-chunk":  # a chunk after the usage (as a proxy may add one)
+                self.send_sse(chunk(0, {}))
             self._bill(billed)
             self.send_sse("[DONE]")
             self.end_chunks()

@@ -424,3 +424,40 @@ async def test_an_async_stream_that_asked_for_its_usage_is_read_at_its_ends(
     assert given[-1].usage is not None
     assert_exact(first, sandbox)
     assert_exact(second, sandbox)
+
+
+@pytest.mark.parametrize("asked", [True, False], ids=["asked", "injected"])
+def test_a_usage_chunk_followed_by_another_chunk_is_kept(openai_client, sandbox, asked) -> None:
+    """Reading a stream at its ends must not lose a usage chunk that is not the last one (an
+    OpenAI-compatible server or a proxy may send a chunk after it): a chunk with a usage is
+    read when it passes."""
+    with usage_scope("task", "trailing") as scope:
+        chunks = list(
+            openai_client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=HI,
+                stream=True,
+                extra_headers={"X-Sandbox-Fault": "trailing-chunk"},
+                **({"stream_options": ASKED} if asked else {}),
+            )
+        )
+    assert chunks[-1].usage is None and chunks[-1].choices  # the trailing chunk came last
+    [call] = scope.all_calls()
+    assert_exact(call, sandbox)
+
+
+async def test_an_async_usage_chunk_followed_by_another_chunk_is_kept(
+    async_openai_client: AsyncOpenAI, sandbox
+) -> None:
+    async with usage_scope("task", "trailing-async") as scope:
+        stream = await async_openai_client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=HI,
+            stream=True,
+            stream_options=ASKED,
+            extra_headers={"X-Sandbox-Fault": "trailing-chunk"},
+        )
+        chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage is None
+    [call] = scope.all_calls()
+    assert_exact(call, sandbox)
