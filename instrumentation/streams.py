@@ -12,8 +12,9 @@ was opened in closes, whichever comes first, always in the scope it was opened i
 - cut by a transport error: ``billed_unknown`` (the provider bills what it generated).
 
 A chat stream of one choice is read in two places, its first chunk and the last one the caller
-was given when it ends (with a glance at each chunk for the usage chunk to hide when it was
-injected), so its cost hardly grows with the answer; other streams are read chunk by chunk.
+was given when it ends, and every chunk between gets one look, for a usage (read as it passes)
+and, when the usage chunk was injected, to hide it: its cost hardly grows with the answer.
+Other streams are read chunk by chunk.
 
 ``with_streaming_response`` bodies are tapped as the caller reads them (``iter_bytes``,
 ``iter_text``, ``iter_lines``, ``read``) and recorded when the response closes; ``parse()`` any
