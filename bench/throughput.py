@@ -15,6 +15,13 @@ a task is read from /proc: the worker's processes, PostgreSQL's and Redis', from
 task sent until every row is in.  The clock starts after a warm-up (``WARM_UP`` tasks and, for
 a metered mode, their rows in the ledger: each pool process's first commit is behind it).
 Targets: metered / bare >= 0.95; p99 latency <= 1 s.
+
+Two modes take a part of metering out, to say what each part costs a task (``--modes
+nodb,capture``): ``nodb`` runs everything but the database write (the write-ahead file, the
+writer thread, which prices each batch and marks it done in the file, as after a commit);
+``capture`` keeps only the capture, the task's scope and the pricing (no write-ahead file, no
+writer thread, no database).  They write no rows, so they have no flush latency, and their CPU
+is counted until the last task's result.
 """
 
 from __future__ import annotations
@@ -50,9 +57,18 @@ MODES = {
     # the general tool, for comparison: OpenTelemetry's celery + openai instrumentations, a
     # batch span processor, an exporter that keeps nothing (bench/worker_app.py)
     "opentelemetry (no metering)": {"TOKENMETER_DISABLED": "1", "BENCH_OTEL": "1"},
+    # parts of metering taken out (bench/worker_app.py): what each part costs a task
+    "metered, no database write": {"BENCH_ABLATE": "no-database"},
+    "capture only (no WAL, no writer)": {
+        "BENCH_ABLATE": "no-database",
+        "TOKENMETER_WRITE_AHEAD": "off",
+        "TOKENMETER_FLUSH": "inline",
+    },
 }
 #: ``--modes`` names them so (bare always runs: the others are measured against it).
-MODE_KEYS = dict(zip(("bare", "defaults", "redis", "inline", "otel"), MODES, strict=True))
+MODE_KEYS = dict(
+    zip(("bare", "defaults", "redis", "inline", "otel", "nodb", "capture"), MODES, strict=True)
+)
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -304,7 +320,7 @@ def run(args: argparse.Namespace, db_url: str, broker_db: ClaimedDB, backend_db:
             order = list(modes.items())
             order = order[round_no % len(order) :] + order[: round_no % len(order)]
             for mode, extra in order:
-                metered = "TOKENMETER_DISABLED" not in extra
+                metered = "TOKENMETER_DISABLED" not in extra and "BENCH_ABLATE" not in extra
                 rate, lat, cpu = measure({**base_env, **extra}, app, args, db_url, metered)
                 rates[mode].append(rate)
                 latencies[mode].extend(lat)

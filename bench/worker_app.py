@@ -1,15 +1,17 @@
 """The Celery app the throughput benchmark runs: one task making K chat calls.
 
 Metering is on unless ``TOKENMETER_DISABLED=1``; the write-ahead log follows
-``TOKENMETER_WRITE_AHEAD``.  ``BENCH_OTEL=1`` traces the tasks and calls with OpenTelemetry
-instead (the comparison the benchmark makes).  ``BENCH_LATENCY_MS`` asks the sandbox to
-answer that slowly, to model a real provider's latency.
+``TOKENMETER_WRITE_AHEAD``; ``BENCH_ABLATE=no-database`` skips the ledger's writes (the
+throughput bench's parts of metering).  ``BENCH_OTEL=1`` traces the tasks and calls with
+OpenTelemetry instead (the comparison the benchmark makes).  ``BENCH_LATENCY_MS`` asks the
+sandbox to answer that slowly, to model a real provider's latency.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from celery import Celery
 from openai import OpenAI
@@ -27,6 +29,28 @@ if os.environ.get("TOKENMETER_DISABLED") != "1":
     import tokenmeter
 
     tokenmeter.install(app)
+
+if os.environ.get("BENCH_ABLATE") == "no-database":  # bench/throughput.py's nodb and capture
+
+    def _skip_the_database() -> None:
+        """Every batch is priced and marked durable (the write-ahead file's ``done``, as after
+        a commit) without a database write: metering less its ledger writes."""
+        from tokenmeter.context import price_unpriced
+        from tokenmeter.sink import DatabaseSink
+
+        def flush_many(self: DatabaseSink, batches: list[Any]) -> None:
+            for batch in batches:
+                price_unpriced(batch.calls)
+                self._run_hooks(batch, batch.calls)
+
+        def flush(self: DatabaseSink, batch: Any) -> bool:
+            flush_many(self, [batch])
+            return True
+
+        DatabaseSink.flush_many = flush_many  # type: ignore[method-assign]
+        DatabaseSink.flush = flush  # type: ignore[method-assign]
+
+    _skip_the_database()
 
 if os.environ.get("BENCH_OTEL") == "1":  # the general tool, for comparison (tokenmeter off)
     from celery.signals import worker_process_init
