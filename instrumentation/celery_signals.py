@@ -239,8 +239,15 @@ class CeleryMetering:
             logger.debug("could not send the task-usage event", exc_info=True)
 
     def on_worker_init(self, sender: Any = None, **_: Any) -> None:
-        """In the worker's main process, before the pool starts: whether it sends task events
-        (``celery worker -E`` turns them on without the setting), and the metrics folder."""
+        """In the worker's main process, before the pool starts: the price data, loaded whole
+        for the pool's children to inherit (see ``maintained.load``); whether it sends task
+        events (``celery worker -E`` turns them on without the setting); the metrics folder."""
+        try:
+            from .maintained import load
+
+            load()
+        except Exception:  # pricing loads it again where it is needed, and says so there
+            logger.exception("could not load the maintained price data")
         events = getattr(sender, "task_events", None)
         if isinstance(events, bool):
             self._task_events = events

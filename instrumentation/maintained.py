@@ -15,6 +15,7 @@ the input rate.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -38,9 +39,39 @@ class Quote:
     reason: str | None = None  # why the cost is unknown
 
 
+_loaded = False
+_load_lock = threading.Lock()
+
+
+def load() -> None:
+    """Import genai-prices whole, once, under a lock; idempotent, and a flag's read once done.
+
+    Its modules import one another, some only inside functions (its data on the first lookup).
+    Imported for the first time by two threads at once, or by one thread while another forks
+    the process (a Celery pool replacing a lost child while the main process prices that
+    child's recovered calls), a module can be seen half run, or inherited half run by the
+    child for good: a call priced there got a NULL cost although its price is known.  Every
+    use here goes through this first, and the worker runs it in its main process before its
+    pool starts (``worker_init``), so that its children inherit the data whole."""
+    global _loaded
+    if _loaded:
+        return
+    with _load_lock:
+        if _loaded:
+            return
+        import genai_prices  # noqa: F401
+        from genai_prices import data_snapshot, data_units, decompose, types, units, validation
+
+        del data_units, decompose, types, units, validation  # (imported: that was all)
+
+        data_snapshot.get_snapshot()  # (imports its data module)
+        _loaded = True
+
+
 @lru_cache(maxsize=1)  # pragma: no mutate  (a cache only: the same answer without it)
 def source() -> str:
     """``genai-prices <version>``: the data's version (the package carries no data date)."""
+    load()
     import genai_prices
 
     return f"genai-prices {genai_prices.__version__}"
@@ -48,6 +79,7 @@ def source() -> str:
 
 def _find(model: str) -> tuple[Any, Any] | None:
     """(provider, model) of the package for ``model`` (its own curated match rules), or None."""
+    load()
     from genai_prices.data_snapshot import get_snapshot
 
     try:
@@ -90,6 +122,7 @@ _PRICED_PARTS = {
 
 def quote(call: CallRecord, model: str, tier: str, batch: bool) -> Quote | None:
     """The maintained price of ``call`` as ``model``; None when the data has no such model."""
+    load()
     from genai_prices import Usage
 
     found = terms(model, tier, batch, call.created_at)
@@ -199,6 +232,7 @@ def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
 
 def _daily(info: Any) -> bool:
     """Does the price of ``info`` change only at the start of a (UTC) day?"""
+    load()
     from genai_prices.types import StartDateConstraint
 
     rows = info.prices if isinstance(info.prices, list) else []
@@ -262,6 +296,7 @@ _MISSING = object()
 
 
 def _probe(prices: Any) -> Rates | None:
+    load()
     from genai_prices import Usage
     from genai_prices.types import TieredPrices
 
@@ -290,6 +325,7 @@ def _probe(prices: Any) -> Rates | None:
 
 def openai_models() -> list[str]:
     """Every OpenAI model id in the maintained data."""
+    load()
     from genai_prices.data_snapshot import get_snapshot
 
     for provider in get_snapshot().providers:
@@ -302,6 +338,7 @@ def newest_date() -> date | None:
     """The newest day the data's notes say a figure was verified (how old the data is)."""
     import re
 
+    load()
     from genai_prices.data_snapshot import get_snapshot
 
     today = datetime.now(UTC).date()

@@ -7,6 +7,8 @@ The OpenAI call path is the one the hooks use: ``before_call`` (budget guards) t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from decimal import Decimal
 
@@ -373,3 +375,25 @@ def test_calls_of_unknown_price_count_zero_toward_a_budget(db_url) -> None:
     finally:
         budgets.uninstall()
     assert scope.totals.calls == 3 and scope.totals.cost_usd is None
+
+
+def test_the_worker_loads_the_price_data_whole_before_its_pool_forks() -> None:
+    """A pool child forked while the main process was importing genai-prices (to price a lost
+    child's recovered calls) inherited a half-run module and priced three calls as NULL though
+    their prices are known (a faulted reconcile on 12-06).  The worker's main process now loads
+    the data whole before its pool starts; a fresh interpreter shows it (the test process has
+    long imported it)."""
+    code = (
+        "import sys\n"
+        "from celery import Celery\n"
+        "from tokenmeter.celery_signals import CeleryMetering\n"
+        "metering = CeleryMetering(Celery('t'))\n"
+        "before = 'genai_prices.data' in sys.modules\n"
+        "metering.on_worker_init(sender=None)\n"
+        "from tokenmeter import maintained\n"
+        "print(before, 'genai_prices.data' in sys.modules, maintained._loaded)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+    assert out == ["False", "True", "True"]
